@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# Create or refresh the SAS-ROS environment; quick (a few seconds) when everything is in place.
+#   1. the Debian library Open3D needs (libusb-1.0-0), when missing;
+#   2. a Python 3.11 virtual environment outside the clone with requirements.txt (pinned),
+#      reinstalled only when requirements.txt changes;
+#   3. the sas_interfaces package (msg/) built with cmake from the rosidl wheels, once per
+#      content of msg/.
+set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
+say() { printf '[setup] %s\n' "$*" >&2; }
+
+if ! ldconfig -p 2>/dev/null | grep -q 'libusb-1.0.so.0'; then
+  say "installing libusb-1.0-0 (needed by open3d)"
+  SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+  $SUDO apt-get update -qq && $SUDO apt-get install -y -qq libusb-1.0-0 >/dev/null
+fi
+
+PY="${SAS_PYTHON:-$(command -v python3.11 || true)}"
+[ -n "$PY" ] || { say "python3.11 not found; set SAS_PYTHON to a Python 3.11 interpreter"; exit 1; }
+REQ_HASH="$(sha256sum "$SAS_ROOT/requirements.txt" | cut -c1-16)"
+STAMP="$SAS_VENV/.sas-requirements"
+if [ ! -x "$SAS_VENV/bin/python" ]; then
+  say "creating $SAS_VENV"
+  "$PY" -m venv "$SAS_VENV"
+fi
+if [ "$(cat "$STAMP" 2>/dev/null)" != "$REQ_HASH" ]; then
+  say "installing pinned requirements into $SAS_VENV (first time: about 5 minutes, 7.5 GB)"
+  start=$(date +%s)
+  "$SAS_VENV/bin/python" -m pip install -q --disable-pip-version-check -r "$SAS_ROOT/requirements.txt" 2>&1 \
+    | grep -v "is ignored: it is neither a file nor a directory" || true
+  "$SAS_VENV/bin/python" -c "import torch, torchvision, open3d, rclpy, rosbags" \
+    || { say "environment check failed"; exit 1; }
+  echo "$REQ_HASH" > "$STAMP"
+  say "requirements installed in $(( $(date +%s) - start )) s"
+fi
+
+if [ ! -f "$SAS_MSG_PREFIX/.built" ]; then
+  say "building sas_interfaces (msg/) into $SAS_MSG_PREFIX"
+  build="$(mktemp -d)"
+  trap 'rm -rf "$build"' EXIT
+  export CMAKE_PREFIX_PATH="$SAS_VENV:$SAS_SITE${CMAKE_PREFIX_PATH:+:$CMAKE_PREFIX_PATH}"
+  cmake -S "$SAS_ROOT/msg" -B "$build" -DCMAKE_INSTALL_PREFIX="$SAS_MSG_PREFIX" \
+    -DPython3_EXECUTABLE="$SAS_VENV/bin/python" -DBUILD_TESTING=OFF >"$build/cmake.log" 2>&1 \
+    || { cat "$build/cmake.log" >&2; exit 1; }
+  cmake --build "$build" -j 2 >"$build/build.log" 2>&1 || { tail -50 "$build/build.log" >&2; exit 1; }
+  cmake --install "$build" >/dev/null
+  touch "$SAS_MSG_PREFIX/.built"
+fi

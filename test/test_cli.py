@@ -1,0 +1,36 @@
+"""The `sas` CLI: every subcommand has help; unknown benchmarks fail clearly."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from sas_core import cli
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_sas(*args):
+    return subprocess.run([sys.executable, "-m", "sas_core.cli", *args], cwd=ROOT,
+                          capture_output=True, text=True)
+
+
+@pytest.mark.parametrize("command", cli.COMMANDS)
+def test_every_subcommand_has_help(command):
+    out = run_sas(command, "--help")
+    assert out.returncode == 0, out.stderr
+    assert f"usage: sas {command}" in out.stdout
+
+
+def test_top_level_help_lists_commands():
+    out = run_sas("--help")
+    assert out.returncode == 0
+    for command in cli.COMMANDS:
+        assert command in out.stdout
+
+
+def test_unknown_benchmark_is_a_clear_error():
+    out = run_sas("bench", "no-such-bench")
+    assert out.returncode == 1
+    assert "unknown benchmark 'no-such-bench'" in out.stderr
