@@ -34,3 +34,12 @@ def test_unknown_benchmark_is_a_clear_error():
     out = run_sas("bench", "no-such-bench")
     assert out.returncode == 1
     assert "unknown benchmark 'no-such-bench'" in out.stderr
+
+
+def test_bench_json_flag_after_name(monkeypatch, capsys, tmp_path):
+    from sas_core.commands import bench
+
+    (tmp_path / "tiny.py").write_text("def main(argv):\n    return {'argv': argv}\n")
+    monkeypatch.setattr(bench, "BENCH_DIR", tmp_path)
+    assert cli.main(["bench", "tiny", "--json", "--quick"]) == 0
+    assert '"argv": [\n    "--quick"\n  ]' in capsys.readouterr().out

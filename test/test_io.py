@@ -43,3 +43,10 @@ def test_not_a_ply(tmp_path):
     (tmp_path / "x.ply").write_bytes(b"hello\n")
     with pytest.raises(ValueError, match="not a PLY"):
         read_ply(tmp_path / "x.ply")
+
+
+def test_atomic_files_get_normal_permissions(tmp_path):
+    atomic_write_text(tmp_path / "p.txt", "x")
+    mask = os.umask(0)
+    os.umask(mask)
+    assert (tmp_path / "p.txt").stat().st_mode & 0o777 == 0o666 & ~mask

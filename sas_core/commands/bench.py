@@ -38,8 +38,12 @@ def load(name: str):
 
 
 def run(args) -> int:
+    rest = list(args.rest)
+    if "--json" in rest:  # `sas bench NAME --json ARGS` as well as `sas bench --json NAME ARGS`
+        rest.remove("--json")
+        args.json = True
     module = load(args.name)
-    result = module.main(list(args.rest))
+    result = module.main(rest)
     if args.json:
         print(json.dumps(result, indent=2, sort_keys=True))
     else:

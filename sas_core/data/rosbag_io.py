@@ -1,0 +1,323 @@
+"""ROS 2 bags of the synthetic world, written and read with ``rosbags`` (no ROS runtime).
+
+Topics (fixed by the project contract)::
+
+    /camera/color/image_raw     sensor_msgs/Image rgb8            frame camera_color_optical_frame
+    /camera/depth/image_raw     sensor_msgs/Image 16UC1 (mm), aligned to color, same frame
+    /camera/color/camera_info   sensor_msgs/CameraInfo (plumb_bob, zero distortion), same frame
+    /camera/pose                geometry_msgs/PoseStamped, frame "map": pose of the optical frame
+    /lidar/points               sensor_msgs/PointCloud2 x,y,z,intensity f32 + ring u16, frame "lidar"
+    /lidar/pose                 geometry_msgs/PoseStamped, frame "map": pose of the "lidar" frame
+
+Header stamps equal the bag's log times. The camera runs at 15 Hz from 1_700_000_000 s.
+Messages are encoded and decoded through :mod:`sas_core.data.msg_codec`.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from bisect import bisect_left
+from pathlib import Path
+from typing import Iterator, Optional, Union
+
+import numpy as np
+
+from sas_core.data import msg_codec
+from sas_core.types import CameraIntrinsics, Frame
+
+COLOR_TOPIC = "/camera/color/image_raw"
+DEPTH_TOPIC = "/camera/depth/image_raw"
+INFO_TOPIC = "/camera/color/camera_info"
+POSE_TOPIC = "/camera/pose"
+LIDAR_TOPIC = "/lidar/points"
+LIDAR_POSE_TOPIC = "/lidar/pose"
+MAP_FRAME = "map"
+CAMERA_FRAME = "camera_color_optical_frame"
+LIDAR_FRAME = "lidar"
+TOPIC_TYPES = {
+    COLOR_TOPIC: "sensor_msgs/msg/Image", DEPTH_TOPIC: "sensor_msgs/msg/Image",
+    INFO_TOPIC: "sensor_msgs/msg/CameraInfo", POSE_TOPIC: "geometry_msgs/msg/PoseStamped",
+    LIDAR_TOPIC: "sensor_msgs/msg/PointCloud2", LIDAR_POSE_TOPIC: "geometry_msgs/msg/PoseStamped",
+}
+STORAGES = ("sqlite3", "mcap")
+
+# LiDAR point layout (Velodyne-like, padded to 32 bytes)
+LIDAR_DTYPE = np.dtype({"names": ["x", "y", "z", "intensity", "ring"],
+                        "formats": ["<f4", "<f4", "<f4", "<f4", "<u2"],
+                        "offsets": [0, 4, 8, 12, 16], "itemsize": 32})
+
+
+def typestore():
+    """The rosbags typestore of the newest ROS 2 distribution rosbags knows (Kilted, else Jazzy)."""
+    from rosbags.typesys import Stores, get_typestore
+
+    for name in ("ROS2_KILTED", "ROS2_JAZZY", "LATEST"):
+        if hasattr(Stores, name):
+            return get_typestore(getattr(Stores, name))
+    raise RuntimeError("rosbags has no ROS 2 typestore")  # pragma: no cover
+
+
+class _Msgs:
+    """Builders of rosbags message objects from msg_codec field dicts."""
+
+    def __init__(self, store):
+        self.store = store
+        t = store.types
+        self.Time, self.Header = t["builtin_interfaces/msg/Time"], t["std_msgs/msg/Header"]
+        self.Image, self.CameraInfo = t["sensor_msgs/msg/Image"], t["sensor_msgs/msg/CameraInfo"]
+        self.ROI, self.PointField = t["sensor_msgs/msg/RegionOfInterest"], t["sensor_msgs/msg/PointField"]
+        self.PointCloud2 = t["sensor_msgs/msg/PointCloud2"]
+        self.PoseStamped, self.Pose = t["geometry_msgs/msg/PoseStamped"], t["geometry_msgs/msg/Pose"]
+        self.Point, self.Quaternion = t["geometry_msgs/msg/Point"], t["geometry_msgs/msg/Quaternion"]
+
+    def header(self, stamp: float, frame_id: str):
+        sec, nsec = msg_codec.seconds_to_stamp(stamp)
+        return self.Header(stamp=self.Time(sec=sec, nanosec=nsec), frame_id=frame_id)
+
+    def image(self, array, encoding, stamp, frame_id):
+        f = msg_codec.image_fields(array, encoding)
+        return self.Image(header=self.header(stamp, frame_id), height=f["height"], width=f["width"],
+                          encoding=f["encoding"], is_bigendian=int(f["is_bigendian"]), step=f["step"],
+                          data=np.ascontiguousarray(f["data"], np.uint8))
+
+    def camera_info(self, intrinsics: CameraIntrinsics, stamp, frame_id):
+        f = msg_codec.intrinsics_to_camera_info_fields(intrinsics)
+        return self.CameraInfo(
+            header=self.header(stamp, frame_id), height=f["height"], width=f["width"],
+            distortion_model=f["distortion_model"], d=np.asarray(f["d"], np.float64),
+            k=np.asarray(f["k"], np.float64), r=np.asarray(f["r"], np.float64), p=np.asarray(f["p"], np.float64),
+            binning_x=0, binning_y=0, roi=self.ROI(x_offset=0, y_offset=0, height=0, width=0, do_rectify=False))
+
+    def pose(self, T, stamp, frame_id=MAP_FRAME):
+        xyz, q = msg_codec.matrix_to_pose(T)
+        return self.PoseStamped(header=self.header(stamp, frame_id), pose=self.Pose(
+            position=self.Point(x=float(xyz[0]), y=float(xyz[1]), z=float(xyz[2])),
+            orientation=self.Quaternion(x=float(q[0]), y=float(q[1]), z=float(q[2]), w=float(q[3]))))
+
+    def cloud(self, structured, stamp, frame_id):
+        f = msg_codec.pointcloud2_fields(structured)
+        fields = [self.PointField(name=n, offset=o, datatype=d, count=c) for n, o, d, c in f["fields"]]
+        return self.PointCloud2(header=self.header(stamp, frame_id), height=f["height"], width=f["width"],
+                                fields=fields, is_bigendian=f["is_bigendian"], point_step=f["point_step"],
+                                row_step=f["row_step"], data=np.ascontiguousarray(f["data"], np.uint8),
+                                is_dense=f["is_dense"])
+
+
+def lidar_array(sweep) -> np.ndarray:
+    """(M,) structured LIDAR_DTYPE array of a LidarSweep."""
+    out = np.zeros(len(sweep.points), LIDAR_DTYPE)
+    out["x"], out["y"], out["z"] = sweep.points[:, 0], sweep.points[:, 1], sweep.points[:, 2]
+    out["intensity"] = sweep.intensity
+    out["ring"] = sweep.ring
+    return out
+
+
+def _ns(stamp: float) -> int:
+    sec, nsec = msg_codec.seconds_to_stamp(stamp)
+    return sec * 1_000_000_000 + nsec
+
+
+def write_bag(scene, path, storage: str = "sqlite3", progress: bool = False) -> Path:
+    """Write ``scene``'s frames (and LiDAR sweeps) as a ROS 2 bag directory at ``path``.
+
+    The bag is written into a temporary folder next to ``path`` and renamed into place, so a
+    failure never leaves a half-written bag; an existing bag at ``path`` is replaced.
+
+    Args:
+        scene: a SyntheticScene (``frames``, ``lidar``, ``intrinsics``).
+        storage: "sqlite3" or "mcap".
+    Returns:
+        ``path``.
+    """
+    from rosbags.rosbag2 import StoragePlugin, Writer
+
+    if storage not in STORAGES:
+        raise ValueError(f"storage must be one of {STORAGES}, got {storage!r}")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    store = typestore()
+    m = _Msgs(store)
+    # (stamp ns, order, topic, message) sorted by time
+    events = []
+    for f in scene.frames:
+        events.append((_ns(f.stamp), 0, COLOR_TOPIC, lambda f=f: m.image(f.color, "rgb8", f.stamp, CAMERA_FRAME)))
+        events.append((_ns(f.stamp), 1, DEPTH_TOPIC, lambda f=f: m.image(f.depth, "16UC1", f.stamp, CAMERA_FRAME)))
+        events.append((_ns(f.stamp), 2, INFO_TOPIC, lambda f=f: m.camera_info(f.intrinsics, f.stamp, CAMERA_FRAME)))
+        events.append((_ns(f.stamp), 3, POSE_TOPIC, lambda f=f: m.pose(f.pose, f.stamp)))
+    for s in getattr(scene, "lidar", None) or []:
+        events.append((_ns(s.stamp), 4, LIDAR_TOPIC, lambda s=s: m.cloud(lidar_array(s), s.stamp, LIDAR_FRAME)))
+        events.append((_ns(s.stamp), 5, LIDAR_POSE_TOPIC, lambda s=s: m.pose(s.pose, s.stamp)))
+    events.sort(key=lambda e: (e[0], e[1]))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    bag_dir = tmp / path.name
+    plugin = StoragePlugin.MCAP if storage == "mcap" else StoragePlugin.SQLITE3
+    try:
+        with Writer(bag_dir, version=9, storage_plugin=plugin) as writer:
+            conns = {}
+            for topic in dict.fromkeys(e[2] for e in events):
+                conns[topic] = writer.add_connection(topic, TOPIC_TYPES[topic], typestore=store)
+            it = events
+            if progress:
+                from tqdm import tqdm
+
+                it = tqdm(events, desc=f"bag {path.name}", unit="msg", leave=False)
+            for ns, _, topic, make in it:
+                writer.write(conns[topic], ns, store.serialize_cdr(make(), TOPIC_TYPES[topic]))
+        for p in bag_dir.iterdir():
+            with open(p, "rb") as fh:
+                os.fsync(fh.fileno())
+        if path.exists():
+            old = tmp / ".old"
+            os.replace(path, old)
+        os.replace(bag_dir, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return path
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading
+
+def _open_reader(path):
+    from rosbags.rosbag2 import Reader
+
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"bag not found: {path}")
+    if not (path / "metadata.yaml").is_file():
+        raise ValueError(f"{path} is not a ROS 2 bag folder (no metadata.yaml)")
+    try:
+        reader = Reader(path)
+        reader.open()
+    except Exception as exc:
+        raise ValueError(f"cannot open bag {path}: {exc}") from exc
+    return reader
+
+
+def bag_topics(path) -> dict:
+    """{topic: (msgtype, message count)} of a bag."""
+    reader = _open_reader(path)
+    try:
+        out = {}
+        for c in reader.connections:
+            t, n = out.get(c.topic, (c.msgtype, 0))
+            out[c.topic] = (t, n + c.msgcount)
+        return out
+    finally:
+        reader.close()
+
+
+def _nearest(stamps: list, values: list, t: float, max_dt: float):
+    if not stamps:
+        return None
+    i = bisect_left(stamps, t)
+    best = min((j for j in (i - 1, i) if 0 <= j < len(stamps)), key=lambda j: abs(stamps[j] - t))
+    return values[best] if abs(stamps[best] - t) <= max_dt else None
+
+
+def iter_bag_frames(path, color_topic: str = COLOR_TOPIC, depth_topic: str = DEPTH_TOPIC,
+                    info_topic: str = INFO_TOPIC, pose_topic: str = POSE_TOPIC,
+                    lidar_topic: Optional[str] = LIDAR_TOPIC, lidar_pose_topic: str = LIDAR_POSE_TOPIC,
+                    max_pose_dt: float = 0.05, max_pair_dt: float = 0.001,
+                    with_lidar: bool = True) -> Iterator[Union[Frame, "object"]]:
+    """Read a bag back: yields :class:`Frame` (color + depth paired by stamp, the nearest pose
+    within ``max_pose_dt`` s, intrinsics from the latest CameraInfo) and LidarSweep objects (with
+    the nearest /lidar/pose; labels/instances are None), in time order.
+
+    Frames without a pose or camera info within reach are skipped. Raises ValueError when the
+    bag lacks the color or depth topic, or its messages cannot be decoded.
+    """
+    from sas_core.data.synthetic import LidarSweep
+
+    store = typestore()
+    reader = _open_reader(path)
+    try:
+        by_topic = {}
+        for c in reader.connections:
+            by_topic.setdefault(c.topic, []).append(c)
+        missing = [t for t in (color_topic, depth_topic) if t not in by_topic]
+        if missing:
+            raise ValueError(f"bag {path} has no topic {', '.join(missing)}; topics: {', '.join(sorted(by_topic))}")
+
+        def small(topic):
+            """(stamps, values) of a small topic, decoded in one pass."""
+            stamps, values = [], []
+            if topic not in by_topic:  # (an empty connection list would read every topic)
+                return stamps, values
+            for conn, _, raw in reader.messages(connections=by_topic[topic]):
+                msg = store.deserialize_cdr(raw, conn.msgtype)
+                stamps.append(msg_codec.stamp_to_seconds(msg.header.stamp))
+                values.append(msg)
+            order = np.argsort(stamps, kind="stable")
+            return [stamps[i] for i in order], [values[i] for i in order]
+
+        pose_t, pose_v = small(pose_topic)
+        pose_m = [msg_codec.pose_msg_to_matrix(p) for p in pose_v]
+        info_t, info_v = small(info_topic)
+        info_i = [msg_codec.camera_info_to_intrinsics(i) for i in info_v]
+        want_lidar = with_lidar and lidar_topic is not None and lidar_topic in by_topic
+        if want_lidar:
+            lpose_t, lpose_v = small(lidar_pose_topic)
+            lpose_m = [msg_codec.pose_msg_to_matrix(p) for p in lpose_v]
+        conns = by_topic[color_topic] + by_topic[depth_topic] + (by_topic[lidar_topic] if want_lidar else [])
+        pending = {color_topic: {}, depth_topic: {}}
+        for conn, _, raw in reader.messages(connections=conns):
+            try:
+                msg = store.deserialize_cdr(raw, conn.msgtype)
+            except Exception as exc:
+                raise ValueError(f"bag {path}: cannot decode a {conn.msgtype} on {conn.topic}: {exc}") from exc
+            stamp = msg_codec.stamp_to_seconds(msg.header.stamp)
+            if want_lidar and conn.topic == lidar_topic:
+                pose = _nearest(lpose_t, lpose_m, stamp, max_pose_dt)
+                if pose is None:
+                    continue
+                cloud = msg_codec.pointcloud2_to_array(msg)
+                names = cloud.dtype.names
+                yield LidarSweep(
+                    stamp=stamp, points=msg_codec.cloud_xyz(cloud, remove_nans=False),
+                    intensity=(cloud["intensity"].astype(np.float32) if "intensity" in names
+                               else np.zeros(len(cloud), np.float32)),
+                    ring=cloud["ring"].astype(np.uint16) if "ring" in names else np.zeros(len(cloud), np.uint16),
+                    pose=pose, labels=None, instances=None, frame_id=msg.header.frame_id)
+                continue
+            other = depth_topic if conn.topic == color_topic else color_topic
+            match = None
+            for t in pending[other]:
+                if abs(t - stamp) <= max_pair_dt:
+                    match = t
+                    break
+            if match is None:
+                pending[conn.topic][stamp] = msg
+                continue
+            other_msg = pending[other].pop(match)
+            color_msg, depth_msg = (msg, other_msg) if conn.topic == color_topic else (other_msg, msg)
+            # drop stale unmatched messages older than this pair
+            for d in pending.values():
+                for t in [t for t in d if t < stamp - 1.0]:
+                    del d[t]
+            pose = _nearest(pose_t, pose_m, stamp, max_pose_dt)
+            intr = _nearest(info_t, info_i, stamp, float("inf"))
+            if pose is None or intr is None:
+                continue
+            color = msg_codec.image_to_numpy(color_msg)
+            if color.ndim == 2:
+                color = np.repeat(color[:, :, None], 3, axis=2)
+            depth = msg_codec.depth_to_metres(depth_msg)
+            if depth.shape != color.shape[:2]:
+                raise ValueError(f"bag {path}: depth {depth.shape} is not aligned to color {color.shape[:2]}")
+            if (intr.height, intr.width) != depth.shape:
+                intr = intr.scaled(depth.shape[1], depth.shape[0])
+            yield Frame(color=color, depth=depth, intrinsics=intr, pose=pose, stamp=stamp,
+                        frame_id=color_msg.header.frame_id)
+    finally:
+        reader.close()
+
+
+def read_bag(path, **kwargs) -> tuple[list, list]:
+    """All of a bag at once: (frames, lidar sweeps)."""
+    frames, sweeps = [], []
+    for item in iter_bag_frames(path, **kwargs):
+        (frames if isinstance(item, Frame) else sweeps).append(item)
+    return frames, sweeps

@@ -1,0 +1,123 @@
+"""Small visualisation helpers: the ScanNet-20 label palette, top-down images, PNG writing.
+
+No matplotlib needed for the images themselves (pure NumPy); PNGs are written with Pillow
+(or matplotlib as a fallback), atomically.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import numpy as np
+
+from sas_core.types import IGNORE_LABEL
+
+# OpenScene's SCANNET_COLOR_MAP_20 (keyed by ScanNet/NYU40 ids 1..39), in SCANNET_20 order.
+SCANNET_20_COLORS = np.array([
+    (174, 199, 232), (152, 223, 138), (31, 119, 180), (255, 187, 120), (188, 189, 34), (140, 86, 75),
+    (255, 152, 150), (214, 39, 40), (197, 176, 213), (148, 103, 189), (196, 156, 148), (23, 190, 207),
+    (247, 182, 210), (219, 219, 141), (255, 127, 14), (158, 218, 229), (44, 160, 44), (112, 128, 144),
+    (227, 119, 194), (82, 84, 163),
+], dtype=np.uint8)
+"""(20, 3) uint8 colour of each SCANNET_20 class."""
+IGNORE_COLOR = np.array((128, 128, 128), dtype=np.uint8)
+"""Colour of label 255 (ignored / unlabelled)."""
+
+
+def label_palette(n_classes: int = 20, seed: int = 0) -> np.ndarray:
+    """(256, 3) uint8 lookup table: ScanNet-20 colours first, then deterministic random colours;
+    entry 255 is grey."""
+    table = np.random.default_rng(seed).integers(40, 236, size=(256, 3)).astype(np.uint8)
+    table[: len(SCANNET_20_COLORS)] = SCANNET_20_COLORS
+    table[IGNORE_LABEL] = IGNORE_COLOR
+    return table
+
+
+def label_colors(labels) -> np.ndarray:
+    """(N,) integer labels -> (N, 3) uint8 colours (255 and out-of-range labels grey)."""
+    labels = np.asarray(labels).astype(np.int64)
+    table = label_palette()
+    out = np.empty(labels.shape + (3,), np.uint8)
+    ok = (labels >= 0) & (labels < 256)
+    out[ok] = table[labels[ok]]
+    out[~ok] = IGNORE_COLOR
+    return out
+
+
+def topdown_image(positions, colors=None, labels=None, resolution: float = 0.02, *,
+                  max_height: Optional[float] = None, background=(255, 255, 255),
+                  bounds: Optional[np.ndarray] = None, point_size: int = 1) -> np.ndarray:
+    """Orthographic top-down view of a point cloud, the highest point per pixel wins.
+
+    Args:
+        positions: (N, 3) metres, z up.
+        colors: (N, 3) float in [0, 1] or uint8; used when ``labels`` is None.
+        labels: (N,) class ids, drawn with :func:`label_colors`.
+        resolution: metres per pixel.
+        max_height: drop points above this z (e.g. the ceiling), None keeps all.
+        bounds: optional (2, 2) [[xmin, ymin], [xmax, ymax]] of the image.
+        point_size: each point paints a square of this many pixels (fills gaps of sparse clouds).
+
+    Returns:
+        (H, W, 3) uint8 image, row 0 at the largest y (north up), column 0 at the smallest x.
+    """
+    positions = np.asarray(positions, dtype=np.float64).reshape(-1, 3)
+    if resolution <= 0:
+        raise ValueError(f"resolution must be positive, got {resolution}")
+    if labels is not None:
+        rgb = label_colors(labels)
+    elif colors is not None:
+        colors = np.asarray(colors)
+        rgb = colors if colors.dtype == np.uint8 else np.clip(np.round(colors * 255), 0, 255).astype(np.uint8)
+    else:
+        rgb = np.full((len(positions), 3), 60, np.uint8)
+    if len(rgb) != len(positions):
+        raise ValueError(f"{len(rgb)} colours/labels for {len(positions)} points")
+    keep = np.all(np.isfinite(positions), axis=1)
+    if max_height is not None:
+        keep &= positions[:, 2] <= max_height
+    positions, rgb = positions[keep], rgb[keep]
+    if bounds is None:
+        if len(positions) == 0:
+            raise ValueError("topdown_image: no points to draw")
+        lo, hi = positions[:, :2].min(axis=0), positions[:, :2].max(axis=0)
+    else:
+        lo, hi = np.asarray(bounds, dtype=np.float64)
+    W = int(np.floor((hi[0] - lo[0]) / resolution)) + 1
+    H = int(np.floor((hi[1] - lo[1]) / resolution)) + 1
+    image = np.empty((H, W, 3), np.uint8)
+    image[:] = np.asarray(background, np.uint8)
+    col = np.floor((positions[:, 0] - lo[0]) / resolution).astype(np.int64)
+    row = H - 1 - np.floor((positions[:, 1] - lo[1]) / resolution).astype(np.int64)
+    inside = (col >= 0) & (col < W) & (row >= 0) & (row < H)
+    col, row, z, rgb = col[inside], row[inside], positions[inside, 2], rgb[inside]
+    if point_size > 1:
+        offsets = np.arange(point_size) - (point_size - 1) // 2
+        dr, dc = (a.reshape(-1) for a in np.meshgrid(offsets, offsets, indexing="ij"))
+        row = (row[None, :] + dr[:, None]).reshape(-1)
+        col = (col[None, :] + dc[:, None]).reshape(-1)
+        z, rgb = np.tile(z, len(dr)), np.tile(rgb, (len(dr), 1))
+        inside = (col >= 0) & (col < W) & (row >= 0) & (row < H)
+        col, row, z, rgb = col[inside], row[inside], z[inside], rgb[inside]
+    # z-buffer: sort by height, the last write per pixel (the highest point) wins
+    order = np.argsort(z, kind="stable")
+    image[row[order], col[order]] = rgb[order]
+    return image
+
+
+def save_png(path, image: np.ndarray) -> None:
+    """Write an (H, W, 3) or (H, W) uint8 image as PNG, atomically."""
+    from sas_core.io import atomic_path
+
+    image = np.asarray(image)
+    if image.dtype != np.uint8 or image.ndim not in (2, 3):
+        raise ValueError(f"save_png expects an (H,W[,3]) uint8 image, got {image.dtype} {image.shape}")
+    with atomic_path(path, suffix=".png") as tmp:
+        try:
+            from PIL import Image
+
+            Image.fromarray(image).save(tmp, format="PNG")
+        except ImportError:  # pragma: no cover - Pillow comes with torchvision/matplotlib
+            import matplotlib.image
+
+            matplotlib.image.imsave(tmp, image)
