@@ -1,12 +1,301 @@
-"""`sas fuse`: 2D-to-3D fusion of teacher features onto points (OpenScene rule)."""
+"""`sas fuse`: 2D-to-3D fusion of teacher features onto points (OpenScene rule).
 
-from sas_core.commands import not_built
+Two sources:
+
+* ``--data ROOT``: scenes in the OpenScene layout (``ROOT/<split>/<scene>.pth`` and
+  ``ROOT/2d/<scene>/{color,depth,pose}``, see :mod:`sas_core.data.openscene`); each scene's
+  frames are run through one teacher, fused with :func:`sas_core.geometry.multiview.fuse_views`
+  and written as OpenScene fused-feature files (``OUT/<scene>_<k>.pt``, see
+  :mod:`sas_core.data.fused_features`).
+* ``--synthetic``: a generated room (:mod:`sas_core.data.synthetic`) and the two simulated
+  teachers (:func:`sas_core.teachers.simulated.make_simulated_pair`); with ``--report`` every
+  teacher's fused features are classified against the class text embeddings and its 3D mIoU and
+  per-class IoU table are printed (synthetic data: says so).
+
+Examples::
+
+    sas fuse --synthetic --report
+    sas fuse --data data/synth_openscene --split train --teacher sim_dense --out data/fused_sim_dense
+    sas fuse --data data/scannet --teacher dense_clip --clip-checkpoint ~/models/ViT-B-16.bin \\
+        --frame-step 20 --n-files 5 --split-points 20000 --out data/scannet_multiview_sclip
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import sys
+import time
+from pathlib import Path
 
 HELP = "2D-to-3D fusion of teacher features onto points (OpenScene rule)"
 
+TEACHERS = ("sim_dense", "sim_mask", "dense_clip", "mask_clip")
+
 
 def add_arguments(parser):
-    pass
+    src = parser.add_argument_group("source (one of)")
+    src.add_argument("--data", metavar="ROOT", help="OpenScene-layout dataset root")
+    src.add_argument("--synthetic", action="store_true", help="generate a synthetic room and fuse its frames")
+    d = parser.add_argument_group("dataset")
+    d.add_argument("--split", default="train", help="split folder under ROOT (default: train)")
+    d.add_argument("--scene", nargs="+", metavar="NAME", help="scenes to fuse (default: every scene of the split)")
+    d.add_argument("--out", metavar="DIR", help="output folder for fused feature files (<scene>_<k>.pt)")
+    d.add_argument("--n-files", type=int, default=1,
+                   help="files per scene, <scene>_0.pt ... (OpenScene: 5 for training scenes, 1 otherwise)")
+    d.add_argument("--split-points", type=int, default=None,
+                   help="each file keeps a random subset of this many points (OpenScene training: 20000)")
+    d.add_argument("--single-file", action="store_true", help="write <scene>.pt (nuScenes naming)")
+    d.add_argument("--frame-step", type=int, default=1, help="use every k-th frame of a scene")
+    d.add_argument("--overwrite", action="store_true", help="redo scenes whose files exist (default: skip)")
+    t = parser.add_argument_group("teacher")
+    t.add_argument("--teacher", nargs="+", choices=TEACHERS, default=None,
+                   help="teacher(s) (default: sim_dense sim_mask with --synthetic, else sim_dense)")
+    t.add_argument("--vocabulary", default="scannet20", help="class names (labels and simulated teachers)")
+    t.add_argument("--clip-model", default="ViT-B-16", help="open_clip architecture (dense_clip, mask_clip)")
+    t.add_argument("--clip-checkpoint", default=None, help="local open_clip weights file")
+    t.add_argument("--recipe", default="sclip", help="dense CLIP recipe: maskclip | sclip | clearclip | naclip")
+    t.add_argument("--sam-model", default="vit_b", help="segment-anything model (mask_clip)")
+    t.add_argument("--sam-checkpoint", default=None, help="local SAM weights file (mask_clip)")
+    t.add_argument("--teacher-seed", type=int, default=0, help="seed of the simulated teachers")
+    f = parser.add_argument_group("fusion rule (defaults: OpenScene)")
+    f.add_argument("--depth-ratio", type=float, default=0.25, help="visible if |depth - z| <= ratio * depth")
+    f.add_argument("--metric-threshold", type=float, default=None,
+                   help="visible if |depth - z| <= this many metres (replaces the ratio test)")
+    f.add_argument("--border", type=int, default=10, help="pixels ignored along each image edge")
+    f.add_argument("--max-depth", type=float, default=None, help="depth readings beyond this are ignored")
+    f.add_argument("--device", default="cpu", help="torch device for fusion (cpu, cuda)")
+    s = parser.add_argument_group("synthetic world")
+    s.add_argument("--seed", type=int, default=0, help="scene seed")
+    s.add_argument("--n-frames", type=int, default=60, help="frames along the trajectory")
+    s.add_argument("--points-per-m2", type=float, default=600.0, help="surface sampling density")
+    o = parser.add_argument_group("output")
+    o.add_argument("--report", action="store_true",
+                   help="classify the fused points against the class text embeddings; print 3D mIoU and per-class IoU")
+    o.add_argument("--json", action="store_true", help="print the report as one JSON object")
+    o.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
-run = not_built("fuse", "issue #3")
+def _fusion_config(args):
+    from sas_core.geometry.multiview import MultiViewFusionConfig
+
+    return MultiViewFusionConfig(depth_ratio=args.depth_ratio, border=args.border,
+                                 metric_threshold=args.metric_threshold, max_depth=args.max_depth)
+
+
+def _check_args(args):
+    if bool(args.data) == bool(args.synthetic):
+        raise ValueError("give exactly one source: --data ROOT or --synthetic")
+    if args.frame_step < 1:
+        raise ValueError(f"--frame-step must be >= 1, got {args.frame_step}")
+    if args.n_files < 1:
+        raise ValueError(f"--n-files must be >= 1, got {args.n_files}")
+    if args.data and not args.out and not args.report:
+        raise ValueError("--data needs --out DIR (where to write fused features) or --report")
+    if args.json and not args.report:
+        raise ValueError("--json prints the report: add --report")
+
+
+def _make_teachers(names, vocabulary, args):
+    """[(teacher, text_encoder)] for the requested teacher names."""
+    out = []
+    if any(n.startswith("sim_") for n in names):
+        from sas_core.teachers.simulated import make_simulated_pair
+        from sas_core.text import SyntheticTextEncoder
+
+        encoder = SyntheticTextEncoder(vocabulary=vocabulary)
+        pair = dict((t.name, t) for t in make_simulated_pair(encoder, seed=args.teacher_seed, vocabulary=vocabulary))
+    clip_encoder = None
+    for name in names:
+        if name.startswith("sim_"):
+            out.append((pair[name], encoder))
+            continue
+        from sas_core.text import OpenClipTextEncoder
+
+        if clip_encoder is None:
+            clip_encoder = OpenClipTextEncoder(args.clip_model, args.clip_checkpoint, device=args.device)
+        if name == "dense_clip":
+            from sas_core.teachers.dense_clip import DenseClipConfig, DenseClipTeacher
+
+            teacher = DenseClipTeacher(DenseClipConfig(model=args.clip_model, checkpoint=args.clip_checkpoint,
+                                                       recipe=args.recipe, device=args.device))
+        else:
+            from sas_core.teachers.mask_teacher import MaskClipTeacher, MaskTeacherConfig
+
+            teacher = MaskClipTeacher(MaskTeacherConfig(clip_model=args.clip_model,
+                                                        clip_checkpoint=args.clip_checkpoint,
+                                                        sam_model=args.sam_model, sam_checkpoint=args.sam_checkpoint,
+                                                        vocabulary=tuple(vocabulary), device=args.device),
+                                      text_encoder=clip_encoder)
+        out.append((teacher, clip_encoder))
+    return out
+
+
+def _views(frames, teacher):
+    """Fusion views (depth, pose, intrinsics, features, valid) of frames, teacher run lazily."""
+    for frame in frames:
+        feats, valid = teacher.features(frame)
+        yield frame.depth, frame.pose, frame.intrinsics, feats, valid
+
+
+def fuse_frames(points, frames, teacher, config, device="cpu", progress=True, total=None):
+    """Fuse one teacher's features of ``frames`` onto ``points`` -> FusedFeatures."""
+    import torch
+
+    from sas_core.geometry.multiview import fuse_views
+
+    pts = torch.as_tensor(points, dtype=torch.float32).to(device)
+    return fuse_views(pts, _views(frames, teacher), config, progress=progress, total=total)
+
+
+def classify(fused, text, chunk: int = 65536):
+    """(N,) int64 argmax over the (K, C) class text embeddings; NO_FEATURE where no feature."""
+    import numpy as np
+    import torch
+
+    from sas_core.eval.metrics import NO_FEATURE
+
+    n = len(fused)
+    pred = np.full(n, NO_FEATURE, dtype=np.int64)
+    text = text.to(fused.features.device, torch.float32)
+    labels = torch.empty(n, dtype=torch.int64)
+    for a in range(0, n, chunk):
+        labels[a:a + chunk] = (fused.features[a:a + chunk].float() @ text.T).argmax(1).cpu()
+    mask = fused.mask.cpu().numpy()
+    pred[mask] = labels.numpy()[mask]
+    return pred
+
+
+def _report(name, fused, labels, encoder, vocabulary):
+    from sas_core.eval.metrics import evaluate
+    from sas_core.text import class_embeddings
+
+    text = class_embeddings(encoder, vocabulary)
+    pred = classify(fused, text)
+    result = evaluate(pred, labels, list(vocabulary))
+    result["teacher"] = name
+    result["coverage"] = float(fused.mask.float().mean()) if len(fused) else 0.0
+    return result
+
+
+def _print_reports(reports, header, as_json):
+    from sas_core.eval.metrics import format_table, to_json
+
+    if as_json:
+        out = {"source": header, "teachers": {}}
+        for r in reports:
+            j = to_json({k: v for k, v in r.items() if k not in ("confusion",)})
+            out["teachers"][r["teacher"]] = {
+                "miou": j["miou"], "macc": j["macc"], "miou_present": j["miou_present"],
+                "coverage": r["coverage"], "points": j["points"], "no_feature_points": j["no_feature_points"],
+                "per_class": j["per_class"]}
+        print(json.dumps(out, indent=2, sort_keys=True))
+        return
+    print(header)
+    for r in reports:
+        print()
+        print(format_table(r, markdown=False,
+                           title=f"teacher {r['teacher']}: fused 3D mIoU {100 * r['miou']:.1f} "
+                                 f"(mAcc {100 * r['macc']:.1f}; {100 * r['coverage']:.1f}% of points got a feature)"))
+    print()
+    print("summary: " + ", ".join(f"{r['teacher']} mIoU {100 * r['miou']:.1f}" for r in reports))
+
+
+def _run_synthetic(args, config) -> int:
+    from sas_core.data.fused_features import save_scene_features
+    from sas_core.data.synthetic import SynthConfig, generate_scene
+
+    t0 = time.perf_counter()
+    scene = generate_scene(SynthConfig(seed=args.seed, n_frames=args.n_frames, with_lidar=False,
+                                       points_per_m2=args.points_per_m2), progress=not args.quiet)
+    vocabulary = tuple(scene.class_names)
+    names = args.teacher or ["sim_dense", "sim_mask"]
+    frames = scene.frames[::args.frame_step]
+    reports = []
+    for teacher, encoder in _make_teachers(names, vocabulary, args):
+        fused = fuse_frames(scene.points.positions, frames, teacher, config, args.device,
+                            progress=not args.quiet, total=len(frames))
+        if args.out:
+            paths = save_scene_features(args.out, f"{scene.name}_{teacher.name}", fused.features, fused.mask,
+                                        n_files=args.n_files, n_split_points=args.split_points,
+                                        single_file=args.single_file)
+            if not args.json:
+                print(f"wrote {', '.join(str(p) for p in paths)}", file=sys.stderr)
+        if args.report:
+            reports.append(_report(teacher.name, fused, scene.points.labels, encoder, vocabulary))
+    header = (f"SYNTHETIC world (not real data): scene {scene.name}, {len(scene.points)} points, "
+              f"{len(frames)} frames {scene.intrinsics.width}x{scene.intrinsics.height}, simulated teachers; "
+              f"{time.perf_counter() - t0:.1f} s")
+    if args.report:
+        _print_reports(reports, header, args.json)
+    else:
+        print(header)
+    return 0
+
+
+def _run_dataset(args, config) -> int:
+    import numpy as np
+
+    from sas_core.data.fused_features import fused_feature_paths, save_scene_features, scene_name
+    from sas_core.data.openscene import list_scenes, load_openscene_scene
+    from sas_core.text import get_vocabulary
+
+    root = Path(args.data)
+    if not root.is_dir():
+        raise FileNotFoundError(f"dataset root not found: {root}")
+    vocabulary = get_vocabulary(args.vocabulary)
+    names = args.teacher or ["sim_dense"]
+    if args.out and len(names) > 1:
+        raise ValueError("--out writes one teacher's features: pass a single --teacher")
+    scenes = args.scene or list_scenes(root, args.split)
+    if not scenes:
+        raise ValueError(f"no scenes in {root / args.split}")
+    teachers = _make_teachers(names, vocabulary, args)
+    reports = {t.name: [] for t, _ in teachers}
+    for name in scenes:
+        sid = scene_name(name)
+        if args.out and not args.overwrite and not args.report:
+            have = fused_feature_paths(args.out, sid)
+            if len(have) >= (1 if args.single_file else args.n_files):
+                print(f"{sid}: fused features exist in {args.out}, skipped (--overwrite redoes them)", file=sys.stderr)
+                continue
+        for teacher, encoder in teachers:
+            cloud, frames = load_openscene_scene(root, sid, split=args.split)
+            frames = itertools.islice(frames, 0, None, args.frame_step)
+            fused = fuse_frames(cloud.positions, frames, teacher, config, args.device, progress=not args.quiet)
+            if args.out:
+                paths = save_scene_features(args.out, sid, fused.features, fused.mask, n_files=args.n_files,
+                                            n_split_points=args.split_points, single_file=args.single_file)
+                print(f"{sid}: {int(fused.mask.sum())}/{len(fused)} points got a {teacher.name} feature; "
+                      f"wrote {len(paths)} file(s) to {args.out}", file=sys.stderr)
+            if args.report:
+                if np.all(cloud.labels == 255):
+                    raise ValueError(f"{sid}: no point labels, cannot --report")
+                reports[teacher.name].append((fused, cloud.labels, encoder))
+    if args.report:
+        from sas_core.eval.metrics import confusion_matrix, miou_macc
+        from sas_core.text import class_embeddings
+
+        out = []
+        for tname, items in reports.items():
+            if not items:
+                continue
+            conf = 0
+            for fused, labels, encoder in items:
+                pred = classify(fused, class_embeddings(encoder, vocabulary))
+                conf = conf + confusion_matrix(pred, labels, len(vocabulary))
+            result = miou_macc(conf, list(vocabulary))
+            result["teacher"] = tname
+            masks = [f.mask for f, _, _ in items]
+            result["coverage"] = float(sum(int(m.sum()) for m in masks) / max(1, sum(len(m) for m in masks)))
+            out.append(result)
+        _print_reports(out, f"{root} ({args.split}): {len(scenes)} scene(s)", args.json)
+    return 0
+
+
+def run(args) -> int:
+    _check_args(args)
+    config = _fusion_config(args)
+    if args.synthetic:
+        return _run_synthetic(args, config)
+    return _run_dataset(args, config)

@@ -1,12 +1,65 @@
 """`sas query`: relevance of free text over a point cloud (or a live node with --ros)."""
 
-from sas_core.commands import not_built
+from __future__ import annotations
 
 HELP = "relevance of free text over a point cloud (or a live node with --ros)"
 
 
 def add_arguments(parser):
-    pass
+    parser.add_argument("text", help="free text, e.g. \"a soft place to sit\"")
+    parser.add_argument("--checkpoint", help="distilled checkpoint (offline mode)")
+    parser.add_argument("--cloud", help="point cloud: .ply, OpenScene .pth, .npy or .npz (offline mode)")
+    parser.add_argument("--out", default="relevance.ply", help="relevance-coloured PLY to write (offline mode)")
+    parser.add_argument("--top", type=int, default=10, help="print the K most relevant points")
+    parser.add_argument("--cmap", default="turbo", help="matplotlib colormap of the relevance colours")
+    parser.add_argument("--device", default="cpu", help="torch device")
+    ros = parser.add_argument_group("live node (--ros)")
+    ros.add_argument("--ros", action="store_true", help="ask a running sas mapping node instead (TextQuery service)")
+    ros.add_argument("--service", default=None, help="TextQuery service name (default: the node's)")
+    ros.add_argument("--threshold", type=float, default=0.0, help="min relevance (0 = node default)")
+    ros.add_argument("--max-points", type=int, default=0, help="max returned points (0 = node default)")
+    ros.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the service")
+    ros.add_argument("--json", action="store_true", help="print the node's answer as JSON")
 
 
-run = not_built("query", "issue #6")
+def relevance_colors(rel, cmap: str = "turbo"):
+    """(N, 3) uint8 colours of relevance scores, stretched between the 1st and 99th percentiles."""
+    import numpy as np
+    from matplotlib import colormaps
+
+    if cmap not in colormaps:
+        raise ValueError(f"unknown colormap {cmap!r}")
+    rel = np.asarray(rel, dtype=np.float64)
+    lo, hi = np.percentile(rel, [1, 99]) if len(rel) else (0.0, 1.0)
+    x = np.clip((rel - lo) / max(hi - lo, 1e-9), 0, 1)
+    return (colormaps[cmap](x)[:, :3] * 255).astype(np.uint8)
+
+
+def run(args) -> int:
+    if args.ros:
+        from sas_ros.query_client import run_cli  # only here: sas_core never imports ROS otherwise
+
+        args.texts = [args.text]
+        return run_cli(args)
+    if not args.checkpoint or not args.cloud:
+        raise ValueError("offline queries need --checkpoint and --cloud (or use --ros for a live node)")
+    import numpy as np
+
+    from sas_core.infer import Segmenter, load_point_cloud
+    from sas_core.io import write_ply
+
+    cloud = load_point_cloud(args.cloud)
+    seg = Segmenter.from_checkpoint(args.checkpoint, device=args.device)
+    feats = seg.features(cloud.positions, cloud.colors, progress=True)
+    rel = seg.relevance(feats, args.text)
+    write_ply(args.out, cloud.positions, colors=relevance_colors(rel, args.cmap), scores=rel)
+    print(f"{args.text!r}: relevance over {len(rel)} points in [{rel.min():.3f}, {rel.max():.3f}], "
+          f"mean {rel.mean():.3f} -> {args.out}")
+    k = max(0, min(int(args.top), len(rel)))
+    if k:
+        top = np.argsort(-rel, kind="stable")[:k]
+        print(f"top {k} points (index, x, y, z, relevance):")
+        for r, i in enumerate(top, 1):
+            x, y, z = cloud.positions[i]
+            print(f"  {r}. #{i}  ({x:.2f}, {y:.2f}, {z:.2f})  {rel[i]:.4f}")
+    return 0

@@ -1,0 +1,17 @@
+"""Evaluation under OpenScene's protocol: confusion-matrix mIoU / mAcc, long-tail groups, instance AP.
+
+NumPy only (no torch), so it can be imported anywhere.
+"""
+
+from sas_core.eval.metrics import (  # noqa: F401
+    LONG_TAIL_K,
+    NO_FEATURE,
+    confusion_matrix,
+    evaluate,
+    format_table,
+    group_means,
+    instance_ap,
+    long_tail_groups,
+    miou_macc,
+    to_json,
+)
