@@ -1,0 +1,254 @@
+"""`sas bench node [--json] [--quick] [--duration S] [--points N]`: the mapping node's figures.
+
+1. RGB-D integration rate at 640x480: decode the Image messages (msg_codec) + back-project +
+   VoxelMap.integrate, per frame, at pixel stride 1 and 2 side by side (the node's default is 2).
+2. Query latency on an N-point map (default 1M voxels, 512-d fp16 features with the structure of
+   distilled features: class text vector + per-object offset + noise): the reduced store with exact
+   rescoring vs a naive full fp16 scan, for a vocabulary word and a free text; results checked equal.
+3. End-to-end latency from a frame's arrival to the ~/labelled_cloud containing it (live rclpy node
+   over loopback, 15 Hz synthetic stream, fusion mode).
+4. Resident memory while a synthetic stream loops through the live node for ``--duration`` seconds
+   (default 600); each loop is shifted by 2 m so the map would grow without bound but for the
+   ``max_points`` cap: RSS must be flat once the cap is reached.
+
+Timings are medians; the machine's load shows in them, so re-run on a quiet machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import time
+
+import numpy as np
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024.0
+    return float("nan")
+
+
+def bench_integration(n_frames: int, strides=(1, 2)) -> dict:
+    from sas_core.data import msg_codec as mc
+    from sas_core.data.synthetic import SynthConfig, generate_scene
+    from sas_core.geometry.voxel_map import VoxelMap, VoxelMapConfig, rgbd_points
+
+    scene = generate_scene(SynthConfig(seed=0, n_frames=n_frames, width=640, height=480, with_lidar=False))
+    msgs = [(mc.image_fields(f.color, "rgb8"), mc.image_fields(f.depth, "16UC1"), f.pose) for f in scene.frames]
+    intr = scene.intrinsics
+    out = {}
+    for stride in strides:
+        vmap = VoxelMap(VoxelMapConfig(voxel_size=0.05))
+        times, cpu = [], []
+        for rep in range(2):  # second pass: the map already holds the room (steady state)
+            for color_f, depth_f, pose in msgs:
+                t0, c0 = time.perf_counter(), time.process_time()
+                color = mc.image_to_numpy(type("M", (), color_f))
+                depth = mc.depth_to_metres(type("M", (), depth_f))
+                pts, cols, _ = rgbd_points(depth, color, intr, pose, stride, 0.1, 8.0)
+                vmap.integrate(pts, cols, sensor_origin=pose[:3, 3])
+                times.append(time.perf_counter() - t0)
+                cpu.append(time.process_time() - c0)
+        med, med_cpu = float(np.median(times)), float(np.median(cpu))
+        out[f"stride{stride}"] = dict(ms_median=round(med * 1e3, 2), hz=round(1.0 / med, 1),
+                                      cpu_ms_median=round(med_cpu * 1e3, 2), hz_from_cpu=round(1.0 / max(med_cpu, 1e-9), 1),
+                                      map_points=len(vmap),
+                                      points_per_frame=int(len(pts)))
+    out["resolution"] = "640x480"
+    out["goal_hz"] = 30
+    return out
+
+
+def _feature_map(n_points: int, dim: int = 512, seed: int = 0):
+    """A VoxelMap of n_points voxels whose features look like a distilled network's output."""
+    from sas_core.geometry.voxel_map import VoxelMap, VoxelMapConfig
+    from sas_core.text import SCANNET_20, SyntheticTextEncoder
+
+    enc = SyntheticTextEncoder(SCANNET_20, dim=dim)
+    text = enc.class_vectors().astype(np.float32)
+    rng = np.random.default_rng(seed)
+    side = int(np.ceil(n_points ** (1 / 3)))
+    idx = rng.permutation(side ** 3)[:n_points]
+    grid = np.stack(np.unravel_index(idx, (side, side, side)), 1).astype(np.float32)
+    vmap = VoxelMap(VoxelMapConfig(voxel_size=0.05, max_points=n_points, initial_capacity=n_points))
+    points = (grid + 0.5) * 0.05
+    vmap.integrate(points)
+    slots = vmap.lookup(points)  # one voxel per grid point, in grid order
+    n_obj = 2000
+    obj = (grid[:, 0] // 8 * 7919 + grid[:, 1] // 8 * 31 + grid[:, 2] // 8).astype(np.int64) % n_obj
+    obj_class = rng.integers(0, len(text), n_obj)
+    obj_offset = rng.normal(size=(n_obj, dim)).astype(np.float32) * (0.3 / np.sqrt(dim))
+    noise_basis = np.linalg.qr(rng.normal(size=(dim, 32)))[0].astype(np.float32)
+    for chunk in np.array_split(np.arange(len(slots)), max(1, len(slots) // 100_000)):
+        o = obj[chunk]
+        f = text[obj_class[o]] + obj_offset[o] + (rng.normal(size=(len(chunk), 32)).astype(np.float32)
+                                                  @ noise_basis.T) * (0.5 / np.sqrt(32))
+        vmap.set_features(slots[chunk], f)
+    return vmap, enc, text
+
+
+def bench_query(n_points: int, repeats: int = 7, max_points: int = 5000) -> dict:
+    vmap, enc, text = _feature_map(n_points)
+    t0 = time.perf_counter()
+    vmap.classify(text)
+    classify_ms = (time.perf_counter() - t0) * 1e3
+    t0 = time.perf_counter()
+    vmap.refit_basis()
+    refit_ms = (time.perf_counter() - t0) * 1e3
+    out = dict(points=len(vmap), threshold=0.5, max_points=max_points, feature_dim=vmap.feature_dim, rank=vmap._codes.shape[1],
+               classify_all_ms=round(classify_ms, 1), refit_basis_ms=round(refit_ms, 1),
+               store_mb=dict(full_fp16=round(vmap.features[: len(vmap)].nbytes / 2 ** 20, 1),
+                             reduced_f32=round(vmap._codes[: len(vmap)].nbytes / 2 ** 20, 1)))
+    live = vmap.slots()
+    queries = {"vocabulary word 'chair'": enc.encode_numpy(["chair"])[0],
+               "free text 'a wooden chair'": enc.encode_numpy(["a wooden chair"])[0]}
+    import torch
+
+    top = vmap._top
+    feats_t = torch.from_numpy(vmap.features[:top])
+    for label, t in queries.items():
+        t = t.astype(np.float32)
+        fast, fast_cpu, scan32, scan16 = [], [], [], []
+        for _ in range(repeats):
+            t0, c0 = time.perf_counter(), time.process_time()
+            res = vmap.query(t, threshold=0.5, max_points=max_points)
+            fast.append(time.perf_counter() - t0)
+            fast_cpu.append(time.process_time() - c0)
+            # naive scans of the contiguous full fp16 store, then the same threshold + top-k selection
+            t0 = time.perf_counter()
+            scores = np.concatenate([vmap.features[i:i + 65536].astype(np.float32) @ t for i in range(0, top, 65536)])
+            above = np.flatnonzero(scores >= 0.5)
+            above[np.argsort(-scores[above])][:max_points]
+            scan32.append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            scores = (feats_t @ torch.from_numpy(t.astype(np.float16))).float().numpy()
+            above = np.flatnonzero(scores >= 0.5)
+            above[np.argsort(-scores[above])][:max_points]
+            scan16.append(time.perf_counter() - t0)
+        ref = vmap.scan_query(t)  # exact float32 reference over the live voxels
+        ok = res.count == int((ref >= 0.5).sum()) and abs(res.best_score - float(ref.max())) < 1e-4
+        f_ms = np.median(fast) * 1e3
+        naive_ms = min(np.median(scan32), np.median(scan16)) * 1e3
+        out[label] = dict(reduced_ms_median=round(f_ms, 2), reduced_cpu_ms_median=round(np.median(fast_cpu) * 1e3, 2),
+                          scan_f32_chunks_ms_median=round(np.median(scan32) * 1e3, 2),
+                          scan_torch_fp16_ms_median=round(np.median(scan16) * 1e3, 2),
+                          speedup_vs_best_scan=round(naive_ms / f_ms, 1), count=res.count, rescored=res.rescored,
+                          exact_match=bool(ok), returned=len(res.slots))
+    del vmap
+    gc.collect()
+    out["goal_ms"] = 50
+    return out
+
+
+def bench_live(n_frames: int, duration: float, max_points: int) -> dict:
+    """End-to-end latency and RSS of a live node (rclpy over loopback, fusion mode)."""
+    import threading
+
+    import rclpy
+    from rclpy.executors import MultiThreadedExecutor
+    from rclpy.parameter import Parameter
+    from sensor_msgs.msg import PointCloud2
+
+    from sas_core.data.synthetic import SynthConfig, generate_scene
+    from sas_ros.live_demo import FramePlayer, remap_args
+    from sas_ros.mapping_node import MappingNode
+
+    scene = generate_scene(SynthConfig(seed=2, n_frames=n_frames, with_lidar=False))
+    ctx = rclpy.Context()
+    rclpy.init(context=ctx)
+    params = dict(mode="fusion", pose_source="pose", update_period=0.25, max_points=max_points, stats_period=1.0,
+                  reliable_inputs=True)
+    node = MappingNode("sas_bench_node", context=ctx, cli_args=remap_args(),
+                       parameter_overrides=[Parameter(k, value=v) for k, v in params.items()])
+    helper = rclpy.create_node("sas_bench_player", context=ctx)
+    player = FramePlayer(helper, ground_truth=True)
+    clouds = []
+    helper.create_subscription(PointCloud2, "/sas_bench_node/labelled_cloud", lambda m: clouds.append(1), 2)
+    ex = MultiThreadedExecutor(num_threads=4, context=ctx)
+    ex.add_node(node)
+    ex.add_node(helper)
+    threading.Thread(target=ex.spin, daemon=True).start()
+    try:
+        player.wait_for_subscribers(15.0)
+        # (a) latency: one pass at up to 15 Hz, each frame sent once the node has taken the previous
+        # one (no backlog: the figure is the node's own latency, not queueing behind a slow CPU)
+        for f in scene.frames:
+            t0 = time.monotonic()
+            before = node.n_frames + sum(node.drops.values())
+            player.publish(f)
+            while node.n_frames + sum(node.drops.values()) <= before and time.monotonic() < t0 + 10.0:
+                time.sleep(0.002)
+            time.sleep(max(0.0, 1 / 15 - (time.monotonic() - t0)))
+        deadline = time.monotonic() + 60.0
+        while time.monotonic() < deadline and (node.queue or not node.e2e_ms):
+            time.sleep(0.05)
+        n = len(clouds)
+        while time.monotonic() < deadline and len(clouds) <= n:
+            time.sleep(0.05)
+        s = node.stats()
+        latency = dict(frame_to_cloud_ms_median=s["frame_to_cloud_ms_median"], integrate_ms_median=s["integrate_ms_median"],
+                       update_ms_median=s["update_ms_median"], update_period_s=params["update_period"],
+                       frames_sent=len(scene.frames), frames_integrated=s["frames"], drops=s["drops"])
+        # (b) memory: loop the stream, each loop shifted by 2 m, paced by the node
+        samples, t_start, loop = [], time.monotonic(), 0
+        next_sample = t_start
+        while time.monotonic() - t_start < duration:
+            loop += 1
+            for f in scene.frames:
+                if time.monotonic() - t_start >= duration:
+                    break
+                pose = f.pose.copy()
+                pose[0, 3] += 2.0 * loop
+                shifted = type(f)(color=f.color, depth=f.depth, intrinsics=f.intrinsics, pose=pose,
+                                  stamp=f.stamp + loop * 1000.0, semantic=f.semantic, instance=f.instance)
+                before = node.n_frames + sum(node.drops.values())
+                player.publish(shifted)
+                deadline = time.monotonic() + 5.0
+                while node.n_frames + sum(node.drops.values()) <= before and time.monotonic() < deadline:
+                    time.sleep(0.002)
+                if time.monotonic() >= next_sample:
+                    samples.append((time.monotonic() - t_start, _rss_mb(), len(node.map)))
+                    next_sample += max(1.0, duration / 60)
+        samples.append((time.monotonic() - t_start, _rss_mb(), len(node.map)))
+        t = np.array([x[0] for x in samples])
+        rss = np.array([x[1] for x in samples])
+        half = t >= t[-1] / 2
+        slope = float(np.polyfit(t[half], rss[half], 1)[0] * 60) if half.sum() >= 3 else float("nan")
+        memory = dict(duration_s=round(float(t[-1]), 1), loops=loop, frames=node.n_frames, max_points=max_points,
+                      map_points_end=int(samples[-1][2]), rss_mb_start=round(float(rss[0]), 1),
+                      rss_mb_mid=round(float(rss[len(rss) // 2]), 1), rss_mb_end=round(float(rss[-1]), 1),
+                      rss_mb_per_min_second_half=round(slope, 2), evicted=node.map.n_evicted,
+                      map_bytes=node.map.memory_bytes())
+        return dict(end_to_end=latency, memory=memory)
+    finally:
+        ex.shutdown()
+        node.destroy_node()
+        helper.destroy_node()
+        rclpy.shutdown(context=ctx)
+
+
+def main(argv: list[str]) -> dict:
+    parser = argparse.ArgumentParser(prog="sas bench node")
+    parser.add_argument("--quick", action="store_true", help="small sizes, 20 s memory loop")
+    parser.add_argument("--duration", type=float, default=None, help="memory loop seconds (default 600)")
+    parser.add_argument("--points", type=int, default=None, help="query map size (default 1,000,000)")
+    parser.add_argument("--frames", type=int, default=None, help="640x480 frames for the integration rate")
+    parser.add_argument("--max-points", type=int, default=None,
+                        help="map cap during the memory loop (default 150,000; 30,000 with --quick)")
+    parser.add_argument("--json", action="store_true", help=argparse.SUPPRESS)  # when given after NAME
+    parser.add_argument("--skip-live", action="store_true", help="skip the rclpy parts (3 and 4)")
+    args = parser.parse_args(argv)
+    duration = args.duration if args.duration is not None else (20.0 if args.quick else 600.0)
+    points = args.points or (200_000 if args.quick else 1_000_000)
+    frames = args.frames or (6 if args.quick else 20)
+    result = dict(cpu_count=os.cpu_count(), quick=bool(args.quick))
+    result["integration"] = bench_integration(frames)
+    result["query"] = bench_query(points)
+    if not args.skip_live:
+        cap = args.max_points or (30_000 if args.quick else 150_000)
+        result.update(bench_live(12 if args.quick else 30, duration, cap))
+    return result

@@ -1,0 +1,245 @@
+"""The live mapping node over loopback: a synthetic RGB-D stream in, labelled cloud and queries out."""
+
+import json
+import threading
+import time
+
+import numpy as np
+import pytest
+
+rclpy = pytest.importorskip("rclpy")
+pytestmark = pytest.mark.ros
+
+
+@pytest.fixture(scope="module")
+def scene():
+    from sas_core.data.synthetic import SynthConfig, generate_scene
+
+    return generate_scene(SynthConfig(seed=3, n_frames=10, with_lidar=False))
+
+
+class Live:
+    """A MappingNode and a helper node (player, subscriptions, clients) spun in one executor."""
+
+    def __init__(self, params: dict, name: str):
+        from rclpy.executors import MultiThreadedExecutor
+        from rclpy.parameter import Parameter
+        from rcl_interfaces.msg import Log
+        from sensor_msgs.msg import PointCloud2
+        from std_msgs.msg import String
+
+        from sas_interfaces.srv import SaveMap, SetVocabulary, TextQuery
+        from sas_ros.live_demo import FramePlayer, remap_args
+        from sas_ros.mapping_node import MappingNode
+        from std_srvs.srv import Trigger
+
+        self.context = rclpy.Context()
+        rclpy.init(context=self.context)
+        base = dict(mode="fusion", pose_source="pose", update_period=0.3, stats_period=0.5, log_throttle=0.0,
+                    reliable_inputs=True)
+        base.update(params)
+        self.node = MappingNode(name, context=self.context, cli_args=remap_args(),
+                                parameter_overrides=[Parameter(k, value=v) for k, v in base.items()])
+        self.helper = rclpy.create_node(f"{name}_helper", context=self.context)
+        self.player = FramePlayer(self.helper, ground_truth=True)
+        self.clouds, self.stats, self.logs = [], [], []
+        self.helper.create_subscription(PointCloud2, f"/{name}/labelled_cloud", self.clouds.append, 2)
+        self.helper.create_subscription(String, f"/{name}/stats", lambda m: self.stats.append(json.loads(m.data)), 10)
+        self.helper.create_subscription(Log, "/rosout", self.logs.append, 100)
+        self.query = self.helper.create_client(TextQuery, f"/{name}/query")
+        self.set_vocab = self.helper.create_client(SetVocabulary, f"/{name}/set_vocabulary")
+        self.save = self.helper.create_client(SaveMap, f"/{name}/save_map")
+        self.reset = self.helper.create_client(Trigger, f"/{name}/reset")
+        self.executor = MultiThreadedExecutor(num_threads=4, context=self.context)
+        self.executor.add_node(self.node)
+        self.executor.add_node(self.helper)
+        self.thread = threading.Thread(target=self.executor.spin, daemon=True)
+        self.thread.start()
+        assert self.player.wait_for_subscribers(15.0), "node did not subscribe"
+
+    def handled(self):
+        return self.node.n_frames + sum(self.node.drops.values())
+
+    def play(self, frame, **kw):
+        before = self.handled()
+        self.player.publish(frame, **kw)
+        self.wait(lambda: self.handled() > before, 5.0)
+
+    @staticmethod
+    def wait(cond, timeout):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if cond():
+                return True
+            time.sleep(0.01)
+        return False
+
+    def call(self, client, request, timeout=20.0):
+        from sas_ros.live_demo import call_service
+
+        assert client.wait_for_service(timeout_sec=10.0)
+        response = call_service(self.helper, client, request, timeout)
+        assert response is not None, "service did not answer"
+        return response
+
+    def close(self):
+        self.executor.shutdown()
+        self.node.destroy_node()
+        self.helper.destroy_node()
+        rclpy.shutdown(context=self.context)
+
+
+def _gt_labels(scene, positions, max_dist=0.06):
+    from scipy.spatial import cKDTree
+
+    d, i = cKDTree(scene.points.positions).query(positions)
+    gt = scene.points.labels[i]
+    return np.where(d <= max_dist, gt, 255)
+
+
+def test_rgbd_stream_labelled_cloud_and_query(scene, tmp_path):
+    from sas_core.data import msg_codec as mc
+    from sas_interfaces.srv import SaveMap, SetVocabulary, TextQuery
+    from std_srvs.srv import Trigger
+
+    live = Live({}, "sas_map_test")
+    try:
+        for frame in scene.frames:
+            live.play(frame)
+        assert live.node.n_frames >= 0.8 * len(scene.frames), (live.node.n_frames, live.node.drops)
+        n = len(live.clouds)
+        live.node.update_event.set()
+        assert live.wait(lambda: len(live.clouds) > n, 20.0), "no labelled cloud"
+        cloud = live.clouds[-1]
+        assert [f.name for f in cloud.fields] == ["x", "y", "z", "rgb", "label", "score"]
+        assert [f.datatype for f in cloud.fields] == [7, 7, 7, 7, 6, 7]
+        assert cloud.header.frame_id == "map"
+        arr = mc.pointcloud2_to_array(cloud)
+        assert len(arr) > 5000
+        xyz = mc.cloud_xyz(arr)
+        gt = _gt_labels(scene, xyz)
+        labelled = (gt != 255) & (arr["label"] != 255)
+        accuracy = (arr["label"][labelled] == gt[labelled]).mean()
+        assert labelled.mean() > 0.6 and accuracy > 0.7, (labelled.mean(), accuracy)
+        colors = mc.unpack_rgb(arr["rgb"])
+        assert colors.std() > 5  # real colours, not a constant
+
+        # query a class of the synthetic vocabulary: the answer lies on that class's objects
+        counts = np.bincount(gt[gt != 255], minlength=256)
+        counts[[0, 1]] = 0  # not wall / floor
+        cls = int(np.argmax(counts))
+        name = scene.class_names[cls]
+        response = live.call(live.query, TextQuery.Request(texts=[name, "a chair"], threshold=0.6, max_points=500))
+        assert response.success, response.message
+        pts = mc.pointcloud2_to_array(response.points)
+        assert [f.name for f in response.points.fields] == ["x", "y", "z", "score", "text_index"]
+        mine = pts[pts["text_index"] == 0]
+        assert 0 < len(mine) <= 500 and response.counts[0] >= len(mine)
+        assert np.all(mine["score"] >= 0.6) and np.all(np.diff(mine["score"]) <= 1e-6)
+        obj = scene.points.positions[scene.points.labels == cls]
+        lo, hi = obj.min(0) - 0.1, obj.max(0) + 0.1
+        inside = ((mc.cloud_xyz(mine) >= lo) & (mc.cloud_xyz(mine) <= hi)).all(1).mean()
+        assert inside > 0.9, inside
+        assert (_gt_labels(scene, mc.cloud_xyz(mine)) == cls).mean() > 0.8
+        b_lo, b_hi, c = response.bbox_min[0], response.bbox_max[0], response.centroids[0]
+        mxyz = mc.cloud_xyz(mine)
+        np.testing.assert_allclose([b_lo.x, b_lo.y, b_lo.z], mxyz.min(0), atol=1e-5)
+        np.testing.assert_allclose([b_hi.x, b_hi.y, b_hi.z], mxyz.max(0), atol=1e-5)
+        assert np.all((np.array([c.x, c.y, c.z]) >= lo) & (np.array([c.x, c.y, c.z]) <= hi))
+        assert response.best_scores[0] >= mine["score"].max() - 1e-6
+
+        # stats are exposed
+        assert live.wait(lambda: live.stats and live.stats[-1]["frames"] == live.node.n_frames, 5.0)
+        assert live.stats[-1]["points"] > 5000 and live.stats[-1]["frame_to_cloud_ms_median"] is not None
+
+        # vocabulary change, save, reset
+        r = live.call(live.set_vocab, SetVocabulary.Request(labels=["chair", "table"], prompt_template=""))
+        assert r.success, r.message
+        m = live.node.map
+        with live.node.lock:
+            has = m.slots()[m.feature_counts[m.slots()] > 0]
+            assert len(has) and set(np.unique(m.labels[has]).tolist()) == {0, 1}
+        r = live.call(live.save, SaveMap.Request(path=str(tmp_path / "live_map")))
+        assert r.success, r.message
+        with np.load(tmp_path / "live_map.npz") as z:
+            assert z["features"].dtype == np.float16 and len(z["positions"]) == len(live.node.map)
+            assert list(z["class_names"]) == ["chair", "table"]
+        r = live.call(live.reset, Trigger.Request())
+        assert r.success and len(live.node.map) == 0
+    finally:
+        live.close()
+
+
+def test_bad_inputs_are_logged_and_survived(scene):
+    from sas_core.data import msg_codec as mc
+    from sas_core.types import CameraIntrinsics, Frame
+    from sas_interfaces.srv import SetVocabulary, TextQuery
+    from sas_ros import conversions as conv
+    from sensor_msgs.msg import PointCloud2
+
+    live = Live({"use_lidar": True, "lidar_frame": "lidar"}, "sas_bad_test")
+    try:
+        f0 = scene.frames[0]
+        # missing camera info: frames arrive before any CameraInfo
+        live.play(f0, info=False)
+        assert live.node.drops.get("no_camera_info", 0) >= 1
+        # NaN depth
+        nan = Frame(color=f0.color, depth=np.full_like(f0.depth, np.nan), intrinsics=f0.intrinsics, pose=f0.pose,
+                    stamp=f0.stamp + 0.01, semantic=f0.semantic, instance=f0.instance)
+        live.play(nan)
+        assert live.node.drops.get("nan_depth", 0) >= 1, live.node.drops
+        # size mismatch: camera info says 320x240, images are half size
+        half = CameraIntrinsics(f0.intrinsics.fx / 2, f0.intrinsics.fy / 2, 80, 60, 160, 120)
+        small = Frame(color=np.ascontiguousarray(f0.color[::2, ::2]), depth=np.ascontiguousarray(f0.depth[::2, ::2]),
+                      intrinsics=half, pose=f0.pose, stamp=f0.stamp + 0.02,
+                      semantic=np.ascontiguousarray(f0.semantic[::2, ::2]),
+                      instance=np.ascontiguousarray(f0.instance[::2, ::2]))
+        live.player.pub_info.publish(conv.intrinsics_to_camera_info(f0.intrinsics, "x", f0.stamp))
+        live.play(small, info=False)
+        assert live.node.drops.get("size_mismatch", 0) >= 1, live.node.drops
+        # unknown frame
+        live.play(f0, frame_id="mystery_optical_frame", stamp=f0.stamp + 0.03)
+        assert live.node.drops.get("unknown_frame", 0) >= 1, live.node.drops
+        # empty LiDAR cloud
+        pub = live.helper.create_publisher(PointCloud2, "/lidar/points", 10)
+        assert live.wait(lambda: pub.get_subscription_count() > 0, 10.0)
+        pub.publish(conv.xyz_cloud(np.zeros((0, 3)), "lidar", f0.stamp))
+        assert live.wait(lambda: live.node.drops.get("empty_cloud", 0) >= 1, 10.0), live.node.drops
+        # the node still works: a good frame is integrated
+        live.play(scene.frames[1])
+        assert live.node.n_frames == 1 and len(live.node.map) > 1000
+        live.node.update_event.set()
+        assert live.wait(lambda: live.node.map.feature_dim > 0 and live.node.n_updates > 0, 10.0)
+        # bad queries and vocabularies get clear answers, not crashes
+        r = live.call(live.query, TextQuery.Request(texts=["  "], threshold=0.0, max_points=0))
+        assert not r.success and "empty query text" in r.message
+        r = live.call(live.query, TextQuery.Request(texts=[], threshold=0.0, max_points=0))
+        assert not r.success
+        r = live.call(live.query, TextQuery.Request(texts=["flux capacitor"], threshold=0.0, max_points=0))
+        assert not r.success and "flux" in r.message
+        r = live.call(live.set_vocab, SetVocabulary.Request(labels=["chair", "flux capacitor"], prompt_template=""))
+        assert not r.success and "flux capacitor" in " ".join(r.unknown)
+        assert len(live.node.vocabulary) == 20  # unchanged
+        r = live.call(live.query, TextQuery.Request(texts=["chair"], threshold=0.0, max_points=10))
+        assert r.success, r.message
+        # the query client (sas query --ros) against the live node, in its own context
+        import contextlib
+        import io
+
+        from sas_ros.query_client import call_query, main as client_main
+
+        answer = call_query(["chair"], threshold=0.3, max_points=5, service="/sas_bad_test/query", node=live.helper)
+        assert answer["success"] and len(answer["queries"][0]["points"]) <= 5
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            assert client_main(["chair", "--service", "/sas_bad_test/query", "--json", "--max-points", "3"]) == 0
+        printed = json.loads(out.getvalue())
+        assert printed["queries"][0]["text"] == "chair" and len(printed["queries"][0]["points"]) <= 3
+        assert client_main(["chair", "--service", "/nobody/query", "--timeout", "0.5"]) == 1
+        # every reason was logged on /rosout
+        assert live.wait(lambda: all(any(f"[{k}]" in m.msg for m in live.logs) for k in
+                                     ("no_camera_info", "nan_depth", "size_mismatch", "unknown_frame",
+                                      "empty_cloud", "empty_query", "unknown_word")), 5.0), \
+            [m.msg for m in live.logs]
+    finally:
+        live.close()
