@@ -381,24 +381,13 @@ def cloud_xyz(array: np.ndarray, remove_nans: bool = True) -> np.ndarray:
 def camera_info_to_intrinsics(msg) -> CameraIntrinsics:
     """``sensor_msgs/CameraInfo`` (``k``, or ROS 1 ``K``) -> :class:`CameraIntrinsics`.
 
-    Raises:
-        ValueError: K all zero (an uncalibrated camera), non-positive focal length or size.
+    Delegates to :func:`sas_core.geometry.camera.intrinsics_from_camera_info` (binning and ROI
+    honoured). Raises ValueError for a missing or all-zero K (uncalibrated camera), a
+    non-positive focal length or a missing image size.
     """
-    K = _get(msg, "k", "K")
-    if K is None:
-        raise ValueError("camera info has no intrinsic matrix (field k / K)")
-    K = np.asarray(K, dtype=np.float64).reshape(-1)
-    if K.size != 9:
-        raise ValueError(f"camera info K must have 9 entries, got {K.size}")
-    K = K.reshape(3, 3)
-    width, height = int(_get(msg, "width", default=0)), int(_get(msg, "height", default=0))
-    if not np.any(K):
-        raise ValueError("camera info K is all zeros: the camera is not calibrated")
-    if not np.isfinite(K).all() or K[0, 0] <= 0 or K[1, 1] <= 0:
-        raise ValueError(f"camera info K has an invalid focal length: fx={K[0, 0]}, fy={K[1, 1]}")
-    if width <= 0 or height <= 0:
-        raise ValueError(f"camera info has no image size ({width}x{height})")
-    return CameraIntrinsics.from_matrix(K, width, height)
+    from sas_core.geometry.camera import intrinsics_from_camera_info
+
+    return intrinsics_from_camera_info(msg)
 
 
 def intrinsics_to_camera_info_fields(intrinsics: CameraIntrinsics) -> dict:
