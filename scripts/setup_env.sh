@@ -24,7 +24,7 @@ if [ ! -x "$SAS_VENV/bin/python" ]; then
   "$PY" -m venv "$SAS_VENV"
 fi
 if [ "$(cat "$STAMP" 2>/dev/null)" != "$REQ_HASH" ]; then
-  say "installing pinned requirements into $SAS_VENV (first time: about 5 minutes, 7.5 GB)"
+  say "installing pinned requirements into $SAS_VENV (on a fresh machine about 10 minutes and 7.5 GB; an update takes seconds)"
   start=$(date +%s)
   "$SAS_VENV/bin/python" -m pip install -q --disable-pip-version-check -r "$SAS_ROOT/requirements.txt" 2>&1 \
     | grep -v "is ignored: it is neither a file nor a directory" || true
