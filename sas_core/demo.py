@@ -1,0 +1,529 @@
+"""The end-to-end SAS demo on the synthetic world, and the report writer.
+
+:func:`run_demo` runs the whole pipeline on CPU on freshly generated synthetic rooms:
+
+1. synthetic rooms (``sas_core.data.synthetic``): training rooms and held-out rooms;
+2. two simulated 2D teachers good at different classes (``sas_core.teachers.make_simulated_pair``),
+   in the synthetic text space (``sas_core.text.SyntheticTextEncoder``);
+3. capability tables from synthetic probe renders (``sas_core.capability.sources``);
+4. multi-view fusion of each teacher onto the points of every room (``sas_core.geometry.multiview``);
+5. fusion of the two teachers: plain add, "linear" and capability-guided (``sas_core.fusion``);
+6. superpoints (``sas_core.geometry.superpoints``);
+7. distillation of a small MinkUNet: pixel-point, superpoint, superpoint + TESD
+   (``sas_core.train.distill``); the last two share their stage 1;
+8. evaluation of every row on the held-out rooms (``sas_core.eval``): the analogue of the paper's
+   Table 3.
+
+:func:`write_report` writes the report folder: ``table.md``, ``table.json``, ``ablation.png`` (bar
+chart), ``topdown.png`` (labelled held-out room next to its ground truth), ``query_*.png`` (heat
+maps of free-text queries), ``model.pt`` (the distilled SP+TESD network, loadable with
+``sas_core.infer.Segmenter.from_checkpoint``) and ``README.md``. Every output says "synthetic".
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+
+SYNTHETIC_NOTE = ("SYNTHETIC DATA: procedural rooms and simulated teachers; these numbers measure the "
+                  "method on the synthetic world, not on ScanNet / Matterport3D / nuScenes.")
+
+ROWS = (
+    ("teacher_a", "2D Fusion", "teacher A"),
+    ("teacher_b", "2D Fusion", "teacher B"),
+    ("add", "2D Fusion", "Add"),
+    ("linear", "2D Fusion", "Linear"),
+    ("capability", "2D Fusion", "Capability fusion (SAS)"),
+    ("pixel_point", "3D", "Pixel-Point Dis."),
+    ("sp", "3D", "SP Dis."),
+    ("sp_tesd", "3D", "SP Dis. + TESD (SAS)"),
+)
+
+
+@dataclass
+class DemoConfig:
+    """Settings of `sas demo` (defaults: under 10 minutes on 2 CPU cores)."""
+
+    out: str = "demo_output"  # report folder
+    seed: int = 0  # seeds the world, the teachers and training
+    train_rooms: int = 2  # synthetic rooms used for distillation
+    test_rooms: int = 1  # held-out rooms for evaluation
+    frames: int = 16  # RGB-D frames per room
+    width: int = 160  # frame width (pixels)
+    height: int = 120  # frame height (pixels)
+    points_per_m2: float = 80.0  # surface sampling density of the rooms
+    room_scale: float = 1.0  # room footprint relative to the synthetic world's default (6x5 to 9x7 m)
+    text_dim: int = 64  # size of the synthetic text space (= 3D output channels)
+    probes: int = 3  # probe renders per class for the capability tables
+    tau: float = 0.05  # capability fusion temperature (eq. 8)
+    arch: str = "MinkUNet14A"  # 3D backbone
+    width_scale: float = 1.0  # channel multiplier of the backbone (used when build_model takes ``width``)
+    voxel_size: float = 0.1  # metres (coarse: CPU budget; the paper uses 0.02)
+    epochs: int = 60  # distillation epochs per 3D row
+    stage2_fraction: float = 0.3  # last fraction of epochs with TESD
+    lr: float = 1e-2  # initial Adam learning rate (few steps: 100x the paper's 1e-4), decays linearly to lr/10
+    batch_size: int = 1  # scenes per step
+    input_color: bool = False  # network input: RGB (OpenScene's option) instead of all ones (SAS)
+    tesd_alpha: float = 0.99  # TESD EMA constant per visit of a room (stable pseudo-labels, as the public code)
+    tesd_temperature: float = 0.07  # TESD logits temperature
+    queries: tuple = ("a chair", "a wooden table")  # free-text queries for the heat maps
+    quick: bool = False  # one small room, few epochs (smoke test)
+    ros: bool = True  # replay a synthetic bag through the live ROS node when rclpy is importable
+    progress: bool = True  # progress bars
+    threads: int = 1  # torch CPU threads for training (one is fastest for these small sparse convolutions)
+
+    def __post_init__(self):
+        if self.quick:
+            self.train_rooms, self.test_rooms, self.frames = 1, 1, 8
+            self.width, self.height, self.points_per_m2, self.probes = 96, 72, 40.0, 2
+            self.epochs, self.voxel_size, self.room_scale = 3, 0.15, 0.6
+        if self.train_rooms < 1 or self.test_rooms < 0:
+            raise ValueError("the demo needs at least one training room")
+
+
+def _log(msg: str, t0: float) -> None:
+    """Progress line on stderr (stdout carries the table, or a benchmark's JSON)."""
+    import sys
+
+    print(f"[{time.time() - t0:7.1f}s] {msg}", file=sys.stderr, flush=True)
+
+
+# ------------------------------------------------------------------------------------------------
+# pipeline pieces
+
+
+def make_rooms(cfg: DemoConfig):
+    """(train scenes, test scenes) of the synthetic world."""
+    from sas_core.data.synthetic import SynthConfig, generate_scene
+
+    base = SynthConfig()
+    size = dict(room_min=tuple(v * cfg.room_scale for v in base.room_min),
+                room_max=tuple(v * cfg.room_scale for v in base.room_max))
+
+    def room(i):
+        return generate_scene(SynthConfig(seed=cfg.seed * 1000 + i, n_frames=cfg.frames, width=cfg.width,
+                                          height=cfg.height, with_lidar=False, points_per_m2=cfg.points_per_m2,
+                                          **size))
+
+    train = [room(i) for i in range(cfg.train_rooms)]
+    test = [room(cfg.train_rooms + i) for i in range(cfg.test_rooms)]
+    return train, test
+
+
+def fuse_teacher(scene, teacher):
+    """Multi-view fusion of one teacher's per-pixel features onto the scene's points.
+
+    Returns (features (N, C) float16 torch, mask (N,) bool torch)."""
+    from sas_core.geometry.multiview import FeatureAccumulator
+
+    pts = scene.points.positions
+    acc = None
+    for frame in scene.frames:
+        feats, valid = teacher.features(frame)
+        if acc is None:
+            acc = FeatureAccumulator(len(pts), int(feats.shape[-1]), points=pts)
+        acc.add(frame.depth, frame.pose, frame.intrinsics, feats, valid)
+    res = acc.result()
+    return res.features, res.mask
+
+
+def label_points(features, mask, text) -> np.ndarray:
+    """(N,) labels: argmax of cos(features, text); 256 (no feature) where ``mask`` is False."""
+    from sas_core.eval import NO_FEATURE
+    from sas_core.train.distill import predict_labels
+
+    pred = predict_labels(features, text)
+    if mask is not None:
+        m = np.asarray(mask.cpu() if hasattr(mask, "cpu") else mask, dtype=bool)
+        pred[~m] = NO_FEATURE
+    return pred
+
+
+def fusion_rows(feats_a, mask_a, feats_b, mask_b, text, capability, tau) -> Dict[str, tuple]:
+    """The 2D rows of Table 3 for one scene: name -> (features (N, C), mask (N,))."""
+    import torch
+
+    from sas_core.fusion import add_fusion, capability_fusion, fused_mask, linear_fusion
+
+    masks = [mask_a, mask_b]
+    both = fused_mask(masks)
+    fa, fb = feats_a.float(), feats_b.float()
+    return {
+        "teacher_a": (fa, mask_a),
+        "teacher_b": (fb, mask_b),
+        "add": (add_fusion([fa, fb], masks), both),
+        "linear": (linear_fusion([fa, fb], text, masks), both),
+        "capability": (capability_fusion([fa, fb], text, torch.as_tensor(capability, dtype=torch.float32), tau,
+                                         masks), both),
+    }
+
+
+def probe_capability(teachers, text, vocabulary, n_probes: int, seed: int, width: int, height: int,
+                     progress: bool = True):
+    """Capability table of ``teachers`` from synthetic probe renders with ground-truth masks."""
+    from sas_core.capability.sources import SyntheticProbeSource, build_table
+
+    source = SyntheticProbeSource(n_per_class=n_probes, seed=seed, width=width, height=height)
+    return build_table(source, teachers, text, vocabulary, progress=progress).table
+
+
+@dataclass
+class World:
+    """Everything the 3D rows need, prepared once (the 2D part of the pipeline)."""
+
+    config: DemoConfig
+    encoder: object
+    text: object  # (K, C) torch
+    class_names: list
+    train: list  # SyntheticScene
+    test: list
+    capability: object  # CapabilityTable
+    train_data: list  # SceneData with capability-fused targets
+    test_data: list  # SceneData (labels, no targets)
+    rows_2d: dict  # name -> (pred (N_total,), gt (N_total,)) on the test rooms
+    timings: dict = field(default_factory=dict)
+
+
+def prepare_world(cfg: DemoConfig, t0: Optional[float] = None) -> World:
+    """Steps 1-6: rooms, teachers, capability, multi-view fusion, teacher fusion, superpoints."""
+    import torch
+
+    from sas_core.teachers import make_simulated_pair
+    from sas_core.text import SCANNET_20, SyntheticTextEncoder, class_embeddings
+    from sas_core.train.datasets import synthetic_scene_data, scene_from_arrays
+
+    t0 = t0 or time.time()
+    timings = {}
+    names = list(SCANNET_20)
+    encoder = SyntheticTextEncoder(names, dim=cfg.text_dim, seed=cfg.seed)
+    text = class_embeddings(encoder, names)
+    t = time.time()
+    train, test = make_rooms(cfg)
+    timings["rooms_s"] = time.time() - t
+    _log(f"synthetic world: {len(train)} training + {len(test)} held-out rooms "
+         f"({sum(len(s.points) for s in train + test)} points, {cfg.frames} frames each)", t0)
+    teacher_a, teacher_b = make_simulated_pair(encoder, seed=cfg.seed)
+    t = time.time()
+    table = probe_capability([teacher_a, teacher_b], text, names, cfg.probes, cfg.seed, cfg.width, cfg.height,
+                             cfg.progress)
+    cap = table.matrix([teacher_a.name, teacher_b.name], names)  # classes without probes: teacher's mean
+    timings["capability_s"] = time.time() - t
+    _log(f"capability tables from probe renders ({cfg.probes} per class)", t0)
+
+    t = time.time()
+    train_data, test_data, rows_2d = [], [], {}
+    for split, scenes in (("train", train), ("test", test)):
+        for scene in scenes:
+            fa, ma = fuse_teacher(scene, teacher_a)
+            fb, mb = fuse_teacher(scene, teacher_b)
+            rows = fusion_rows(fa, ma, fb, mb, text, cap, cfg.tau)
+            if split == "train":
+                feats, mask = rows["capability"]
+                train_data.append(synthetic_scene_data(scene, feats.to(torch.float16), mask))
+            else:
+                gt = scene.points.labels
+                test_data.append(scene_from_arrays(scene.name, scene.points.positions, labels=gt,
+                                                   colors=scene.points.colors))
+                for key, (f, m) in rows.items():
+                    pred = label_points(f, m, text)
+                    p, g = rows_2d.get(key, (np.zeros(0, np.int64), np.zeros(0, np.int64)))
+                    rows_2d[key] = (np.concatenate([p, pred]), np.concatenate([g, gt]))
+    timings["fusion_superpoints_s"] = time.time() - t
+    _log("multi-view fusion of both teachers, add / linear / capability fusion, superpoints", t0)
+    return World(cfg, encoder, text, names, train, test, table, train_data, test_data, rows_2d, timings)
+
+
+def distill_rows(world: World, work_dir: Path, t0: float) -> Dict[str, object]:
+    """Step 7: the three 3D rows; returns name -> trained model. SP and SP+TESD share stage 1."""
+    from sas_core.train.distill import DistillConfig, Distiller
+
+    cfg = world.config
+    common = dict(arch=cfg.arch, model_kwargs=_model_kwargs(cfg), epochs=cfg.epochs,
+                  stage2_fraction=cfg.stage2_fraction, batch_size=cfg.batch_size, lr=cfg.lr, final_lr=cfg.lr / 10,
+                  voxel_size=cfg.voxel_size, tesd_alpha=cfg.tesd_alpha, tesd_temperature=cfg.tesd_temperature,
+                  seed=cfg.seed, val_every=0, resume=True, progress=cfg.progress, threads=cfg.threads,
+                  input_color=cfg.input_color)
+    enc_cfg = world.encoder.config()
+
+    def trainer(mode, sub):
+        return Distiller(DistillConfig(mode=mode, out_dir=str(work_dir / sub), **common), world.train_data,
+                         world.text, world.class_names, None, enc_cfg)
+
+    models = {}
+    t = time.time()
+    models["pixel_point"] = trainer("pixel_point", "pixel_point").run().model
+    _log(f"pixel-point distillation: {cfg.epochs} epochs", t0)
+    tesd = trainer("sp_tesd", "sp_tesd")
+    stage1 = tesd.cfg.stage1_epochs
+    tesd.run(stop_after_epochs=stage1)  # stage 1, shared with the SP row
+    (work_dir / "sp").mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(work_dir / "sp_tesd" / "last.pt", work_dir / "sp" / "last.pt")
+    models["sp"] = trainer("sp", "sp").run().model
+    _log(f"superpoint distillation: {cfg.epochs} epochs", t0)
+    models["sp_tesd"] = trainer("sp_tesd", "sp_tesd").run().model
+    _log(f"superpoint + TESD distillation: last {cfg.epochs - stage1} of {cfg.epochs} epochs with TESD", t0)
+    world.timings["distill_s"] = time.time() - t
+    return models
+
+
+def _model_kwargs(cfg: DemoConfig) -> dict:
+    """Reduced-width backbone when build_model supports it (``width`` multiplier)."""
+    import inspect
+
+    from sas_core.nn import build_model
+
+    if cfg.width_scale != 1.0 and "width" in inspect.signature(build_model).parameters:
+        return {"width": cfg.width_scale}
+    return {}
+
+
+def evaluate_rows(world: World, models: Dict[str, object]) -> Dict[str, dict]:
+    """Step 8: mIoU / mAcc of every row on the held-out rooms (OpenScene protocol)."""
+    from sas_core.eval import evaluate
+    from sas_core.train.distill import scene_point_features
+
+    results = {}
+    for key, (pred, gt) in world.rows_2d.items():
+        results[key] = evaluate(pred, gt, world.class_names)
+    for key, model in models.items():
+        preds, gts = [], []
+        for scene in world.test_data:
+            feats = scene_point_features(model, scene, world.config.voxel_size, input_color=world.config.input_color)
+            preds.append(label_points(feats, None, world.text))
+            gts.append(scene.labels)
+        results[key] = evaluate(np.concatenate(preds), np.concatenate(gts), world.class_names)
+    return results
+
+
+def table_rows(results: Dict[str, dict]) -> List[dict]:
+    rows = []
+    for key, group, label in ROWS:
+        if key in results:
+            r = results[key]
+            rows.append({"key": key, "group": group, "method": label, "miou": 100 * float(r["miou"]),
+                         "macc": 100 * float(r["macc"]), "miou_present": 100 * float(r["miou_present"]),
+                         "no_feature_points": int(r["no_feature_points"])})
+    return rows
+
+
+def format_markdown(rows: Sequence[dict], title: str = "Table 3 analogue (synthetic)") -> str:
+    lines = [f"### {title}", "", f"_{SYNTHETIC_NOTE}_", "",
+             "| | method | mIoU | mAcc | mIoU (present classes) |", "|---|---|---:|---:|---:|"]
+    for r in rows:
+        spread = f" ± {r['miou_std']:.1f}" if "miou_std" in r else ""
+        lines.append(f"| {r['group']} | {r['method']} | {r['miou']:.1f}{spread} | {r['macc']:.1f} | "
+                     f"{r['miou_present']:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+# ------------------------------------------------------------------------------------------------
+# report
+
+
+def _bar_chart(rows, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(9, 4.2))
+    colors = ["#8da0cb" if r["group"] == "2D Fusion" else "#fc8d62" for r in rows]
+    x = np.arange(len(rows))
+    ax.bar(x, [r["miou"] for r in rows], yerr=[r.get("miou_std", 0.0) for r in rows], color=colors, capsize=3)
+    for i, r in enumerate(rows):
+        ax.text(i, r["miou"] + 0.5, f"{r['miou']:.1f}", ha="center", va="bottom", fontsize=8)
+    ax.set_xticks(x, [r["method"] for r in rows], rotation=25, ha="right", fontsize=8)
+    ax.set_ylabel("mIoU (%)")
+    ax.set_title("SAS ablation (Table 3 analogue) - SYNTHETIC world", fontsize=10)
+    fig.tight_layout()
+    from sas_core.io import atomic_path
+
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+
+
+def _figure_png(images, titles, path: Path, suptitle: str, colorbar=None) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from sas_core.io import atomic_path
+
+    fig, axes = plt.subplots(1, len(images), figsize=(5 * len(images), 4.6), squeeze=False)
+    for ax, img, title in zip(axes[0], images, titles):
+        ax.imshow(img)
+        ax.set_title(title, fontsize=9)
+        ax.axis("off")
+    if colorbar is not None:
+        fig.colorbar(colorbar, ax=axes[0].tolist(), shrink=0.8, label="cosine similarity")
+    fig.suptitle(suptitle, fontsize=10)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+
+
+def _topdown(positions, pred, gt, path: Path, title: str, resolution: float = 0.03) -> None:
+    """Labelled scene next to its ground truth, seen from above (ceiling points dropped)."""
+    from sas_core import viz
+    from sas_core.types import IGNORE_LABEL
+
+    keep = gt != IGNORE_LABEL
+    p = positions[keep]
+    bounds = np.stack([p[:, :2].min(0), p[:, :2].max(0)])
+    imgs = [viz.topdown_image(p, labels=lab[keep], resolution=resolution, bounds=bounds, point_size=2)
+            for lab in (pred, gt)]
+    _figure_png(imgs, ["prediction (SP + TESD)", "ground truth"], path, title)
+
+
+def _heatmap(positions, scores, gt, path: Path, title: str, resolution: float = 0.03) -> None:
+    """Relevance of every point to a query (colour map), seen from above."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import cm, colors as mcolors
+
+    from sas_core import viz
+    from sas_core.types import IGNORE_LABEL
+
+    keep = gt != IGNORE_LABEL
+    p, s = positions[keep], scores[keep]
+    norm = mcolors.Normalize(vmin=float(s.min()), vmax=float(s.max()))
+    mapper = cm.ScalarMappable(norm=norm, cmap="inferno")
+    rgb = (mapper.to_rgba(s)[:, :3] * 255).astype(np.uint8)
+    img = viz.topdown_image(p, colors=rgb, resolution=resolution, point_size=2)
+    _figure_png([img], ["relevance"], path, title, colorbar=mapper)
+
+
+def write_report(out: Path, rows: Sequence[dict], results: Dict[str, dict], world: Optional[World] = None,
+                 model=None, extra: Optional[dict] = None) -> dict:
+    """Write the report folder; returns {name: path} of the files written."""
+    from sas_core.eval import to_json
+    from sas_core.io import atomic_write_text
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    files = {}
+    md = format_markdown(rows)
+    atomic_write_text(out / "table.md", md)
+    files["table_md"] = out / "table.md"
+    payload = {"synthetic": True, "note": SYNTHETIC_NOTE, "rows": list(rows),
+               "per_class": {k: to_json(v).get("per_class", {}) for k, v in results.items()},
+               **(extra or {})}
+    atomic_write_text(out / "table.json", json.dumps(payload, indent=2, sort_keys=True, default=_jsonable))
+    files["table_json"] = out / "table.json"
+    _bar_chart(rows, out / "ablation.png")
+    files["bar_chart"] = out / "ablation.png"
+    if world is not None and model is not None and world.test_data:
+        from sas_core.train.distill import scene_point_features
+
+        scene = world.test_data[0]
+        feats = scene_point_features(model, scene, world.config.voxel_size, input_color=world.config.input_color)
+        pred = label_points(feats, None, world.text)
+        _topdown(scene.positions, pred, scene.labels, out / "topdown.png",
+                 f"{scene.name} (held out): SAS (SP+TESD) labels vs ground truth - SYNTHETIC")
+        files["topdown"] = out / "topdown.png"
+        import torch
+
+        for i, query in enumerate(world.config.queries):
+            q = world.encoder.encode([query]).float()
+            scores = torch.nn.functional.normalize(feats, dim=1) @ torch.nn.functional.normalize(q, dim=1).t()
+            path = out / f"query_{i + 1}.png"
+            _heatmap(scene.positions, scores[:, 0].numpy(), scene.labels, path,
+                     f"{scene.name}: query {query!r} - SYNTHETIC")
+            files[f"query_{i + 1}"] = path
+    lines = ["# SAS demo report (synthetic world)", "", SYNTHETIC_NOTE, "", md]
+    for name, path in files.items():
+        lines.append(f"- `{Path(path).name}`: {name}")
+    atomic_write_text(out / "README.md", "\n".join(lines) + "\n")
+    files["readme"] = out / "README.md"
+    return {k: str(v) for k, v in files.items()}
+
+
+def _jsonable(v):
+    if isinstance(v, (np.floating, np.integer)):
+        return v.item()
+    if isinstance(v, np.ndarray):
+        return v.tolist()
+    if isinstance(v, Path):
+        return str(v)
+    raise TypeError(f"not JSON serialisable: {type(v)}")
+
+
+def ros_replay(checkpoint: Path, scene, queries: Sequence[str]) -> Optional[dict]:
+    """Replay the frames of a synthetic room through the live ROS mapping node running the distilled
+    model and query it (``sas_ros.live_demo.replay_and_query``); None when rclpy is not importable."""
+    try:
+        import rclpy  # noqa: F401
+    except ImportError:
+        return None
+    from sas_ros.live_demo import replay_and_query  # the ROS side lives outside sas_core
+
+    return replay_and_query(scene.frames, list(queries), checkpoint=str(checkpoint))
+
+
+def _export_model(src: Path, dst: Path) -> None:
+    """Copy a training checkpoint without its optimizer / TESD state (for inference and ROS)."""
+    from sas_core.nn import load_checkpoint, save_checkpoint
+
+    model, config, extra = load_checkpoint(src)
+    save_checkpoint(dst, model, config, {"epoch": extra.get("epoch"), "history": extra.get("history", [])})
+
+
+def run_world(cfg: DemoConfig, work_dir: Path, t0: Optional[float] = None):
+    """Prepare the world, train the three 3D rows and evaluate: (world, models, results, rows)."""
+    t0 = t0 or time.time()
+    world = prepare_world(cfg, t0)
+    models = distill_rows(world, Path(work_dir), t0)
+    results = evaluate_rows(world, models)
+    return world, models, results, table_rows(results)
+
+
+def run_demo(cfg: DemoConfig) -> dict:
+    """The whole demo; prints the table and writes the report folder. Returns a summary dict."""
+    t0 = time.time()
+    if cfg.threads > 0:
+        import torch
+
+        torch.set_num_threads(cfg.threads)
+    out = Path(cfg.out)
+    work = out / "training"
+    if work.exists():
+        shutil.rmtree(work)  # a fresh world each run: never resume a previous demo's checkpoints
+    _log(f"SAS demo on the SYNTHETIC world -> {out}", t0)
+    world, models, results, rows = run_world(cfg, work, t0)
+    print(format_markdown(rows), flush=True)
+    ckpt = out / "model.pt"
+    _export_model(work / "sp_tesd" / "last.pt", ckpt)
+    world.capability.save(out / "capability.json")
+    summary = {"seconds": None, "checkpoint": str(ckpt), "config": asdict(cfg), "timings": world.timings}
+    files = write_report(out, rows, results, world, models["sp_tesd"], {"config": asdict(cfg)})
+    summary["files"] = files
+    if cfg.ros:
+        try:
+            ros = ros_replay(ckpt, world.test[0] if world.test else world.train[0], cfg.queries)
+        except Exception as exc:  # the ROS step is an add-on: report it, keep the demo's result
+            ros = {"error": f"{type(exc).__name__}: {exc}"}
+        summary["ros"] = ros
+        if ros is not None:
+            _log(f"ROS replay: {ros.get('message', ros)}", t0)
+            from sas_core.io import atomic_write_text
+
+            readme = (out / "README.md").read_text()
+            atomic_write_text(out / "README.md", readme + "\n## ROS replay (synthetic frames through the live mapping "
+                              "node running model.pt)\n\n```\n" + json.dumps(ros, indent=2, default=_jsonable)
+                              + "\n```\n")
+    summary["seconds"] = time.time() - t0
+    summary["rows"] = rows
+    from sas_core.io import atomic_write_text
+
+    atomic_write_text(out / "summary.json", json.dumps(summary, indent=2, default=_jsonable))
+    _log(f"done: report in {out} ({summary['seconds']:.0f} s)", t0)
+    return summary

@@ -1,0 +1,293 @@
+"""Distillation: losses against hand-computed values, TESD state, one step, resume."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from sas_core.train.losses import (  # noqa: E402
+    point_loss,
+    segment_mean,
+    superpoint_distillation_loss,
+    superpoint_targets,
+    tesd_loss,
+    text_logits,
+)
+from sas_core.train.tesd import TemporalEnsemble  # noqa: E402
+
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Small sparse convolutions are dominated by thread synchronisation on a shared 2-core
+    machine (one training step of the tiny model: 20 s with 2 threads under load, 0.4 s with one)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+F3D = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
+F2D = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]])
+SEG = torch.tensor([7, 7, 3])  # arbitrary ids: superpoint {0, 1} and {2}
+
+
+def test_segment_mean_by_hand():
+    means, counts = segment_mean(torch.tensor([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]]), torch.tensor([1, 1, 0]))
+    assert torch.allclose(means, torch.tensor([[5.0, 6.0], [2.0, 3.0]]))
+    assert counts.tolist() == [1.0, 2.0]
+
+
+def test_point_loss_by_hand():
+    # cos = 1, 0, 1/sqrt(2)  ->  losses 0, 1, 1 - 1/sqrt(2)
+    expected = (0.0 + 1.0 + (1 - 1 / math.sqrt(2))) / 3
+    assert point_loss(F3D, F2D).item() == pytest.approx(expected, abs=1e-6)
+    total, count = point_loss(F3D, F2D, reduction="sum")
+    assert count == 3 and total.item() == pytest.approx(expected * 3, abs=1e-6)
+    with pytest.raises(ValueError):
+        point_loss(F3D, F2D[:2])
+
+
+def test_superpoint_losses_by_hand():
+    # superpoint {0,1}: 2D mean (1, 0), 3D mean (0.5, 0.5); superpoint {2}: 2D (0, 1), 3D (1, 1)
+    c = 1 - 1 / math.sqrt(2)
+    lp, lsp = superpoint_distillation_loss(F3D, F2D, SEG)
+    # point level against the superpoint mean of the 2D targets: 0, 1, c
+    assert lp.item() == pytest.approx((0 + 1 + c) / 3, abs=1e-6)
+    assert lsp.item() == pytest.approx((c + c) / 2, abs=1e-6)
+    assert torch.allclose(superpoint_targets(F2D, SEG), torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]]))
+
+
+def test_superpoint_loss_equals_point_loss_when_every_point_is_a_superpoint():
+    seg = torch.arange(3)
+    lp, lsp = superpoint_distillation_loss(F3D, F2D, seg)
+    assert lp.item() == pytest.approx(point_loss(F3D, F2D).item())
+    assert lsp.item() == pytest.approx(point_loss(F3D, F2D).item())
+
+
+def test_tesd_loss_by_hand():
+    text = torch.eye(2)
+    f = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    seg = torch.tensor([0, 1])
+    labels = torch.tensor([0, 0])
+    lp, lsp = tesd_loss(f, seg, labels, torch.tensor([0, 0]), text, temperature=1.0)
+    expected = (math.log(1 + math.exp(-1)) + math.log(1 + math.exp(1))) / 2
+    assert lp.item() == pytest.approx(expected, abs=1e-6)
+    assert lsp.item() == pytest.approx(expected, abs=1e-6)
+    # temperature scales the cosine logits; None is the raw dot product of the public code
+    assert torch.allclose(text_logits(2 * f, text, 0.5), 2 * f)
+    assert torch.allclose(text_logits(2 * f, text, None), 2 * f)
+    with pytest.raises(ValueError):
+        tesd_loss(f, seg, labels, torch.tensor([0]), text)
+
+
+def test_temporal_ensemble_ema_pseudo_labels_and_state(tmp_path):
+    ens = TemporalEnsemble(alpha=0.5)
+    seg = torch.tensor([0, 0, 1])
+    ens.initialize("s", torch.tensor([[2.0, 0.0], [0.0, 0.0], [0.0, 4.0]]), superpoints=seg)
+    assert ens.get("s").dtype == torch.float16
+    assert torch.allclose(ens.get("s").float(), torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 4.0]]))
+    new = ens.update("s", torch.tensor([[0.0, 2.0], [0.0, 2.0]]), index=torch.tensor([0, 1]))
+    assert torch.allclose(new, torch.tensor([[0.5, 1.0], [0.5, 1.0]]))
+    assert torch.allclose(ens.get("s")[2].float(), torch.tensor([0.0, 4.0]))  # untouched row
+    hist = torch.tensor([[3.0, 1.0], [0.0, 1.0], [0.0, 1.0]])
+    p, sp = TemporalEnsemble.pseudo_labels(hist, seg, torch.eye(2))
+    assert sp.tolist() == [0, 1] and p.tolist() == [0, 0, 1]  # superpoint 0 mean (1.5, 1) -> class 0 for both points
+    p, _ = TemporalEnsemble.pseudo_labels(hist, seg, torch.eye(2), point_from_superpoint=False)
+    assert p.tolist() == [0, 1, 1]  # eq. 12 per point
+    # state round trip, in memory and offloaded to disk
+    state = ens.state_dict()
+    disk = TemporalEnsemble(alpha=0.1, offload_dir=tmp_path / "hist")
+    disk.load_state_dict(state)
+    assert disk.alpha == 0.5 and disk.scenes() == ["s"]
+    assert torch.equal(disk.get("s"), ens.get("s"))
+    with pytest.raises(ValueError):
+        TemporalEnsemble(alpha=1.0)
+
+
+# ------------------------------------------------------------------------------------------------
+# the training loop on tiny scenes with a small real MinkUNet
+
+K_CLASSES, DIM = 3, 8
+
+
+def tiny_scenes(n_scenes=2, n_points=300, seed=0):
+    """Scenes in a 4 m cube: class = x-slab, 2D features = noisy class vectors, 3x3 superpoint grid."""
+    from sas_core.train.datasets import scene_from_arrays
+
+    rng = np.random.default_rng(seed)
+    text = torch.nn.functional.normalize(torch.randn(K_CLASSES, DIM, generator=torch.Generator().manual_seed(1)), dim=1)
+    scenes = []
+    for s in range(n_scenes):
+        p = rng.uniform(0, 4, (n_points, 3)).astype(np.float32)
+        lab = np.minimum((p[:, 0] / 4 * K_CLASSES).astype(np.int64), K_CLASSES - 1)
+        feats = text[lab].numpy() + 0.3 * rng.normal(size=(n_points, DIM))
+        mask = rng.random(n_points) > 0.1
+        sp = (np.floor(p[:, 0] / 4 * 3) * 3 + np.floor(p[:, 1] / 4 * 3)).astype(np.int64)
+        scenes.append(scene_from_arrays(f"scene{s}", p, feats, mask, sp, lab))
+    return scenes, text
+
+
+def tiny_config(tmp_path, **kw):
+    from sas_core.train.distill import DistillConfig
+
+    base = dict(arch="MinkUNet14A", epochs=4, stage2_fraction=0.5, batch_size=1, lr=1e-3, final_lr=1e-4,
+                voxel_size=0.25, out_dir=str(tmp_path), progress=False, val_every=0, tesd_alpha=0.5)
+    base.update(kw)
+    return DistillConfig(**base)
+
+
+def test_one_training_step_reduces_the_loss_on_a_fixed_batch(tmp_path):
+    from sas_core.train.distill import Distiller
+
+    scenes, text = tiny_scenes(1)
+    d = Distiller(tiny_config(tmp_path, mode="sp"), scenes, text, ["a", "b", "c"])
+    batch = d.batch([0], epoch=0)
+    d.model.eval()  # fixed BatchNorm statistics: the same function before and after the step
+    with torch.no_grad():
+        before = d.losses(batch, 0, 0, tesd=False)["loss"].item()
+    d.optimizer.zero_grad()
+    d.losses(batch, 0, 0, tesd=False)["loss"].backward()
+    d.optimizer.step()
+    with torch.no_grad():
+        after = d.losses(batch, 0, 0, tesd=False)["loss"].item()
+    assert after < before - 1e-4, (before, after)
+
+
+def test_schedule_and_modes(tmp_path):
+    from sas_core.train.distill import DistillConfig
+
+    assert DistillConfig(epochs=100).stage1_epochs == 70
+    assert DistillConfig(epochs=100, mode="sp").stage1_epochs == 100
+    with pytest.raises(ValueError):
+        DistillConfig(mode="nope")
+    from sas_core.train.distill import Distiller
+
+    scenes, text = tiny_scenes(1)
+    d = Distiller(tiny_config(tmp_path, epochs=3, lr=1e-4, final_lr=1e-5), scenes, text, ["a", "b", "c"])
+    lrs = []
+    for _ in range(3):
+        lrs.append(d.optimizer.param_groups[0]["lr"])
+        d.optimizer.step()
+        d.scheduler.step()
+    assert lrs[0] == pytest.approx(1e-4) and lrs[-1] == pytest.approx(1e-5)  # linear 1e-4 -> 1e-5
+    with pytest.raises(ValueError):  # features and text of different sizes
+        Distiller(tiny_config(tmp_path), scenes, text[:, :4], ["a", "b", "c"])
+
+
+def test_resume_gives_the_same_state_as_an_uninterrupted_run(tmp_path):
+    from sas_core.train.distill import Distiller
+
+    scenes, text = tiny_scenes(2, n_points=200)
+    names = ["a", "b", "c"]
+    # 3 epochs: stage 1 = epoch 1, TESD in epochs 2-3; one step of two scenes per epoch
+    kw = dict(epochs=3, stage2_fraction=2 / 3, batch_size=2, val_every=3)
+    full = Distiller(tiny_config(tmp_path / "full", **kw), scenes, text, names, scenes[:1])
+    full.run()
+    assert full.epoch == 3 and len(full.tesd.scenes()) == 2
+    # interrupted after epoch 2 (inside stage 2: the TESD history must survive), then a new process resumes
+    Distiller(tiny_config(tmp_path / "cut", **kw), scenes, text, names, scenes[:1]).run(stop_after_epochs=2)
+    resumed = Distiller(tiny_config(tmp_path / "cut", **kw), scenes, text, names, scenes[:1])
+    assert resumed.epoch == 0
+    resumed.run()
+    assert resumed.epoch == 3
+    for (k, a), (_, b) in zip(full.model.state_dict().items(), resumed.model.state_dict().items()):
+        assert torch.equal(a, b), k
+    sa, sb = full.optimizer.state_dict()["state"], resumed.optimizer.state_dict()["state"]
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        assert torch.equal(sa[k]["exp_avg"], sb[k]["exp_avg"]) and torch.equal(sa[k]["exp_avg_sq"], sb[k]["exp_avg_sq"])
+    assert full.scheduler.state_dict() == resumed.scheduler.state_dict()
+    for name in full.tesd.scenes():
+        assert torch.equal(full.tesd.get(name), resumed.tesd.get(name))
+    assert [h["loss"] for h in full.history] == pytest.approx([h["loss"] for h in resumed.history])
+    # the log has one line per epoch and one per step
+    lines = [json.loads(x) for x in (tmp_path / "full" / "log.jsonl").read_text().splitlines()]
+    assert sum(x["kind"] == "epoch" for x in lines) == 3 and sum(x["kind"] == "step" for x in lines) == 3
+    assert "val_miou" in lines[-1] and lines[-1]["tesd"] and not lines[1]["tesd"]
+    # the checkpoint rebuilds the network and says which text space it lives in
+    from sas_core.nn import load_checkpoint
+
+    model, config, extra = load_checkpoint(tmp_path / "full" / "last.pt")
+    assert config["vocabulary"] == names and config["out_channels"] == DIM and extra["epoch"] == 3
+
+
+def test_openscene_layout_dataset(tmp_path):
+    from sas_core.train.datasets import DataConfig, OpenSceneScenes, VoxelDataset, collate
+
+    rng = np.random.default_rng(0)
+    (tmp_path / "train").mkdir()
+    (tmp_path / "feat").mkdir()
+    n = 200
+    coords = rng.uniform(0, 1, (n, 3)).astype(np.float32)
+    torch.save((coords, rng.uniform(-1, 1, (n, 3)).astype(np.float32), np.full(n, 255)), tmp_path / "train" / "room.pth")
+    mask = np.arange(n) % 2 == 0
+    feat = torch.randn(int(mask.sum()), DIM).half()
+    from sas_core.data import fused_features
+
+    fused_features.save_fused_features(tmp_path / "feat" / "room_0.pt", feat, torch.from_numpy(mask))
+    scenes = OpenSceneScenes(tmp_path, "train", tmp_path / "feat", superpoints="points")
+    scene = scenes[0]
+    assert scene.name == "room" and scene.n_points == n and scene.feature_dim == DIM
+    assert np.array_equal(scene.superpoints, np.arange(n))
+    ds = VoxelDataset(scenes, DataConfig(voxel_size=0.2))
+    a, b = ds.sample(0, epoch=1), ds.sample(0, epoch=1)
+    assert np.array_equal(a.coords, b.coords)  # deterministic per (seed, epoch, scene)
+    assert not np.array_equal(ds.sample(0, epoch=2).coords, a.coords)
+    batch = collate([a, a], [scene, scene])
+    assert batch.coords.shape[1] == 4 and set(batch.coords[:, 0].tolist()) == {0, 1}
+    rows = scene.feature_rows()[a.first]
+    assert torch.allclose(batch.target[: len(a.first)][rows >= 0], feat[rows[rows >= 0]].float())
+    assert batch.supervised[: len(a.first)].numpy().tolist() == (rows >= 0).tolist()
+    # superpoint ids of the two scenes do not collide
+    m = len(a.first)
+    assert not set(batch.superpoints[:m].tolist()) & set(batch.superpoints[m:].tolist())
+    with pytest.raises(FileNotFoundError):
+        OpenSceneScenes(tmp_path, "val")
+
+
+def test_sas_distill_command_on_an_openscene_layout(tmp_path, capsys):
+    from sas_core.cli import main
+    from sas_core.data import fused_features
+    from sas_core.text import SCANNET_20, SyntheticTextEncoder, class_embeddings
+
+    rng = np.random.default_rng(0)
+    text = class_embeddings(SyntheticTextEncoder(SCANNET_20, dim=16), SCANNET_20)
+    for split in ("train", "val"):
+        (tmp_path / split).mkdir()
+    (tmp_path / "feat").mkdir()
+    for s in range(2):
+        p = rng.uniform(0, 4, (300, 3)).astype(np.float32)
+        lab = np.minimum((p[:, 0] / 4 * 3).astype(np.int64), 2)
+        torch.save((p, rng.uniform(-1, 1, (300, 3)).astype(np.float32), lab), tmp_path / "train" / f"room{s}.pth")
+        fused_features.save_fused_features(tmp_path / "feat" / f"room{s}_0.pt", text[lab].half(),
+                                           torch.ones(300, dtype=torch.bool))
+    torch.save((p, rng.uniform(-1, 1, (300, 3)).astype(np.float32), lab), tmp_path / "val" / "room9.pth")
+    out = tmp_path / "run"
+    rc = main(["distill", "--data", str(tmp_path), "--features", str(tmp_path / "feat"), "--superpoints", "points",
+               "--text-encoder", "synthetic", "--text-dim", "16", "--arch", "MinkUNet14A", "--epochs", "1",
+               "--voxel-size", "0.25", "--out", str(out), "--quiet", "--threads", "1"])
+    assert rc == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["checkpoint"] == str(out / "last.pt") and "val_miou" in printed["last"]
+    assert (out / "last.pt").is_file() and (out / "log.jsonl").is_file()
+    # a missing feature folder is one clear error
+    assert main(["distill", "--data", str(tmp_path), "--features", str(tmp_path / "nope"), "--text-encoder",
+                 "synthetic", "--out", str(out)]) == 1
+
+
+def test_mesh_superpoints_of_the_synthetic_world_never_cross_objects():
+    from sas_core.data.synthetic import SynthConfig, generate_scene
+    from sas_core.train.datasets import synthetic_scene_data
+
+    scene = generate_scene(SynthConfig(seed=3, n_frames=1, width=32, height=24, with_lidar=False, points_per_m2=30,
+                                       room_min=(3.6, 3.0), room_max=(4.0, 3.5)))
+    data = synthetic_scene_data(scene, superpoint_mode="mesh")
+    sp, inst = data.superpoints, scene.points.instances
+    assert len(np.unique(sp)) > 10
+    # every superpoint holds points of one instance only (the mesh parts are separate components)
+    pairs = np.unique(np.stack([sp, inst]), axis=1)
+    assert len(np.unique(pairs[0])) == pairs.shape[1]
