@@ -12,12 +12,17 @@ os.environ.setdefault("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")
 
 
 @pytest.fixture(autouse=True)
-def _seed():
+def _seed_and_threads():
+    """Deterministic seeds; one torch thread (the tiny sparse convolutions of the tests run 10-50x
+    slower with two threads on a loaded 2-core machine, and some libraries reset the count)."""
     random.seed(0)
     np.random.seed(0)
     try:
         import torch
-
-        torch.manual_seed(0)
     except ImportError:
-        pass
+        return
+    torch.manual_seed(0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
