@@ -14,6 +14,7 @@ import sys
 # Order shown in ``sas --help``; module name = command name with '-' replaced by '_'.
 COMMANDS = (
     "synth", "fuse", "capability", "distill", "eval", "segment", "query", "replay", "demo", "bench",
+    "import-checkpoint",
 )
 
 

@@ -1,0 +1,49 @@
+"""`sas import-checkpoint`: turn an OpenScene / SAS release 3D checkpoint into a SAS-ROS one.
+
+Release checkpoints (``.pth.tar``) hold only network weights. A SAS-ROS checkpoint also says which
+architecture, voxel size and CLIP text space the features live in, so `sas segment`, `sas query`,
+`sas eval`, `sas replay` and the ROS node can use it without extra flags. The weights are loaded
+strictly (a wrong architecture or head width fails with the offending key and both shapes).
+"""
+
+from __future__ import annotations
+
+HELP = "convert an OpenScene/SAS release 3D checkpoint (.pth.tar) into a self-describing SAS-ROS one"
+
+
+def add_arguments(parser):
+    parser.add_argument("source", help="OpenScene/SAS checkpoint (.pth.tar; keys with or without module./net3d.)")
+    parser.add_argument("output", help="SAS-ROS checkpoint to write (e.g. sas_scannet_lseg.pt)")
+    parser.add_argument("--arch", default="MinkUNet18A", choices=("MinkUNet14A", "MinkUNet18A", "MinkUNet34C"),
+                        help="3D backbone of the checkpoint (OpenScene and SAS release MinkUNet18A)")
+    parser.add_argument("--voxel-size", type=float, default=0.02,
+                        help="voxel size in metres it was trained with (0.02 indoor, 0.05 nuScenes)")
+    parser.add_argument("--clip-model", default=None,
+                        help="open_clip model of the text space: ViT-B-32 for LSeg (512-d) features, "
+                             "ViT-L-14-336 for OpenSeg (768-d)")
+    parser.add_argument("--clip-checkpoint", default=None,
+                        help="local open_clip weights of that model (e.g. ViT-B-32 'openai' weights)")
+    parser.add_argument("--synthetic-text", action="store_true",
+                        help="use the synthetic text space instead of CLIP (tests and the synthetic world only)")
+
+
+def run(args) -> int:
+    from sas_core.nn import load_openscene_checkpoint, save_checkpoint
+
+    if args.synthetic_text == bool(args.clip_model):
+        raise ValueError("give --clip-model (with --clip-checkpoint) for the CLIP text space of the "
+                         "features, or --synthetic-text")
+    model = load_openscene_checkpoint(args.source, arch=args.arch)
+    if args.synthetic_text:
+        from sas_core.text import SCANNET_20, SyntheticTextEncoder
+
+        text = SyntheticTextEncoder(SCANNET_20, dim=model.out_channels).config()
+    else:
+        text = {"kind": "open_clip", "model": args.clip_model, "checkpoint": args.clip_checkpoint}
+    config = {"arch": args.arch, "in_channels": model.in_channels, "out_channels": model.out_channels,
+              "voxel_size": args.voxel_size, "input_color": False, "text_encoder": text,
+              "imported_from": str(args.source)}
+    save_checkpoint(args.output, model.eval(), config=config)
+    print(f"wrote {args.output}: {args.arch}, {model.out_channels}-d features, voxel {args.voxel_size} m, "
+          f"text space {text['kind']}{' ' + text['model'] if text['kind'] == 'open_clip' else ''}")
+    return 0
