@@ -47,41 +47,27 @@ MATTERPORT_40 = (
     "bathtub", "book", "air vent", "faucet",
 )
 
-MATTERPORT_80 = (
-    "wall", "door", "ceiling", "floor", "picture", "window", "chair", "pillow", "lamp", "cabinet",
-    "curtain", "table", "plant", "mirror", "towel", "sink", "shelves", "sofa", "bed",
-    "night stand", "toilet", "column", "banister", "stairs", "stool", "vase", "television", "pot",
-    "desk", "box", "coffee table", "counter", "bench", "garbage bin", "fireplace", "clothes",
-    "bathtub", "book", "air vent", "faucet", "photo", "toilet paper", "fan", "railing",
-    "sculpture", "dresser", "rug", "ottoman", "bottle", "refridgerator", "bookshelf", "wardrobe",
-    "pipe", "monitor", "stand", "drawer", "container", "light switch", "purse", "door way",
-    "basket", "chandelier", "oven", "clock", "stove", "washing machine", "shower curtain",
-    "fire alarm", "bin", "chest", "microwave", "blinds", "bowl", "tissue box", "plate", "tv stand",
-    "shoe", "heater", "headboard", "bucket",
+# The longer Matterport vocabularies extend the shorter ones (OpenScene's lists share prefixes).
+MATTERPORT_80 = MATTERPORT_40 + (
+    "photo", "toilet paper", "fan", "railing", "sculpture", "dresser", "rug", "ottoman", "bottle",
+    "refridgerator", "bookshelf", "wardrobe", "pipe", "monitor", "stand", "drawer", "container",
+    "light switch", "purse", "door way", "basket", "chandelier", "oven", "clock", "stove",
+    "washing machine", "shower curtain", "fire alarm", "bin", "chest", "microwave", "blinds",
+    "bowl", "tissue box", "plate", "tv stand", "shoe", "heater", "headboard", "bucket",
 )
 
-MATTERPORT_160 = (
-    "wall", "door", "ceiling", "floor", "picture", "window", "chair", "pillow", "lamp", "cabinet",
-    "curtain", "table", "plant", "mirror", "towel", "sink", "shelves", "sofa", "bed",
-    "night stand", "toilet", "column", "banister", "stairs", "stool", "vase", "television", "pot",
-    "desk", "box", "coffee table", "counter", "bench", "garbage bin", "fireplace", "clothes",
-    "bathtub", "book", "air vent", "faucet", "photo", "toilet paper", "fan", "railing",
-    "sculpture", "dresser", "rug", "ottoman", "bottle", "refridgerator", "bookshelf", "wardrobe",
-    "pipe", "monitor", "stand", "drawer", "container", "light switch", "purse", "door way",
-    "basket", "chandelier", "oven", "clock", "stove", "washing machine", "shower curtain",
-    "fire alarm", "bin", "chest", "microwave", "blinds", "bowl", "tissue box", "plate", "tv stand",
-    "shoe", "heater", "headboard", "bucket", "candle", "flower pot", "speaker", "furniture",
-    "sign", "air conditioner", "fire extinguisher", "curtain rod", "floor mat", "printer",
-    "telephone", "blanket", "handle", "shower head", "soap", "keyboard", "thermostat", "radiator",
-    "kitchen island", "paper towel", "sheet", "glass", "dishwasher", "cup", "ladder",
-    "garage door", "hat", "exit sign", "piano", "board", "rope", "ball", "excercise equipment",
-    "hanger", "candlestick", "light", "scale", "bag", "laptop", "treadmill", "guitar",
-    "display case", "toilet paper holder", "bar", "tray", "urn", "decorative plate", "pool table",
-    "jacket", "bottle of soap", "water cooler", "utensil", "tea pot", "stuffed animal",
-    "paper towel dispenser", "lamp shade", "car", "toilet brush", "doll", "drum", "whiteboard",
-    "range hood", "candelabra", "toy", "foot rest", "soap dish", "placemat", "cleaner", "computer",
-    "knob", "paper", "projector", "coat hanger", "case", "pan", "luggage", "trinket", "chimney",
-    "person", "alarm",
+MATTERPORT_160 = MATTERPORT_80 + (
+    "candle", "flower pot", "speaker", "furniture", "sign", "air conditioner", "fire extinguisher",
+    "curtain rod", "floor mat", "printer", "telephone", "blanket", "handle", "shower head", "soap",
+    "keyboard", "thermostat", "radiator", "kitchen island", "paper towel", "sheet", "glass",
+    "dishwasher", "cup", "ladder", "garage door", "hat", "exit sign", "piano", "board", "rope",
+    "ball", "excercise equipment", "hanger", "candlestick", "light", "scale", "bag", "laptop",
+    "treadmill", "guitar", "display case", "toilet paper holder", "bar", "tray", "urn",
+    "decorative plate", "pool table", "jacket", "bottle of soap", "water cooler", "utensil",
+    "tea pot", "stuffed animal", "paper towel dispenser", "lamp shade", "car", "toilet brush",
+    "doll", "drum", "whiteboard", "range hood", "candelabra", "toy", "foot rest", "soap dish",
+    "placemat", "cleaner", "computer", "knob", "paper", "projector", "coat hanger", "case", "pan",
+    "luggage", "trinket", "chimney", "person", "alarm",
 )
 
 NUSCENES_16 = (

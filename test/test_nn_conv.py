@@ -11,13 +11,6 @@ from sas_core.nn.sparse import kernel_offsets
 
 G, B = 8, 2
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny grids: one intra-op thread avoids parallel-region overhead on a busy machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 

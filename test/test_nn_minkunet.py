@@ -6,13 +6,6 @@ import torch
 from sas_core.nn import SparseTensor, build_model
 from sas_core.nn.minkunet import MinkUNet18A
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny grids: one intra-op thread avoids parallel-region overhead on a busy machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 
