@@ -18,11 +18,15 @@ def test_quick_demo_writes_the_report(tmp_path):
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name
     table = json.loads((out / "table.json").read_text())
     assert table["synthetic"] is True and "SYNTHETIC" in table["note"]
-    assert [r["key"] for r in table["rows"]] == [k for k, _, _ in ROWS]
+    # every row in both settings: the distillation rooms (own map, transductive) and held-out rooms
+    keys = [k for k, _, _ in ROWS]
+    assert [(r["setting"], r["key"]) for r in table["rows"]] == [(s, k) for s in ("own_map", "held_out") for k in keys]
+    assert set(table["settings"]) == {"own_map", "held_out"} and set(table["per_class"]) == {"own_map", "held_out"}
     for r in table["rows"]:
         assert 0.0 <= r["miou"] <= 100.0 and 0.0 <= r["macc"] <= 100.0
     md = (out / "table.md").read_text()
     assert "SYNTHETIC" in md and "SP Dis. + TESD" in md and "Capability fusion" in md
+    assert "own map, transductive" in md and "held-out rooms" in md and md.count("| Capability fusion") == 2
     assert (out / "ablation.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # the distilled checkpoint is self-describing: architecture, text space, vocabulary
     from sas_core.nn import load_checkpoint

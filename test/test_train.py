@@ -178,6 +178,49 @@ def test_schedule_and_modes(tmp_path):
         Distiller(tiny_config(tmp_path), scenes, text[:, :4], ["a", "b", "c"])
 
 
+def test_collate_aligns_voxels_with_points_targets_and_superpoints():
+    """Each voxel carries the target / superpoint / label of its representative point, and every point
+    maps (inverse) to the voxel that contains it (with and without augmentation)."""
+    from sas_core.train.datasets import DataConfig, VoxelDataset, collate
+
+    scenes, _ = tiny_scenes(1, n_points=400)
+    scene = scenes[0]
+    rows = scene.feature_rows()
+    for augment in (False, True):
+        ds = VoxelDataset([scene], DataConfig(voxel_size=0.25, augment=augment), seed=3)
+        smp = ds.sample(0, epoch=1)
+        b = collate([smp], [scene], feature_dim=DIM)
+        assert b.n_voxels == len(smp.first) and len(smp.inverse) == scene.n_points
+        assert np.array_equal(smp.inverse[smp.first], np.arange(b.n_voxels))  # representative point is inside
+        has = rows[smp.first] >= 0
+        assert np.array_equal(b.supervised.numpy(), has)
+        np.testing.assert_allclose(b.target.numpy()[has], scene.features[rows[smp.first][has]].astype(np.float32))
+        assert np.array_equal(b.labels.numpy(), scene.labels[smp.first])
+        sp = b.superpoints.numpy()  # same voxel superpoint <=> same scene superpoint of the representatives
+        same_b = sp[:, None] == sp[None, :]
+        same_s = scene.superpoints[smp.first][:, None] == scene.superpoints[smp.first][None, :]
+        assert np.array_equal(same_b, same_s)
+        if not augment:  # plain voxelisation: a point's voxel is floor(p / size) - min
+            q = np.floor(scene.positions / 0.25).astype(np.int64)
+            assert np.array_equal(smp.coords[smp.inverse], q - q.min(0))
+
+
+def test_transductive_fit_on_the_training_scene(tmp_path):
+    """Without augmentation, a short distillation labels its own training scene like the targets do
+    (guards the voxel<->point mapping of training and inference and the loss sign)."""
+    from sas_core.train.distill import Distiller, predict_labels, scene_point_features
+
+    scenes, text = tiny_scenes(1, n_points=400)
+    scene = scenes[0]
+    cfg = tiny_config(tmp_path, mode="sp", epochs=25, lr=1e-2, final_lr=1e-3, augment=False, voxel_size=0.1)
+    model = Distiller(cfg, scenes, text, ["a", "b", "c"]).run().model
+    pred = predict_labels(scene_point_features(model, scene, cfg.voxel_size), text)
+    target = predict_labels(torch.from_numpy(scene.features.astype(np.float32)), text)
+    agree = (pred[scene.mask] == target).mean()
+    assert agree > 0.9, agree
+    assert (pred == scene.labels).mean() > 0.85
+
+
 def test_resume_gives_the_same_state_as_an_uninterrupted_run(tmp_path):
     from sas_core.train.distill import Distiller
 

@@ -2,7 +2,8 @@
 
 Generates synthetic rooms, runs two simulated teachers, builds capability tables from probe
 renders, fuses multi-view features, distils a small MinkUNet three ways and evaluates every row
-of the paper's Table 3 analogue on held-out rooms. Writes a report folder (table as Markdown and
+of the paper's Table 3 analogue twice: on the distillation rooms (the robot's own map,
+transductive: no labels are used in training) and on held-out rooms. Writes a report folder (table as Markdown and
 JSON, bar chart, top-down label render, query heat maps, the distilled checkpoint). Everything is
 labelled synthetic.
 """
