@@ -200,6 +200,12 @@ class _ConvBase(nn.Module):
             raise ValueError(f"{type(self).__name__}: expected {self.in_channels} input channels, "
                              f"got {x.F.shape[1]}")
 
+    def _pointwise(self, x: SparseTensor) -> SparseTensor:
+        """1x1 kernel with stride 1: one GEMM on the same coordinates, no kernel map."""
+        dtype = _compute_dtype(x.F)
+        feats = torch.mm(x.F.to(dtype), self.kernel.to(dtype)).to(x.F.dtype)
+        return self._finish(feats, x, x.tensor_stride)
+
 
 class MinkowskiConvolution(_ConvBase):
     """Sparse convolution (MinkowskiEngine semantics, see module docstring).
@@ -214,9 +220,7 @@ class MinkowskiConvolution(_ConvBase):
     def forward(self, x: SparseTensor) -> SparseTensor:
         self._check(x)
         if self.use_mm:
-            dtype = _compute_dtype(x.F)
-            feats = torch.mm(x.F.to(dtype), self.kernel.to(dtype)).to(x.F.dtype)
-            return self._finish(feats, x, x.tensor_stride)
+            return self._pointwise(x)
         out_stride, kmap = x.manager.kernel_map(x.tensor_stride, self.kernel_size, self.stride, self.dilation)
         return self._finish(sparse_conv(x.F, self.kernel, kmap), x, out_stride)
 
@@ -237,9 +241,7 @@ class MinkowskiConvolutionTranspose(_ConvBase):
     def forward(self, x: SparseTensor) -> SparseTensor:
         self._check(x)
         if self.use_mm:
-            dtype = _compute_dtype(x.F)
-            feats = torch.mm(x.F.to(dtype), self.kernel.to(dtype)).to(x.F.dtype)
-            return self._finish(feats, x, x.tensor_stride)
+            return self._pointwise(x)
         out_stride, kmap = x.manager.transposed_kernel_map(x.tensor_stride, self.kernel_size, self.stride,
                                                            self.dilation)
         return self._finish(sparse_conv(x.F, self.kernel, kmap, transposed=True), x, out_stride)
