@@ -5,11 +5,24 @@ import torch
 import torch.nn.functional as F
 
 from sas_core.nn import (MinkowskiBatchNorm, MinkowskiConvolution, MinkowskiConvolutionTranspose,
-                         MinkowskiReLU, SparseTensor, cat)
-from sas_core.nn.conv import dense_to_me_weight, me_to_dense_weight
+                         MinkowskiReLU, SparseTensor, cat, cpu_kernels)
+from sas_core.nn.conv import cpu_backend, dense_to_me_weight, me_to_dense_weight, set_cpu_backend
 from sas_core.nn.sparse import kernel_offsets
 
 G, B = 8, 2
+
+
+@pytest.fixture(autouse=True, params=["fused", "torch"])
+def backend(request, monkeypatch):
+    """Every test runs on both CPU paths; the fused one with 16-row tiles, so that the small
+    grids here span many tiles (and tile borders)."""
+    if request.param == "fused" and not cpu_kernels.available():
+        pytest.skip("numba not importable")
+    before = set_cpu_backend(request.param)
+    monkeypatch.setattr(cpu_kernels, "DEFAULT_TILE", 16)
+    assert cpu_backend() == request.param
+    yield request.param
+    set_cpu_backend(before)
 
 
 
@@ -203,3 +216,35 @@ def test_cuda_matches_cpu(dtype):
     out = conv_c(SparseTensor(x.cuda().to(dtype), coords.cuda())).F
     tol = 1e-4 if dtype == torch.float32 else 5e-2
     assert out.dtype == dtype and torch.allclose(out.float().cpu(), ref, atol=tol, rtol=tol)
+
+
+def test_fused_and_torch_paths_agree_on_many_tiles_with_two_threads(backend, monkeypatch):
+    """Forward and both gradients of the two CPU paths on a 24^3 grid (~8k voxels, default
+    tiles) with two threads: tiles are processed in parallel and must not race."""
+    if backend != "fused":
+        pytest.skip("compares the fused path with the torch path")
+    g = torch.Generator().manual_seed(11)
+    coords = torch.nonzero(torch.rand(1, 24, 24, 24, generator=g) < 0.3).int()
+    coords = coords[torch.randperm(len(coords), generator=g)]
+    x = torch.randn(len(coords), 16, requires_grad=True)
+    conv = MinkowskiConvolution(16, 24, kernel_size=3)
+    strided = MinkowskiConvolution(16, 8, kernel_size=3, stride=2)
+    torch.set_num_threads(2)  # the suite-wide fixture restores the count
+    monkeypatch.setattr(cpu_kernels, "DEFAULT_TILE", 512)
+    results = {}
+    for name in ("fused", "torch"):
+        set_cpu_backend(name)
+        st = SparseTensor(x, coords)
+        out = torch.cat([conv(st).F.sum(1), strided(st).F.sum(1)])
+        gx, gw, gs = torch.autograd.grad(out.pow(2).sum(), (x, conv.kernel, strided.kernel))
+        results[name] = (out, gx, gw, gs)
+        if name == "fused":
+            _, km = st.manager.kernel_map(1, 3)
+            assert ("tiles", 512, False) in km.derived and ("tiles", 512, True) in km.derived
+    for a, b in zip(results["fused"], results["torch"]):
+        assert torch.allclose(a, b, atol=1e-4, rtol=1e-4), (a - b).abs().max()
+
+
+def test_cpu_backend_choice_is_validated():
+    with pytest.raises(ValueError, match="CPU backend"):
+        set_cpu_backend("cuda")

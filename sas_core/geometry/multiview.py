@@ -33,7 +33,6 @@ frame. On other devices (CUDA) the same steps run as vectorised torch operations
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import Iterable, NamedTuple, Optional, Tuple
 
@@ -41,6 +40,7 @@ import numpy as np
 import torch
 
 from sas_core.geometry.camera import world_to_camera
+from sas_core.numba_support import import_numba, launch_threads
 from sas_core.types import CameraIntrinsics
 
 __all__ = [
@@ -135,21 +135,14 @@ class FusedFeatures:
 # numba kernels (CPU)
 # --------------------------------------------------------------------------------------------
 
-try:  # numba is optional: without it the torch path runs everywhere
-    import numba
+numba = import_numba()  # optional: without it the torch path runs everywhere
+_HAVE_NUMBA = numba is not None
+if _HAVE_NUMBA:
     from llvmlite import ir as _llvm_ir
     from numba import njit, prange
     from numba.core import types as _nb_types
     from numba.core.extending import intrinsic as _nb_intrinsic
     from numba.extending import overload as _nb_overload
-
-    _HAVE_NUMBA = True
-    # numba tries TBB first and warns when the installed TBB is too old, then uses OpenMP: try
-    # OpenMP first (unless the user chose a layer), so that no warning is printed.
-    if not os.environ.get("NUMBA_THREADING_LAYER") and "NUMBA_THREADING_LAYER_PRIORITY" not in os.environ:
-        numba.config.THREADING_LAYER_PRIORITY = ["omp", "tbb", "workqueue"]
-except ImportError:  # pragma: no cover - numba is in the pinned environment
-    _HAVE_NUMBA = False
 
 
 _PREFETCH_AHEAD = 8  # points ahead whose feature and sum rows are prefetched
@@ -429,6 +422,8 @@ def _use_numba(cfg: MultiViewFusionConfig, device: torch.device) -> bool:
         return False
     if cfg.backend == "numba" and not _HAVE_NUMBA:
         raise ValueError("backend 'numba' requested but numba is not importable")
+    if _HAVE_NUMBA:
+        launch_threads()
     return _HAVE_NUMBA
 
 

@@ -22,16 +22,48 @@ and ``torch.nn.functional.conv3d``'s (Cout, Cin, K, K, K) on a grid indexed ``[x
 from __future__ import annotations
 
 import math
+import os
 from typing import Optional
 
 import torch
 from torch import nn
 
+from . import cpu_kernels
 from .sparse import KernelMap, SparseTensor, cat
 
 __all__ = ["MinkowskiConvolution", "MinkowskiConvolutionTranspose", "MinkowskiBatchNorm",
            "MinkowskiReLU", "cat", "sparse_conv", "me_to_dense_weight", "dense_to_me_weight",
-           "kaiming_normal_"]
+           "kaiming_normal_", "set_cpu_backend", "cpu_backend"]
+
+_CPU_BACKENDS = ("auto", "fused", "torch")
+_cpu_backend = os.environ.get("SAS_SPARSE_CPU_BACKEND", "auto")
+
+
+def set_cpu_backend(name: str) -> str:
+    """Choose how overlapping sparse convolutions run on CPU; returns the previous choice.
+
+    ``"fused"``: the cache-tiled numba kernels of :mod:`sas_core.nn.cpu_kernels` (float32 and
+    float64; other dtypes use torch); ``"torch"``: per-offset ``index_select`` / ``mm`` /
+    ``index_add_``; ``"auto"`` (default, or ``$SAS_SPARSE_CPU_BACKEND``): fused when numba imports.
+    """
+    global _cpu_backend
+    if name not in _CPU_BACKENDS:
+        raise ValueError(f"CPU backend must be one of {_CPU_BACKENDS}, got {name!r}")
+    before, _cpu_backend = _cpu_backend, name
+    return before
+
+
+def cpu_backend() -> str:
+    """The CPU backend overlapping convolutions use now: "fused" or "torch"."""
+    if _cpu_backend not in _CPU_BACKENDS:
+        raise ValueError(f"SAS_SPARSE_CPU_BACKEND must be one of {_CPU_BACKENDS}, got {_cpu_backend!r}")
+    if _cpu_backend == "torch":
+        return "torch"
+    if cpu_kernels.available():
+        return "fused"
+    if _cpu_backend == "fused":
+        raise RuntimeError("the fused CPU sparse convolution needs numba, which cannot be imported")
+    return "torch"
 
 
 def me_to_dense_weight(kernel: torch.Tensor, kernel_size: int, transposed: bool = False) -> torch.Tensor:
@@ -111,6 +143,37 @@ class _GatherGemmScatter(torch.autograd.Function):
         return grad_x, grad_w, None
 
 
+class _FusedGatherGemmScatter(torch.autograd.Function):
+    """The same operation as :class:`_GatherGemmScatter`, by the fused CPU kernels."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, kmap: KernelMap):
+        ctx.kmap = kmap
+        ctx.save_for_backward(x, weight)
+        tile = cpu_kernels.DEFAULT_TILE
+        return cpu_kernels.conv_forward(x, weight, _tiles(kmap, tile, False), kmap.identity, kmap.n_out, tile)
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        x, weight = ctx.saved_tensors
+        kmap: KernelMap = ctx.kmap
+        need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        tile = cpu_kernels.DEFAULT_TILE
+        grad_x, grad_w = cpu_kernels.conv_backward(
+            x, weight, grad_out, _tiles(kmap, tile, False), _tiles(kmap, tile, True) if need_x else None,
+            kmap.identity, tile, need_x, need_w)
+        return grad_x, grad_w, None
+
+
+def _tiles(kmap: KernelMap, tile: int, reverse: bool):
+    """The map grouped by (output tile, offset) (by input rows when ``reverse``), cached on it."""
+    key = ("tiles", tile, reverse)
+    if key not in kmap.derived:
+        kmap.derived[key] = cpu_kernels.tiled_pairs(kmap.pairs, kmap.kernel_volume,
+                                                    kmap.n_in if reverse else kmap.n_out, tile, reverse)
+    return kmap.derived[key]
+
+
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     # fp16 GEMM/index_add on CPU is slow or missing: compute in fp32 there.
     if x.device.type == "cpu" and x.dtype == torch.float16:
@@ -134,22 +197,21 @@ def sparse_conv(x: torch.Tensor, weight: torch.Tensor, kmap: KernelMap, transpos
 
 
 def _sparse_conv(xin: torch.Tensor, w: torch.Tensor, kmap: KernelMap, transposed: bool) -> torch.Tensor:
+    if xin.device.type == "cpu" and xin.dtype in (torch.float32, torch.float64) and cpu_backend() == "fused":
+        return _FusedGatherGemmScatter.apply(xin, w, kmap)
     if kmap.parent is not None and kmap.child is not None:
         kv, cin, cout = w.shape
         if transposed:
             # coarse -> fine, each fine row has exactly one parent: one GEMM over all offsets,
             # then one gather of (parent, offset) rows.
             y = torch.mm(xin, w.permute(1, 0, 2).reshape(cin, kv * cout)).view(-1, cout)
-            out = y.index_select(0, kmap.parent * kv + kmap.child)
-        else:
-            # fine -> coarse, each input row in exactly one (output, offset) cell: scatter into
-            # an im2col buffer (no overlaps), one GEMM.
-            buf = xin.new_zeros(kmap.n_out * kv, cin)
-            buf = buf.index_copy(0, kmap.parent * kv + kmap.child, xin)
-            out = torch.mm(buf.view(kmap.n_out, kv * cin), w.reshape(kv * cin, cout))
-    else:
-        out = _GatherGemmScatter.apply(xin, w, kmap)
-    return out
+            return y.index_select(0, kmap.parent * kv + kmap.child)
+        # fine -> coarse, each input row in exactly one (output, offset) cell: scatter into an
+        # im2col buffer (no overlaps), one GEMM.
+        buf = xin.new_zeros(kmap.n_out * kv, cin)
+        buf = buf.index_copy(0, kmap.parent * kv + kmap.child, xin)
+        return torch.mm(buf.view(kmap.n_out, kv * cin), w.reshape(kv * cin, cout))
+    return _GatherGemmScatter.apply(xin, w, kmap)
 
 
 class _ConvBase(nn.Module):

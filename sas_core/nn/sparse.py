@@ -66,6 +66,8 @@ class KernelMap:
     identity: int = -1
     parent: Optional[torch.Tensor] = None
     child: Optional[torch.Tensor] = None
+    #: structures derived from the pairs by a backend (e.g. the fused CPU kernels' tiling), cached
+    derived: Dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def n_pairs(self) -> int:
