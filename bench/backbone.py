@@ -1,13 +1,14 @@
 """`sas bench backbone`: MinkUNet18A forward / forward+backward on CPU (and CUDA when present).
 
-Sizes 50k, 100k and 200k occupied voxels of surface-like coordinates (a synthetic room at 2 cm:
-floor, walls, furniture boxes; from ``sas_core.data.synthetic`` when it exists), median over runs
-after a warm-up, peak memory (``ru_maxrss`` delta of a fresh subprocess per size and per engine,
-so one measurement never inherits another's peak). Where ``spconv`` imports, the same network
-(same coordinates, kernels and channel widths) is timed with spconv's CPU forward and the ratio
-reported (ratio > 1: ours is faster). That comparison alternates the two engines run by run in one
-process, so a busy machine slows both alike; spconv 2.x cannot run backward on CPU (it calls
-CUDA), so only forward is compared.
+Sizes 50k, 100k and 200k occupied voxels of surface-like coordinates (a procedural room at 2 cm:
+floor, walls, furniture boxes), median over runs after a warm-up, peak memory (``ru_maxrss``
+delta of a fresh subprocess per size and per engine, so one measurement never inherits another's
+peak; on the fused CPU path it includes numba's runtime, ~120 MB). Where ``spconv`` imports, the
+same network (same coordinates, kernels and channel widths) is timed with spconv's CPU forward and
+the ratio reported (ratio > 1: ours is faster); on CPU our per-offset torch path
+(``SAS_SPARSE_CPU_BACKEND=torch``) is timed in the same alternation, giving the fused kernels'
+gain. The engines alternate run by run in one process, so a busy machine slows all alike; spconv
+2.x cannot run backward on CPU (it calls CUDA), so only forward is compared.
 
     sas bench backbone --json                # defaults: 50k,100k,200k, 5 runs, 1 warm-up
     sas bench backbone --json --quick        # smoke run: 20k voxels, 2 runs
@@ -114,6 +115,11 @@ def _worker(args) -> dict:
 
         def fwd():
             return model(make_input()).F
+
+        if dev.type == "cpu":
+            from sas_core.nn.conv import cpu_backend
+
+            res["cpu_backend"] = cpu_backend()
     else:
         model, fwd_sp = _spconv_model(args, coords, dev)
 
@@ -174,23 +180,32 @@ def _worker(args) -> dict:
 def _pair_worker(args, coords, dev, res, sync, peak) -> dict:
     """spconv vs ours forward, alternating run by run in one process so both see the same load.
 
-    spconv's peak memory is taken first (before our model runs); the speed ratio is the median
-    of per-pair ratios spconv_time / our_time (> 1: ours faster).
+    On CPU our per-offset torch path (``set_cpu_backend("torch")``) joins the alternation, so the
+    fused kernels' gain is measured side by side too. spconv's peak memory is taken first (before
+    our model runs); the speed ratios are medians of per-run ratios (> 1: the first one faster).
     """
     import torch
 
     from sas_core.nn import SparseTensor, build_model
+    from sas_core.nn.conv import cpu_backend, set_cpu_backend
 
     sp_model, sp_fwd = _spconv_model(args, coords, dev)
     sp_model.eval()
     ours = build_model(args.arch, 3, args.out_channels).to(dev).eval()
+    paths = {"ours": cpu_backend()}
+    if dev.type == "cpu" and cpu_backend() == "fused":
+        paths["ours_torch_path"] = "torch"
 
-    def our_fwd():
-        return ours(SparseTensor(torch.ones(len(coords), 3, device=dev), coords.to(dev))).F
+    def our_fwd(path):
+        before = set_cpu_backend(path)
+        try:
+            return ours(SparseTensor(torch.ones(len(coords), 3, device=dev), coords.to(dev))).F
+        finally:
+            set_cpu_backend(before)
 
-    def once(fn):
+    def once(fn, *a):
         t = time.perf_counter()
-        fn()
+        fn(*a)
         sync()
         return time.perf_counter() - t
 
@@ -200,16 +215,21 @@ def _pair_worker(args, coords, dev, res, sync, peak) -> dict:
             sp_fwd()
         res["spconv_forward_peak_mb"] = round(peak() - base, 1)
         for _ in range(args.warmup):
-            our_fwd()
-        t_ours, t_sp = [], []
+            for path in paths.values():
+                our_fwd(path)
+        times = {name: [] for name in list(paths) + ["spconv"]}
         for _ in range(args.runs):
-            t_ours.append(once(our_fwd))
-            t_sp.append(once(sp_fwd))
-    res["ours_forward_s"] = _median(t_ours)
-    res["spconv_forward_s"] = _median(t_sp)
-    res["ours_forward_runs_s"] = [round(t, 4) for t in t_ours]
-    res["spconv_forward_runs_s"] = [round(t, 4) for t in t_sp]
-    res["forward_speedup_vs_spconv"] = round(_median([b / a for a, b in zip(t_ours, t_sp)]), 3)
+            for name, path in paths.items():
+                times[name].append(once(our_fwd, path))
+            times["spconv"].append(once(sp_fwd))
+    res["cpu_backend"] = paths["ours"] if dev.type == "cpu" else None
+    for name, ts in times.items():
+        res[f"{name}_forward_s"] = _median(ts)
+        res[f"{name}_forward_runs_s"] = [round(t, 4) for t in ts]
+    res["forward_speedup_vs_spconv"] = round(_median([b / a for a, b in zip(times["ours"], times["spconv"])]), 3)
+    if "ours_torch_path" in times:
+        res["fused_speedup_vs_torch_path"] = round(
+            _median([b / a for a, b in zip(times["ours"], times["ours_torch_path"])]), 3)
     return res
 
 
@@ -368,8 +388,9 @@ def main(argv) -> dict:
         entry = {"ours": _run_worker(n, "ours", args)}
         if args.spconv and ok:
             entry["vs_spconv"] = _run_worker(n, "pair", args)
-            if "forward_speedup_vs_spconv" in entry["vs_spconv"]:
-                entry["forward_speedup_vs_spconv"] = entry["vs_spconv"]["forward_speedup_vs_spconv"]
+            for key in ("forward_speedup_vs_spconv", "fused_speedup_vs_torch_path"):
+                if key in entry["vs_spconv"]:
+                    entry[key] = entry["vs_spconv"][key]
         result["sizes"][str(n)] = entry
     return result
 

@@ -259,22 +259,20 @@ def _segment_kernel(n, a, b, w, c, min_verts):  # pragma: no cover - runs compil
     threshold = np.full(n, c, np.float32)
     for phase in range(2):
         for i in range(len(w)):
-            ra = a[i]
-            while parent[ra] != ra:
-                ra = parent[ra]
-            x = a[i]
-            while parent[x] != ra:
-                nxt = parent[x]
-                parent[x] = ra
-                x = nxt
-            rb = b[i]
-            while parent[rb] != rb:
-                rb = parent[rb]
-            x = b[i]
-            while parent[x] != rb:
-                nxt = parent[x]
-                parent[x] = rb
-                x = nxt
+            ra = rb = 0
+            for end in range(2):  # find both endpoints' roots, compressing their paths
+                x = a[i] if end == 0 else b[i]
+                r = x
+                while parent[r] != r:
+                    r = parent[r]
+                while parent[x] != r:
+                    nxt = parent[x]
+                    parent[x] = r
+                    x = nxt
+                if end == 0:
+                    ra = r
+                else:
+                    rb = r
             if ra == rb:
                 continue
             if phase == 0:
