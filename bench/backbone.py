@@ -13,6 +13,7 @@ gain. The engines alternate run by run in one process, so a busy machine slows a
     sas bench backbone --json                # defaults: 50k,100k,200k, 5 runs, 1 warm-up
     sas bench backbone --json --quick        # smoke run: 20k voxels, 2 runs
     sas bench backbone --json --sizes 100000 --runs 9 --device cuda
+    sas bench backbone --json --sizes 100000 --dtype bfloat16   # CPU bf16 (AVX512-BF16 / AMX)
 """
 
 from __future__ import annotations
@@ -108,10 +109,12 @@ def _worker(args) -> dict:
     if args.engine == "ours":
         from sas_core.nn import SparseTensor, build_model
 
-        model = build_model(args.arch, 3, args.out_channels).to(dev)
+        dtype = getattr(torch, args.dtype)
+        model = build_model(args.arch, 3, args.out_channels).to(dev, dtype)
+        res["dtype"] = args.dtype
 
         def make_input():
-            return SparseTensor(torch.ones(len(coords), 3, device=dev), coords.to(dev))
+            return SparseTensor(torch.ones(len(coords), 3, device=dev, dtype=dtype), coords.to(dev))
 
         def fwd():
             return model(make_input()).F
@@ -329,7 +332,7 @@ def _run_worker(size, engine, args) -> dict:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", "--engine", engine, "--size", str(size),
            "--runs", str(args.runs), "--warmup", str(args.warmup), "--arch", args.arch,
            "--out-channels", str(args.out_channels), "--device", args.device, "--seed", str(args.seed),
-           "--threads", str(args.threads)]
+           "--threads", str(args.threads), "--dtype", args.dtype]
     if not args.backward or engine == "pair":
         cmd.append("--no-backward")
     env = dict(os.environ)
@@ -361,6 +364,9 @@ def _parser():
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
     p.add_argument("--seed", type=int, default=0, help="synthetic room seed")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
+                   help="our network's dtype (bfloat16 on CPU runs the per-offset torch path; spconv is "
+                        "compared in float32 only)")
     p.add_argument("--no-backward", dest="backward", action="store_false", help="skip forward+backward")
     p.add_argument("--no-spconv", dest="spconv", action="store_false", help="skip the spconv comparison")
     p.add_argument("--quick", action="store_true", help="smoke run: 20k voxels, 2 runs, no warm-up")
@@ -380,13 +386,13 @@ def main(argv) -> dict:
         args.sizes, args.runs, args.warmup = "20000", 2, 0
     sizes = [int(s) for s in args.sizes.split(",") if s.strip()]
     ok, sp_info = _spconv_status()
-    result = {"benchmark": "backbone", "arch": args.arch, "device": args.device, "runs": args.runs,
+    result = {"benchmark": "backbone", "arch": args.arch, "device": args.device, "dtype": args.dtype, "runs": args.runs,
               "warmup": args.warmup, "data": "synthetic room surfaces, 2 cm voxels", "cpu_count": os.cpu_count(),
               "spconv": sp_info if ok else None, "spconv_unavailable": None if ok else sp_info,
               "sizes": {}}
     for n in sizes:
         entry = {"ours": _run_worker(n, "ours", args)}
-        if args.spconv and ok:
+        if args.spconv and ok and args.dtype == "float32":
             entry["vs_spconv"] = _run_worker(n, "pair", args)
             for key in ("forward_speedup_vs_spconv", "fused_speedup_vs_torch_path"):
                 if key in entry["vs_spconv"]:

@@ -18,6 +18,7 @@ and ``model`` sub-dicts.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence, Tuple
@@ -26,7 +27,7 @@ import numpy as np
 
 from sas_core.types import PointCloud
 
-__all__ = ["InferenceConfig", "Segmenter", "ensemble_features", "load_point_cloud", "parse_vocabulary"]
+__all__ = ["InferenceConfig", "PRECISIONS", "Segmenter", "ensemble_features", "load_point_cloud", "parse_vocabulary"]
 
 
 @dataclass
@@ -39,6 +40,11 @@ class InferenceConfig:
     point_chunk: int = 262_144      # points per matrix product in classify / relevance
     input_color: bool = False       # network input: RGB in [-1, 1] (True) or all ones (False, SAS/OpenScene)
     fp16_matmul_on_cpu: bool = False  # CPU half matmuls are slow; compute scores in float32 there
+    precision: str = "fp32"         # network arithmetic: fp32, bf16 (CPU or CUDA) or fp16 (CUDA)
+
+
+#: Choices of :attr:`InferenceConfig.precision`.
+PRECISIONS = ("fp32", "bf16", "fp16")
 
 
 def _find(config: dict, key: str, default=None):
@@ -68,7 +74,13 @@ class Segmenter:
             raise ValueError(f"voxel_size must be > 0, got {voxel_size}")
         self.config = InferenceConfig(**{**(config.__dict__ if config else {}), "voxel_size": float(voxel_size)})
         self.device = torch.device(device)
+        if self.config.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.config.precision!r}")
+        if self.config.precision == "fp16" and self.device.type == "cpu":
+            raise ValueError("precision fp16 runs on CUDA only; on CPU use bf16 (fast on CPUs with "
+                             "AVX512-BF16 or AMX) or fp32")
         self.model = model.to(self.device).eval()
+        self._bf16_model = None  # CPU bf16 copy of the model, made on first use
         self.text_encoder = text_encoder
         self.class_names: Tuple[str, ...] = ()
         self.text_embeddings = None  # (K, C) float32 on device
@@ -201,7 +213,17 @@ class Segmenter:
         with torch.inference_mode():
             x = SparseTensor(torch.from_numpy(np.ascontiguousarray(feats_in)).to(self.device),
                              torch.from_numpy(c).to(self.device))
-            y = self.model(x)
+            precision = self.config.precision
+            if precision == "fp32":
+                y = self.model(x)
+            elif self.device.type == "cpu":  # bf16 (validated): a bf16 copy, no autocast on CPU
+                if self._bf16_model is None:
+                    self._bf16_model = copy.deepcopy(self.model).to(torch.bfloat16)
+                y = self._bf16_model(x.replace_feature(x.F.to(torch.bfloat16)))
+            else:
+                dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+                with torch.autocast(self.device.type, dtype=dtype):
+                    y = self.model(x)
             return y.F.float()
 
     # ------------------------------------------------------------------ text

@@ -73,6 +73,7 @@ PARAMETERS = {
     "mode": ("segmenter", "labelling: segmenter (distilled 3D network), fusion (live 2D teachers) or none"),
     "checkpoint": ("", "distilled checkpoint for mode segmenter (sas distill output)"),
     "device": ("cpu", "torch device of the network"),
+    "precision": ("fp32", "network arithmetic: fp32, bf16 (CPU or CUDA) or fp16 (CUDA)"),
     "vocabulary": ("scannet20", "vocabulary name (scannet20, matterport21, ...) or comma-separated class names"),
     "prompt_template": ("a {} in a scene", "prompt template for class names"),
     "teacher": ("simulated", "fusion mode teacher: simulated (synthetic world ground truth topics)"),
@@ -228,9 +229,10 @@ class MappingNode(Node):
         if self.mode == "segmenter":
             if not p["checkpoint"]:
                 raise ValueError("mode 'segmenter' needs the 'checkpoint' parameter (a sas distill checkpoint)")
-            from sas_core.infer import Segmenter
+            from sas_core.infer import InferenceConfig, Segmenter
 
-            self.segmenter = Segmenter.from_checkpoint(str(p["checkpoint"]), device=str(p["device"]))
+            self.segmenter = Segmenter.from_checkpoint(str(p["checkpoint"]), device=str(p["device"]),
+                                                       config=InferenceConfig(precision=str(p["precision"])))
             self.encoder = self.segmenter.text_encoder
         elif self.mode == "fusion":
             from sas_core.text import SyntheticTextEncoder

@@ -126,6 +126,28 @@ def test_tiled_inference_matches_one_pass(seg_and_feats):
     np.testing.assert_allclose(ft.float().numpy(), f.float().numpy(), atol=2e-3)
 
 
+def test_bf16_precision_on_cpu_and_clear_errors(seg_and_feats, ckpt, tmp_path, capsys):
+    seg, pts, f = seg_and_feats
+    low = infer.Segmenter(seg.model, voxel_size=0.05, config=infer.InferenceConfig(precision="bf16"))
+    fb = low.features(pts)
+    assert fb.dtype == f.dtype and fb.shape == f.shape
+    assert low._bf16_model is not None and next(low._bf16_model.parameters()).dtype == torch.bfloat16
+    assert next(seg.model.parameters()).dtype == torch.float32          # the fp32 model is untouched
+    cos = torch.nn.functional.cosine_similarity(fb.float(), f.float(), dim=1)
+    assert cos.min() > 0.98 and not torch.equal(fb, f)                 # bf16 really ran, close to fp32
+    with pytest.raises(ValueError, match="fp16 runs on CUDA only"):
+        infer.Segmenter(seg.model, config=infer.InferenceConfig(precision="fp16"))
+    with pytest.raises(ValueError, match="precision must be one of"):
+        infer.Segmenter(seg.model, config=infer.InferenceConfig(precision="int8"))
+    np.save(tmp_path / "c.npy", pts)
+    code, out, err = run_sas(capsys, "segment", ckpt, tmp_path / "c.npy", "--precision", "bf16",
+                             "--out", tmp_path / "s.ply")
+    assert code == 0, err
+    ref = infer.Segmenter.from_checkpoint(ckpt)
+    ref.set_vocabulary(SCANNET_20)
+    assert np.mean(np.load(tmp_path / "s.npy") == ref.classify(ref.features(pts))[0]) > 0.9
+
+
 def test_openscene_ensemble_rule():
     text = torch.eye(3)[:2]                                     # 2 classes in a 3-d space
     f3 = torch.tensor([[0.9, 0.1, 0.0], [0.5, 0.5, 0.7], [0.0, 0.2, 1.0]])

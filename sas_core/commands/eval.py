@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from sas_core.commands import add_precision_argument
+
 HELP = "evaluate predicted labels (OpenScene protocol mIoU/mAcc)"
 
 LONG_TAIL_DIRS = {21: "matterport_3d", 40: "matterport_3d_40", 80: "matterport_3d_80", 160: "matterport_3d_160"}
@@ -32,6 +34,7 @@ def add_arguments(parser):
     parser.add_argument("--markdown", help="write the per-class table as Markdown here")
     parser.add_argument("--device", default="cpu", help="torch device")
     parser.add_argument("--limit", type=int, default=None, help="evaluate only the first N scenes")
+    add_precision_argument(parser)
 
 
 def _labels(path, what: str):
@@ -126,10 +129,10 @@ def run(args) -> int:
 
     from tqdm import tqdm
 
-    from sas_core.infer import Segmenter, load_point_cloud
+    from sas_core.infer import InferenceConfig, Segmenter, load_point_cloud
     from sas_core.text import get_vocabulary
 
-    seg = Segmenter.from_checkpoint(args.checkpoint, device=args.device)
+    seg = Segmenter.from_checkpoint(args.checkpoint, device=args.device, config=InferenceConfig(precision=args.precision))
     if args.long_tail:
         from pathlib import Path
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from sas_core.commands import add_precision_argument
+
 HELP = "relevance of free text over a point cloud (or a live node with --ros)"
 
 
@@ -13,6 +15,7 @@ def add_arguments(parser):
     parser.add_argument("--top", type=int, default=10, help="print the K most relevant points")
     parser.add_argument("--cmap", default="turbo", help="matplotlib colormap of the relevance colours")
     parser.add_argument("--device", default="cpu", help="torch device")
+    add_precision_argument(parser)
     ros = parser.add_argument_group("live node (--ros)")
     ros.add_argument("--ros", action="store_true", help="ask a running sas mapping node instead (TextQuery service)")
     ros.add_argument("--service", default=None, help="TextQuery service name (default: the node's)")
@@ -45,11 +48,11 @@ def run(args) -> int:
         raise ValueError("offline queries need --checkpoint and --cloud (or use --ros for a live node)")
     import numpy as np
 
-    from sas_core.infer import Segmenter, load_point_cloud
+    from sas_core.infer import InferenceConfig, Segmenter, load_point_cloud
     from sas_core.io import write_ply
 
     cloud = load_point_cloud(args.cloud)
-    seg = Segmenter.from_checkpoint(args.checkpoint, device=args.device)
+    seg = Segmenter.from_checkpoint(args.checkpoint, device=args.device, config=InferenceConfig(precision=args.precision))
     feats = seg.features(cloud.positions, cloud.colors, progress=True)
     rel = seg.relevance(feats, args.text)
     write_ply(args.out, cloud.positions, colors=relevance_colors(rel, args.cmap), scores=rel)

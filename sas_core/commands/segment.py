@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from sas_core.commands import add_precision_argument
+
 HELP = "label a point cloud with a distilled checkpoint"
 
 
@@ -18,6 +20,7 @@ def add_arguments(parser):
                         help="optional OpenScene fused 2D feature file (.pt) of this cloud: 2D-3D ensemble")
     parser.add_argument("--device", default="cpu", help="torch device (cpu, cuda, cuda:1)")
     parser.add_argument("--max-voxels", type=int, default=None, help="voxels per network pass (tiles above)")
+    add_precision_argument(parser)
 
 
 def label_colors(labels, n_classes: int):
@@ -45,7 +48,7 @@ def run(args) -> int:
 
     names = parse_vocabulary(args.vocab)
     cloud = load_point_cloud(args.cloud)
-    cfg = InferenceConfig()
+    cfg = InferenceConfig(precision=args.precision)
     if args.max_voxels:
         cfg.max_voxels = int(args.max_voxels)
     seg = Segmenter.from_checkpoint(args.checkpoint, device=args.device, config=cfg)

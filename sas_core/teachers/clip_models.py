@@ -115,7 +115,8 @@ mostly the token embedding that the real BPE tokenizer needs)."""
 def register_tiny_clip(name: str = TINY_CLIP_NAME, config: Optional[dict] = None) -> str:
     """Register an open_clip architecture config under ``name`` (default: :data:`TINY_CLIP_CONFIG`).
 
-    Uses open_clip's public ``add_model_config`` with a JSON file in a temporary folder, so
+    Uses open_clip's public ``add_model_config`` with a JSON file in a temporary folder (removed
+    again), so
     ``open_clip.create_model(name, ...)`` and :func:`load_open_clip` work with it.
     """
     import open_clip
@@ -124,9 +125,11 @@ def register_tiny_clip(name: str = TINY_CLIP_NAME, config: Optional[dict] = None
     existing = open_clip.get_model_config(name)
     if existing is not None and existing == config:
         return name
-    folder = Path(tempfile.mkdtemp(prefix="sas-open-clip-configs-"))
-    (folder / f"{name}.json").write_text(json.dumps(config))
-    open_clip.add_model_config(folder / f"{name}.json")
+    # open_clip reads the file at once and keeps the config when the file is gone later
+    with tempfile.TemporaryDirectory(prefix="sas-open-clip-configs-") as folder:
+        path = Path(folder) / f"{name}.json"
+        path.write_text(json.dumps(config))
+        open_clip.add_model_config(path)
     return name
 
 
