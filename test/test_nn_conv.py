@@ -248,3 +248,41 @@ def test_fused_and_torch_paths_agree_on_many_tiles_with_two_threads(backend, mon
 def test_cpu_backend_choice_is_validated():
     with pytest.raises(ValueError, match="CPU backend"):
         set_cpu_backend("cuda")
+
+
+def test_empty_and_single_voxel_inputs():
+    """No rows and one isolated voxel (no neighbours): shapes, values and gradients."""
+    for n in (0, 1):
+        coords = torch.full((n, 4), 3, dtype=torch.int32)
+        x = torch.randn(n, 3, requires_grad=True)
+        conv = MinkowskiConvolution(3, 4, kernel_size=3)
+        down = MinkowskiConvolution(3, 2, kernel_size=2, stride=2)
+        st = SparseTensor(x, coords)
+        y, d = conv(st), down(st)
+        assert y.F.shape == (n, 4) and d.F.shape == (n, 2)
+        # an isolated voxel sees only the centre offset; (3,3,3) sits at offset (1,1,1) of its 2-cell
+        assert torch.allclose(y.F, x @ conv.kernel[13]) and torch.allclose(d.F, x @ down.kernel[7])
+        (y.F.sum() + d.F.sum()).backward()
+        assert x.grad.shape == (n, 3)
+        assert torch.allclose(conv.kernel.grad[13], x.detach().t() @ torch.ones(n, 4))
+        assert float(conv.kernel.grad[:13].abs().sum()) == 0.0
+
+
+def test_blas_thread_count_is_restored_after_the_fused_kernels(backend):
+    """SciPy's OpenBLAS runs on one thread inside our kernels and gets the user's count back."""
+    if backend != "fused" or cpu_kernels._openblas_threads() is None:
+        pytest.skip("fused path with SciPy's OpenBLAS only")
+    get, set_ = cpu_kernels._openblas_threads()
+    before = get()
+    set_(2)
+    try:
+        seen = []
+        numba_mod, real, *rest = cpu_kernels._kernels()
+        coords = random_grid(seed=12)
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(cpu_kernels, "_kernels",
+                       lambda: (numba_mod, lambda *a: seen.append(get()) or real(*a), *rest))
+            MinkowskiConvolution(3, 4, kernel_size=3)(SparseTensor(torch.randn(len(coords), 3), coords))
+        assert seen == [1] and get() == 2
+    finally:
+        set_(before)
