@@ -13,7 +13,9 @@ Threads: subscription callbacks only decode headers and push onto a bounded keep
 (oldest dropped, counted); an integration worker turns frames into map points; a labelling worker,
 woken by a timer, runs the network (``mode: segmenter``) on the changed region of the map, or
 classifies the running teacher-feature means (``mode: fusion``), then publishes the clouds.
-A lock guards the map; queries and services hold it only for the map lookups.
+A lock guards the map; queries and services hold it only for the map lookups, and the long
+passes over the whole map (relabelling after a vocabulary change, refitting the query basis) take
+it in slices of ``LOCKED_ROWS`` voxels, so integration and queries go on meanwhile.
 
 Bad input never raises out of a callback: each reason (``nan_depth``, ``size_mismatch``,
 ``no_camera_info``, ``unknown_frame``, ``empty_cloud``, ...) is logged (throttled per reason) and
@@ -49,6 +51,10 @@ from sas_ros.poses import PoseSource, PoseUnavailable
 from sas_ros.sync import make_synchronizer
 
 # name -> (default, description). Declared once each; config/*.yaml mirrors the defaults.
+#: Voxels relabelled or re-encoded per hold of the map lock when the vocabulary changes or the
+#: query basis is refitted (~75 ms per hold with 512-d features on these 2-core machines).
+LOCKED_ROWS = 32768
+
 PARAMETERS = {
     "map_frame": ("map", "fixed frame of the map and of every output"),
     "voxel_size": (0.05, "voxel edge in metres (one map point per voxel)"),
@@ -258,7 +264,14 @@ class MappingNode(Node):
             self.segmenter.set_vocabulary(list(names), [template])
         with self.lock:
             self.vocabulary, self.template, self.class_text = list(names), template, text
-            self.map.classify(text)
+            self.map.set_anchor(text)
+            slots = self.map.slots()
+        # relabel the whole map in chunks, releasing the lock in between (seconds on 1M voxels)
+        for chunk in np.array_split(slots, max(1, len(slots) // LOCKED_ROWS + 1)):
+            with self.lock:
+                if self.class_text is not text:  # a newer vocabulary took over
+                    return
+                self.map.classify(text, chunk[chunk < self.map.capacity])  # (a reset shrinks the map)
 
     # ------------------------------------------------------------------ helpers
     def _drop(self, reason: str, text: str) -> None:
@@ -430,26 +443,31 @@ class MappingNode(Node):
                 self._drop("error", f"labelling pass failed: {exc!r}\n{traceback.format_exc(limit=3)}")
 
     def update_labels(self) -> None:
-        """One labelling pass over the changed region (or the whole map every n-th pass)."""
+        """One labelling pass over the changed region (or the whole map every n-th pass), then
+        the query-basis refit when one is due (also after a vocabulary change with no new data)."""
         t0 = time.perf_counter()
         self.n_updates += 1
         full_every = int(self.p["full_update_every"])
         full = full_every > 0 and self.n_updates % full_every == 0
+        if self._label_region(full):
+            self.update_ms.append((time.perf_counter() - t0) * 1e3)
+        self._refit_query_basis()
+
+    def _label_region(self, full: bool) -> bool:
+        """Label what changed since the last pass; False when there was nothing to do."""
         with self.lock:
             dirty = self.map.take_dirty()
             if self.mode == "fusion":
                 if self.class_text is not None and len(dirty):
                     self.map.classify(self.class_text, None if full else dirty)
-                self.map.maybe_refit()
-                self.update_ms.append((time.perf_counter() - t0) * 1e3)
-                return
+                return True
             if self.mode != "segmenter" or (len(dirty) == 0 and not full):
-                return
+                return False
             region = self.map.slots() if full else self.map.region_slots(dirty, float(self.p["region_margin"]))
             positions = self.map.positions[region].copy()
             colors = self.map.colors[region].copy()
         if len(region) == 0:
-            return
+            return False
         feats = self.segmenter.features(positions, colors=colors)
         with self.lock:
             still = self.map.valid[region] & (np.floor(self.map.positions[region] / self.map.config.voxel_size)
@@ -458,8 +476,21 @@ class MappingNode(Node):
             self.map.set_features(region[still], feats_np[still])
             if self.class_text is not None:
                 self.map.classify(self.class_text, region[still])
-            self.map.maybe_refit()
-        self.update_ms.append((time.perf_counter() - t0) * 1e3)
+        return True
+
+    def _refit_query_basis(self, rows: int = LOCKED_ROWS) -> None:
+        """Refit the map's query basis when it is due, in steps of ``rows`` voxels with the map
+        lock released in between (a refit of a 1M-voxel map is seconds of work; queries keep
+        the old basis, exact, until the last step)."""
+        with self.lock:
+            if not self.map.refit_pending:
+                if not self.map.needs_refit():
+                    return
+                self.map.start_refit()
+        done = False
+        while not done and self.running:
+            with self.lock:
+                done = self.map.refit_step(rows)
 
     def publish_clouds(self) -> None:
         stamp = self.get_clock().now().to_msg()

@@ -159,6 +159,11 @@ def test_rgbd_stream_labelled_cloud_and_query(scene, tmp_path):
         with live.node.lock:
             has = m.slots()[m.feature_counts[m.slots()] > 0]
             assert len(has) and set(np.unique(m.labels[has]).tolist()) == {0, 1}
+        # the labelling thread refits the query basis (in slices) so that it spans the new words
+        assert live.wait(lambda: not m.refit_pending and not m.needs_refit(), 10.0)
+        with live.node.lock:
+            text = live.node.class_text
+            np.testing.assert_allclose(np.linalg.norm(m._basis.T @ text.T, axis=0), 1.0, atol=1e-3)
         r = live.call(live.save, SaveMap.Request(path=str(tmp_path / "live_map")))
         assert r.success, r.message
         with np.load(tmp_path / "live_map.npz") as z:

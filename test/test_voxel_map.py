@@ -105,6 +105,42 @@ def test_classify_and_query_exact_vs_scan():
     assert res.rescored < 200
 
 
+def test_stepwise_refit_keeps_queries_exact_and_encodes_every_voxel():
+    """A vocabulary change refits the query basis in steps; between steps the map changes (new
+    features, removals, growth) and queries stay equal to a full scan; afterwards every voxel is
+    encoded with the new basis."""
+    m, slots, gt, feats, text, rng = _feature_map(n=3000)
+    m.set_features(slots, feats)
+    m.classify(text[:3])
+    m.refit_basis()
+    assert not m.needs_refit()
+    m.classify(text)                              # new vocabulary: the basis is due, not dropped
+    assert m.needs_refit() and m._basis is not None
+    m.start_refit()
+    assert m.refit_pending and not m.needs_refit()
+    steps = 0
+    while not m.refit_step(rows=500):
+        steps += 1
+        if steps == 1:                            # changed features and removed voxels mid-refit
+            m.set_features(slots[:100], -feats[:100])
+            m.remove(slots[100:150])
+        if steps == 2:                            # new voxels: the slot arrays grow
+            new = m.integrate(rng.random((2000, 3)).astype(np.float32) * 10 + 20)
+            m.set_features(new, text[rng.integers(0, len(text), len(new))])
+        t = text[4]
+        ref = m.scan_query(t)
+        res = m.query(t, threshold=0.3)
+        assert res.count == int((ref >= 0.3).sum())
+    assert steps >= 4 and not m.refit_pending and not m.needs_refit()
+    # every voxel's coefficients and residual belong to the swapped-in basis, which spans the vocabulary
+    live = m.slots()
+    live = live[m.feature_counts[live] > 0]
+    f = m.features[live].astype(np.float32)
+    np.testing.assert_allclose(m._codes[live], f @ m._basis, atol=1e-4)
+    np.testing.assert_allclose(m._resid[live], np.linalg.norm(f - (f @ m._basis) @ m._basis.T, axis=1), atol=1e-3)
+    np.testing.assert_allclose(np.linalg.norm(m._basis.T @ text.T, axis=0), 1.0, atol=1e-4)
+
+
 def test_accumulate_features_running_mean():
     m = VoxelMap(VoxelMapConfig(voxel_size=1.0, query_rank=2))
     s = m.integrate(np.array([[0.5, 0.5, 0.5], [3.5, 0.5, 0.5]]))

@@ -29,7 +29,10 @@ bound) are rescored exactly from the full fp16 features. Counts, best scores and
 score therefore equal a full scan; for vocabulary words ``tau`` is ~0 and nothing is rescored.
 When more voxels match than ``max_points``, the returned ones are those with the best guaranteed
 lower bounds (``exact_topk=True`` returns the exact top set at the price of more rescoring).
-The basis is refitted in the background as the map grows (up to a 200k-voxel fit).
+The basis is refitted in the background as the map grows (up to a 200k-voxel fit) and when the
+vocabulary changes, in steps (:meth:`VoxelMap.start_refit` / :meth:`VoxelMap.refit_step`): the new
+basis and coefficients are built next to the old ones, which keep answering queries exactly until
+the last step swaps them in, so a caller can release its lock between steps.
 
 Measured (``sas bench node``, 1M voxels x 512, threshold 0.5, 5000 points returned, on a 2-core
 machine under a load average of ~13): vocabulary word 36 ms CPU / 133 ms wall vs a torch fp16 scan
@@ -95,6 +98,26 @@ class QueryResult:
     rescored: int
 
 
+@dataclass
+class _PendingRefit:
+    """A query-basis refit under way: the new basis and the coefficients encoded so far."""
+
+    basis: np.ndarray        # (D, r) float32
+    codes: np.ndarray        # (C, r) float32, rows of the slots done (and of slots changed since)
+    resid: np.ndarray        # (C,) float32
+    todo: np.ndarray         # slots with features when the refit started
+    fit_n: int
+    anchor_version: int
+    pos: int = 0
+
+    def grow(self, capacity: int) -> None:
+        for name in ("codes", "resid"):
+            old = getattr(self, name)
+            arr = np.zeros((capacity,) + old.shape[1:], old.dtype)
+            arr[: len(old)] = old
+            setattr(self, name, arr)
+
+
 class VoxelMap:
     """Incremental voxel point map (see the module docstring for the design).
 
@@ -136,7 +159,10 @@ class VoxelMap:
         self._resid: Optional[np.ndarray] = None
         self._basis: Optional[np.ndarray] = None
         self._anchor: Optional[np.ndarray] = None   # (K, D) directions the basis must contain (vocabulary)
+        self._anchor_version = 0                    # bumped when the anchor changes
+        self._fit_anchor = 0                        # anchor version the current basis was fitted with
         self._fit_n = 0
+        self._pending: Optional[_PendingRefit] = None
         self.n_integrations = 0
         self.n_evicted = 0
         if self.config.feature_dim:
@@ -164,6 +190,8 @@ class VoxelMap:
                 arr[:] = IGNORE_LABEL
             arr[:cap] = old
             setattr(self, name, arr)
+        if self._pending is not None:
+            self._pending.grow(new)
 
     def _alloc_features(self, dim: int) -> None:
         cap = self.capacity
@@ -172,6 +200,7 @@ class VoxelMap:
         self._codes = np.zeros((cap, r), np.float32)
         self._resid = np.zeros(cap, np.float32)
         self._basis = None
+        self._pending = None
 
     @property
     def feature_dim(self) -> int:
@@ -305,6 +334,9 @@ class VoxelMap:
             self.features[s] = 0
             self._codes[s] = 0
             self._resid[s] = 0
+            if self._pending is not None:
+                self._pending.codes[s] = 0
+                self._pending.resid[s] = 0
 
     def remove(self, slots: np.ndarray) -> None:
         """Free ``slots`` (their voxels leave the map)."""
@@ -420,7 +452,7 @@ class VoxelMap:
         text = np.asarray(_to_numpy(text), np.float32)
         self.set_anchor(text)
         slots = self._key_slot if slots is None else np.asarray(slots, np.int64)
-        slots = slots[self.feature_counts[slots] > 0]
+        slots = slots[self.valid[slots] & (self.feature_counts[slots] > 0)]
         for chunk in np.array_split(slots, max(1, len(slots) // 65536 + 1)):
             sims = self.features[chunk].astype(np.float32) @ text.T
             self.labels[chunk] = sims.argmax(1)
@@ -428,23 +460,23 @@ class VoxelMap:
 
     # ------------------------------------------------------------------ reduced query store
     def set_anchor(self, text: Optional[np.ndarray]) -> None:
-        """Directions (K, D) the query basis must span exactly (the current vocabulary)."""
+        """Directions (K, D) the query basis must span exactly (the current vocabulary).
+
+        A changed anchor makes :meth:`needs_refit` true; until the refit, queries keep using the
+        old basis (still exact, only slower for the new words)."""
         if text is None:
             self._anchor = None
         else:
             text = np.asarray(text, np.float32)
             if self._anchor is None or self._anchor.shape != text.shape or not np.allclose(self._anchor, text):
                 self._anchor = text.copy()
-                self._basis = None
+                self._anchor_version += 1
 
-    def refit_basis(self, sample: int = 8192, seed: int = 0) -> None:
-        """Recompute the query basis (anchor directions + principal directions of stored features) and
-        every voxel's coefficients and residual. O(N * D * r); call after large changes."""
-        if self.features is None:
-            return
+    def _fit_basis(self, live: np.ndarray, sample: int, seed: int) -> np.ndarray:
+        """Orthonormal (D, r) float32 basis: anchor directions + principal directions of a sample of
+        the features of ``live`` slots."""
         D = self.features.shape[1]
         r = self._codes.shape[1]
-        live = self._key_slot[self.feature_counts[self._key_slot] > 0]
         parts = []
         if self._anchor is not None and len(self._anchor):
             q, _ = np.linalg.qr(self._anchor.T.astype(np.float64))
@@ -466,38 +498,83 @@ class VoxelMap:
         if B.shape[1] < r:  # pad with any orthonormal complement
             extra, _ = np.linalg.qr(np.concatenate([B, np.random.default_rng(seed).normal(size=(D, r - B.shape[1]))], 1))
             B = extra[:, :r]
-        self._basis = np.ascontiguousarray(B[:, :r], dtype=np.float32)
-        self._fit_n = len(live)
-        self._codes[:] = 0
-        self._resid[:] = 0
-        self._update_codes(live)
+        return np.ascontiguousarray(B[:, :r], dtype=np.float32)
+
+    def start_refit(self, sample: int = 8192, seed: int = 0) -> None:
+        """Begin a refit of the query basis: the new basis is fitted now (on a sample: cheap); the
+        coefficients of every voxel follow in :meth:`refit_step` calls. Queries keep the old basis
+        until the last step. Restarts a refit already under way."""
+        if self.features is None:
+            return
+        live = self._key_slot[self.feature_counts[self._key_slot] > 0]
+        basis = self._fit_basis(live, sample, seed)
+        # np.zeros (calloc: pages are zeroed lazily, as they get written), not zeros_like (fills)
+        self._pending = _PendingRefit(basis, np.zeros(self._codes.shape, np.float32),
+                                      np.zeros(self._resid.shape, np.float32), live.copy(), len(live),
+                                      self._anchor_version)
+
+    @property
+    def refit_pending(self) -> bool:
+        """Whether a refit started by :meth:`start_refit` is still under way."""
+        return self._pending is not None
+
+    def refit_step(self, rows: int = 65536) -> bool:
+        """Encode up to ``rows`` voxels (0: all the rest) with the pending basis; the call that
+        finishes swaps the new basis in. Returns True when no refit is pending any more."""
+        p = self._pending
+        if p is None:
+            return True
+        end = len(p.todo) if rows <= 0 else min(len(p.todo), p.pos + int(rows))
+        chunk = p.todo[p.pos:end]
+        self._encode(p.basis, p.codes, p.resid, chunk[self.valid[chunk] & (self.feature_counts[chunk] > 0)])
+        p.pos = end
+        if p.pos < len(p.todo):
+            return False
+        self._basis, self._codes, self._resid = p.basis, p.codes, p.resid
+        self._fit_n, self._fit_anchor = p.fit_n, p.anchor_version
+        self._pending = None
+        return True
+
+    def refit_basis(self, sample: int = 8192, seed: int = 0) -> None:
+        """Recompute the query basis (anchor directions + principal directions of stored features) and
+        every voxel's coefficients and residual in one go. O(N * D * r)."""
+        self.start_refit(sample, seed)
+        self.refit_step(0)
 
     def needs_refit(self) -> bool:
-        """True when no basis exists yet or the number of voxels with features doubled since the fit
-        (up to a fit on 200k voxels: beyond that the basis is representative and a refit, O(N D r),
-        is not worth its cost). Answers stay exact either way; a fresher basis only makes them faster."""
-        if self.features is None:
+        """True when no basis exists yet, the vocabulary (anchor) changed since the fit, or the
+        number of voxels with features doubled since the fit (up to a fit on 200k voxels: beyond
+        that the basis is representative and a refit, O(N D r), is not worth its cost); False
+        while a refit is under way. Answers stay exact either way; a fresher basis only makes them
+        faster."""
+        if self.features is None or self._pending is not None:
             return False
+        if self._basis is None or self._fit_anchor != self._anchor_version:
+            return True
         n_feat = int(np.count_nonzero(self.feature_counts[self._key_slot] > 0))
-        return self._basis is None or (n_feat > max(2 * self._fit_n, 1000) and self._fit_n < 200_000)
+        return n_feat > max(2 * self._fit_n, 1000) and self._fit_n < 200_000
 
     def maybe_refit(self) -> bool:
-        """Refit the basis if :meth:`needs_refit` (call from a background thread)."""
+        """Refit the basis in one go if :meth:`needs_refit`."""
         if self.needs_refit():
             self.refit_basis()
             return True
         return False
 
     def _update_codes(self, slots: np.ndarray) -> None:
-        if self._basis is None:
-            return
+        if self._basis is not None:
+            self._encode(self._basis, self._codes, self._resid, slots)
+        if self._pending is not None:
+            self._encode(self._pending.basis, self._pending.codes, self._pending.resid, slots)
+
+    def _encode(self, basis: np.ndarray, codes: np.ndarray, resid: np.ndarray, slots: np.ndarray) -> None:
         for chunk in np.array_split(slots, max(1, len(slots) // 65536 + 1)):
             f = self.features[chunk].astype(np.float32)
-            c = f @ self._basis
-            self._codes[chunk] = c
+            c = f @ basis
+            codes[chunk] = c
             # |f - B c|^2 = |f|^2 - |c|^2 (B orthonormal), in float64, + slack for the float32 GEMM
             r2 = np.einsum("ij,ij->i", f, f, dtype=np.float64) - np.einsum("ij,ij->i", c, c, dtype=np.float64)
-            self._resid[chunk] = np.sqrt(np.maximum(r2, 0.0) + 1e-8)
+            resid[chunk] = np.sqrt(np.maximum(r2, 0.0) + 1e-8)
 
     def query(self, text: np.ndarray, threshold: float = 0.0, max_points: int = 0,
               exact_rescore: bool = True, exact_topk: bool = False) -> QueryResult:
@@ -605,6 +682,8 @@ class VoxelMap:
         arrays = [self.positions, self.colors, self.counts, self.last_seen, self.labels, self.scores, self.dirty,
                   self.valid, self.feature_counts, self.features, self._codes, self._resid, self._keys,
                   self._key_slot, self._free]
+        if self._pending is not None:
+            arrays += [self._pending.codes, self._pending.resid, self._pending.todo]
         return int(sum(a.nbytes for a in arrays if a is not None))
 
 
