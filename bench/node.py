@@ -91,6 +91,40 @@ def _feature_map(n_points: int, dim: int = 512, seed: int = 0):
     return vmap, enc, text
 
 
+def _vocabulary_change(vmap, enc) -> dict:
+    """Map-lock holds of a vocabulary change as the node does it (relabel, then refit the query
+    basis, in LOCK_SLICE slices), against the same work in one hold; the map ends on the old
+    vocabulary again, refitted, so the query timings that follow are unaffected."""
+    from sas_core.geometry.voxel_map import LOCK_SLICE
+    from sas_core.text import SCANNET_20
+
+    old = vmap._anchor.copy()
+    new = enc.encode_numpy(list(SCANNET_20[:10])).astype(np.float32)  # a smaller vocabulary
+    t0 = time.perf_counter()
+    vmap.classify(new)
+    vmap.refit_basis()
+    one_hold = time.perf_counter() - t0
+    holds = []
+    t_all = time.perf_counter()
+    vmap.set_anchor(old)
+    slots = vmap.slots()
+    for chunk in np.array_split(slots, max(1, len(slots) // LOCK_SLICE + 1)):
+        t0 = time.perf_counter()
+        vmap.classify(old, chunk)
+        holds.append(time.perf_counter() - t0)
+    t0 = time.perf_counter()
+    vmap.start_refit()
+    holds.append(time.perf_counter() - t0)
+    done = False
+    while not done:
+        t0 = time.perf_counter()
+        done = vmap.refit_step(LOCK_SLICE)
+        holds.append(time.perf_counter() - t0)
+    return dict(one_hold_ms=round(one_hold * 1e3, 1), sliced_total_ms=round((time.perf_counter() - t_all) * 1e3, 1),
+                slices=len(holds), max_hold_ms=round(max(holds) * 1e3, 1),
+                median_hold_ms=round(float(np.median(holds)) * 1e3, 1))
+
+
 def bench_query(n_points: int, repeats: int = 7, max_points: int = 5000) -> dict:
     vmap, enc, text = _feature_map(n_points)
     t0 = time.perf_counter()
@@ -103,6 +137,7 @@ def bench_query(n_points: int, repeats: int = 7, max_points: int = 5000) -> dict
                classify_all_ms=round(classify_ms, 1), refit_basis_ms=round(refit_ms, 1),
                store_mb=dict(full_fp16=round(vmap.features[: len(vmap)].nbytes / 2 ** 20, 1),
                              reduced_f32=round(vmap._codes[: len(vmap)].nbytes / 2 ** 20, 1)))
+    out["vocabulary_change"] = _vocabulary_change(vmap, enc)
     live = vmap.slots()
     queries = {"vocabulary word 'chair'": enc.encode_numpy(["chair"])[0],
                "free text 'a wooden chair'": enc.encode_numpy(["a wooden chair"])[0]}

@@ -15,7 +15,7 @@ woken by a timer, runs the network (``mode: segmenter``) on the changed region o
 classifies the running teacher-feature means (``mode: fusion``), then publishes the clouds.
 A lock guards the map; queries and services hold it only for the map lookups, and the long
 passes over the whole map (relabelling after a vocabulary change, refitting the query basis) take
-it in slices of ``LOCKED_ROWS`` voxels, so integration and queries go on meanwhile.
+it in slices of ``LOCK_SLICE`` voxels, so integration and queries go on meanwhile.
 
 Bad input never raises out of a callback: each reason (``nan_depth``, ``size_mismatch``,
 ``no_camera_info``, ``unknown_frame``, ``empty_cloud``, ...) is logged (throttled per reason) and
@@ -42,7 +42,7 @@ from std_msgs.msg import ColorRGBA, String
 from std_srvs.srv import Trigger
 
 from sas_core.data import msg_codec as codec
-from sas_core.geometry.voxel_map import VoxelMap, VoxelMapConfig, rgbd_points
+from sas_core.geometry.voxel_map import LOCK_SLICE, VoxelMap, VoxelMapConfig, rgbd_points
 from sas_core.types import IGNORE_LABEL, CameraIntrinsics
 from sas_interfaces.msg import LabelMap
 from sas_interfaces.srv import SaveMap, SetVocabulary, TextQuery
@@ -51,10 +51,6 @@ from sas_ros.poses import PoseSource, PoseUnavailable
 from sas_ros.sync import make_synchronizer
 
 # name -> (default, description). Declared once each; config/*.yaml mirrors the defaults.
-#: Voxels relabelled or re-encoded per hold of the map lock when the vocabulary changes or the
-#: query basis is refitted (~75 ms per hold with 512-d features on these 2-core machines).
-LOCKED_ROWS = 32768
-
 PARAMETERS = {
     "map_frame": ("map", "fixed frame of the map and of every output"),
     "voxel_size": (0.05, "voxel edge in metres (one map point per voxel)"),
@@ -267,7 +263,7 @@ class MappingNode(Node):
             self.map.set_anchor(text)
             slots = self.map.slots()
         # relabel the whole map in chunks, releasing the lock in between (seconds on 1M voxels)
-        for chunk in np.array_split(slots, max(1, len(slots) // LOCKED_ROWS + 1)):
+        for chunk in np.array_split(slots, max(1, len(slots) // LOCK_SLICE + 1)):
             with self.lock:
                 if self.class_text is not text:  # a newer vocabulary took over
                     return
@@ -478,7 +474,7 @@ class MappingNode(Node):
                 self.map.classify(self.class_text, region[still])
         return True
 
-    def _refit_query_basis(self, rows: int = LOCKED_ROWS) -> None:
+    def _refit_query_basis(self, rows: int = LOCK_SLICE) -> None:
         """Refit the map's query basis when it is due, in steps of ``rows`` voxels with the map
         lock released in between (a refit of a 1M-voxel map is seconds of work; queries keep
         the old basis, exact, until the last step)."""

@@ -248,3 +248,49 @@ def test_bad_inputs_are_logged_and_survived(scene):
             [m.msg for m in live.logs]
     finally:
         live.close()
+
+
+def test_lidar_stream_with_pose_topic():
+    """LiDAR sweeps (PointCloud2 with intensity, sensor frame) and their poses on a PoseStamped topic:
+    every sweep point lands in the map at its world position, grey from its intensity; a sweep
+    whose pose never came is dropped and counted."""
+    from geometry_msgs.msg import PoseStamped
+    from sensor_msgs.msg import PointCloud2
+
+    from sas_core.data import msg_codec as mc
+    from sas_core.data.synthetic import SynthConfig, generate_scene
+    from sas_ros import conversions as conv
+
+    scene = generate_scene(SynthConfig(seed=5, n_frames=3, with_lidar=True, n_lidar_sweeps=3))
+    live = Live({"use_lidar": True, "lidar_frame": "lidar", "lidar_pose_topic": "/lidar/pose", "mode": "none",
+                 "voxel_size": 0.05}, "sas_lidar_test")
+    try:
+        pub_pose = live.helper.create_publisher(PoseStamped, "/lidar/pose", 10)
+        pub_cloud = live.helper.create_publisher(PointCloud2, "/lidar/points", 10)
+        assert live.wait(lambda: pub_pose.get_subscription_count() > 0 and pub_cloud.get_subscription_count() > 0,
+                         10.0)
+        world = []
+        for sweep in scene.lidar:
+            pub_pose.publish(PoseStamped(header=conv.make_header("map", sweep.stamp),
+                                         pose=conv.matrix_to_pose_msg(sweep.pose)))
+            time.sleep(0.2)  # the pose is in the buffer before its sweep
+            cloud = mc.make_cloud_array(sweep.points, intensity=sweep.intensity.astype(np.float32))
+            before = live.node.n_sweeps
+            pub_cloud.publish(conv.array_to_cloud(cloud, "lidar", sweep.stamp))
+            assert live.wait(lambda: live.node.n_sweeps > before, 10.0), live.node.drops
+            world.append(sweep.points.astype(np.float64) @ sweep.pose[:3, :3].T + sweep.pose[:3, 3])
+        assert live.node.n_sweeps == len(scene.lidar) == 3
+        world = np.concatenate(world)
+        with live.node.lock:
+            slots = live.node.map.lookup(world.astype(np.float32))
+            assert (slots >= 0).mean() > 0.999
+            colors = live.node.map.colors[slots[slots >= 0]]
+        assert np.allclose(colors[:, 0], colors[:, 1]) and np.allclose(colors[:, 1], colors[:, 2])
+        assert colors.max() > 0.2  # intensity became grey levels, not black
+        # a sweep stamped long after the last pose (beyond pose_tolerance): dropped, counted
+        late = scene.lidar[-1]
+        pub_cloud.publish(conv.array_to_cloud(mc.make_cloud_array(late.points), "lidar", late.stamp + 30.0))
+        assert live.wait(lambda: live.node.drops.get("no_pose", 0) >= 1, 10.0), live.node.drops
+        assert live.node.n_sweeps == 3
+    finally:
+        live.close()

@@ -49,6 +49,11 @@ import numpy as np
 
 from sas_core.types import IGNORE_LABEL
 
+#: Voxels per slice when a long pass over the map (relabelling after a vocabulary change, a
+#: query-basis refit) is cut into pieces so that a caller can release its lock in between
+#: (~60-70 ms a slice with 512-d features on a 2-core machine).
+LOCK_SLICE = 32768
+
 _BITS = 21
 _OFFSET = 1 << (_BITS - 1)
 _MASK = (1 << _BITS) - 1

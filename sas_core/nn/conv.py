@@ -12,8 +12,13 @@
 The convolution is gather-GEMM-scatter: for every kernel offset ``k`` with pairs
 ``(in_idx, out_idx)``: ``out[out_idx] += in[in_idx] @ W[k]``, written as a custom autograd
 function whose backward recomputes the gathers (nothing per offset is kept alive between
-forward and backward), so memory stays at the size of the features. Non-overlapping stride-2
-kernels (k2s2 down and up) use one GEMM over all offsets instead.
+forward and backward), so memory stays at the size of the features. Two implementations:
+
+* CPU, float32/float64 (default when numba imports): the fused, cache-tiled kernels of
+  :mod:`sas_core.nn.cpu_kernels`, for every kernel size and stride.
+* Everywhere else (CUDA, other dtypes, ``SAS_SPARSE_CPU_BACKEND=torch``, see
+  :func:`set_cpu_backend`): plain PyTorch, per offset ``index_select`` / ``mm`` / ``index_add_``;
+  non-overlapping stride-2 kernels (k2s2 down and up) use one GEMM over all offsets instead.
 
 :func:`me_to_dense_weight` / :func:`dense_to_me_weight` convert between the ME kernel layout
 and ``torch.nn.functional.conv3d``'s (Cout, Cin, K, K, K) on a grid indexed ``[x, y, z]``.
@@ -40,7 +45,7 @@ _cpu_backend = os.environ.get("SAS_SPARSE_CPU_BACKEND", "auto")
 
 
 def set_cpu_backend(name: str) -> str:
-    """Choose how overlapping sparse convolutions run on CPU; returns the previous choice.
+    """Choose how sparse convolutions (other than 1x1) run on CPU; returns the previous choice.
 
     ``"fused"``: the cache-tiled numba kernels of :mod:`sas_core.nn.cpu_kernels` (float32 and
     float64; other dtypes use torch); ``"torch"``: per-offset ``index_select`` / ``mm`` /
@@ -54,7 +59,7 @@ def set_cpu_backend(name: str) -> str:
 
 
 def cpu_backend() -> str:
-    """The CPU backend overlapping convolutions use now: "fused" or "torch"."""
+    """The CPU backend sparse convolutions use now: "fused" or "torch"."""
     if _cpu_backend not in _CPU_BACKENDS:
         raise ValueError(f"SAS_SPARSE_CPU_BACKEND must be one of {_CPU_BACKENDS}, got {_cpu_backend!r}")
     if _cpu_backend == "torch":
