@@ -16,7 +16,7 @@ test-fast: env
 	@$(ENV) python -m pytest -q -m "not ros and not slow" $(PYTEST_ARGS) test
 
 demo: env
-	@$(ENV) python -m sas_core.cli demo --out demo_output
+	@$(ENV) python -m sas_app.cli demo --out demo_output
 
 clean-env:
 	rm -rf "$${SAS_VENV:-$${XDG_CACHE_HOME:-$$HOME/.cache}/sas-ros/venv-py311}"

@@ -10,5 +10,5 @@ source "$here/scripts/env.sh"
 case "${1:-}" in
   node) shift; exec python -m sas_ros.mapping_node "$@" ;;
   shell) shift; exec bash "$@" ;;
-  *) exec python -m sas_core.cli "$@" ;;
+  *) exec python -m sas_app.cli "$@" ;;
 esac

@@ -1,6 +1,6 @@
 """Text queries against a running mapping node, for machines without ros2cli.
 
-``sas query --ros "red mug"`` (``sas_core/commands/query.py`` calls :func:`run_cli`) and the
+``sas query --ros "red mug"`` (``sas_app/commands/query.py`` calls :func:`run_cli`) and the
 ``sas_query_client`` entry point do the same as::
 
     ros2 service call /sas_mapping_node/query sas_interfaces/srv/TextQuery \\

@@ -393,7 +393,7 @@ def test_sas_capability_synthetic_source_cli(tmp_path, capsys):
     """`sas capability --source synthetic` with the simulated teachers writes a valid table."""
     pytest.importorskip("sas_core.teachers.simulated")
     pytest.importorskip("sas_core.data.synthetic")
-    from sas_core.cli import main
+    from sas_app.cli import main
 
     out = tmp_path / "cap.json"
     rc = main(["capability", "--source", "synthetic", "--teachers", "simulated", "--classes", "chair", "door",

@@ -6,13 +6,13 @@ from pathlib import Path
 
 import pytest
 
-from sas_core import cli
+from sas_app import cli
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def run_sas(*args):
-    return subprocess.run([sys.executable, "-m", "sas_core.cli", *args], cwd=ROOT,
+    return subprocess.run([sys.executable, "-m", "sas_app.cli", *args], cwd=ROOT,
                           capture_output=True, text=True)
 
 
@@ -37,9 +37,9 @@ def test_unknown_benchmark_is_a_clear_error():
 
 
 def test_bench_json_flag_after_name(monkeypatch, capsys, tmp_path):
-    from sas_core.commands import bench
+    import sas_app.bench
 
     (tmp_path / "tiny.py").write_text("def main(argv):\n    return {'argv': argv}\n")
-    monkeypatch.setattr(bench, "BENCH_DIR", tmp_path)
+    monkeypatch.setattr(sas_app.bench, "__path__", [*sas_app.bench.__path__, str(tmp_path)])
     assert cli.main(["bench", "tiny", "--json", "--quick"]) == 0
     assert '"argv": [\n    "--quick"\n  ]' in capsys.readouterr().out

@@ -9,7 +9,7 @@ torch = pytest.importorskip("torch")
 
 @pytest.mark.slow
 def test_quick_demo_writes_the_report(tmp_path):
-    from sas_core.demo import DemoConfig, ROWS, run_demo
+    from sas_app.demo import DemoConfig, ROWS, run_demo
 
     out = tmp_path / "demo"
     summary = run_demo(DemoConfig(out=str(out), quick=True, ros=False, progress=False))
@@ -38,7 +38,7 @@ def test_quick_demo_writes_the_report(tmp_path):
 
 
 def test_demo_cli_parses_config_fields():
-    from sas_core.cli import build_parser
+    from sas_app.cli import build_parser
 
     args = build_parser().parse_args(["demo", "--quick", "--epochs", "7", "--queries", "a chair", "a bed"])
     assert args.quick and args.epochs == 7 and args.queries == ["a chair", "a bed"]

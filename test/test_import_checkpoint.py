@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from sas_core import cli
+from sas_app import cli
 
 
 def test_import_openscene_checkpoint_then_segment(tmp_path):

@@ -200,7 +200,7 @@ def test_parse_vocabulary(tmp_path):
 
 def run_sas(capsys, *args):
     """Run the CLI in this process (no torch re-import): (exit code, stdout, stderr)."""
-    from sas_core import cli
+    from sas_app import cli
 
     code = cli.main([str(a) for a in args])
     out = capsys.readouterr()

@@ -19,7 +19,7 @@ def bag(tmp_path_factory):
 def test_replay_writes_map_and_export(bag, tmp_path, capsys):
     from scipy.spatial import cKDTree
 
-    from sas_core.cli import main
+    from sas_app.cli import main
     from sas_core.data.openscene import load_openscene_scene
     from sas_core.io import read_ply
 
@@ -44,7 +44,7 @@ def test_replay_writes_map_and_export(bag, tmp_path, capsys):
 
 
 def test_replay_errors(bag, tmp_path, capsys):
-    from sas_core.cli import main
+    from sas_app.cli import main
 
     _, path = bag
     assert main(["replay", str(tmp_path / "nope")]) == 1
@@ -55,7 +55,7 @@ def test_replay_errors(bag, tmp_path, capsys):
 
 def test_replay_with_checkpoint_labels_the_map(bag, tmp_path, capsys):
     """A tiny randomly initialised distilled-model checkpoint labels every voxel of the replayed map."""
-    from sas_core.cli import main
+    from sas_app.cli import main
     from sas_core.nn import build_model, save_checkpoint
     from sas_core.text import SCANNET_20, SyntheticTextEncoder
 

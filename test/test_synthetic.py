@@ -253,7 +253,7 @@ def test_sas_synth_command_writes_both_layouts(tmp_path):
 
     out = tmp_path / "synth"
     t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "sas_core.cli", "synth", "--scenes", "1", "--frames", "60",
+    proc = subprocess.run([sys.executable, "-m", "sas_app.cli", "synth", "--scenes", "1", "--frames", "60",
                            "--out", str(out)], cwd=REPO, capture_output=True, text=True, timeout=300)
     seconds = time.perf_counter() - t0
     assert proc.returncode == 0, proc.stderr

@@ -293,7 +293,7 @@ def test_openscene_layout_dataset(tmp_path):
 
 
 def test_sas_distill_command_on_an_openscene_layout(tmp_path, capsys):
-    from sas_core.cli import main
+    from sas_app.cli import main
     from sas_core.data import fused_features
     from sas_core.text import SCANNET_20, SyntheticTextEncoder, class_embeddings
 

@@ -1,24 +1,25 @@
-"""`sas bench NAME [--json] [ARGS...]`: run a benchmark script from ``bench/``.
+"""`sas bench NAME [--json] [ARGS...]`: run a benchmark of the ``sas_app.bench`` package.
 
-Each script ``bench/<name>.py`` (``-`` in NAME becomes ``_``) defines ``main(argv) -> dict``;
-it measures, and this command prints the figures (as JSON with ``--json``).
+Each module ``sas_app/bench/<name>.py`` (``-`` in NAME becomes ``_``) defines ``main(argv) -> dict``;
+it measures, and this command prints the figures (as JSON with ``--json``). The benchmarks are
+installed with the package (setup.py), so ``sas bench`` works outside a clone too.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
+import importlib
 import json
+import pkgutil
 import sys
-from pathlib import Path
 
-HELP = "run a benchmark from bench/ and print its figures"
-
-BENCH_DIR = Path(__file__).resolve().parents[2] / "bench"
+HELP = "run a benchmark (sas_app/bench/) and print its figures"
 
 
 def available() -> list[str]:
-    return sorted(p.stem.replace("_", "-") for p in BENCH_DIR.glob("*.py") if not p.stem.startswith("_"))
+    from sas_app import bench
+
+    return sorted(m.name.replace("_", "-") for m in pkgutil.iter_modules(bench.__path__) if not m.name.startswith("_"))
 
 
 def add_arguments(parser):
@@ -28,13 +29,9 @@ def add_arguments(parser):
 
 
 def load(name: str):
-    path = BENCH_DIR / f"{name.replace('-', '_')}.py"
-    if not path.exists():
+    if name not in available():
         raise ValueError(f"unknown benchmark {name!r}; available: {', '.join(available()) or 'none'}")
-    spec = importlib.util.spec_from_file_location(f"sas_bench_{path.stem}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return importlib.import_module(f"sas_app.bench.{name.replace('-', '_')}")
 
 
 def run(args) -> int:

@@ -2,7 +2,7 @@
 
 Data in the OpenScene layout (``--data ROOT`` with ``ROOT/<split>/<scene>.pth``) and fused 2D
 feature files from `sas fuse` (``--features DIR``). Multi-process: launch with
-``torchrun --nproc_per_node N -m sas_core.cli distill ...`` (gloo on CPU, NCCL on CUDA).
+``torchrun --nproc_per_node N -m sas_app.cli distill ...`` (gloo on CPU, NCCL on CUDA).
 Interrupted runs continue from ``<out>/last.pt`` (``--no-resume`` starts over).
 """
 

@@ -1,6 +1,6 @@
 """The ``sas`` command: one entry point, one subcommand per pipeline step.
 
-Each subcommand lives in ``sas_core/commands/<name>.py`` and defines ``HELP`` (one line),
+Each subcommand lives in ``sas_app/commands/<name>.py`` and defines ``HELP`` (one line),
 ``add_arguments(parser)`` and ``run(args) -> int``. Subcommand modules are imported only when
 listed or run, and they import their heavy dependencies inside ``run``.
 """
@@ -19,7 +19,7 @@ COMMANDS = (
 
 
 def _module(name: str):
-    return importlib.import_module(f"sas_core.commands.{name.replace('-', '_')}")
+    return importlib.import_module(f"sas_app.commands.{name.replace('-', '_')}")
 
 
 def build_parser() -> argparse.ArgumentParser:

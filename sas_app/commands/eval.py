@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from sas_core.commands import add_precision_argument
+from sas_app.commands import add_precision_argument
 
 HELP = "evaluate predicted labels (OpenScene protocol mIoU/mAcc)"
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from sas_core.commands import add_precision_argument
+from sas_app.commands import add_precision_argument
 
 HELP = "relevance of free text over a point cloud (or a live node with --ros)"
 
@@ -40,7 +40,7 @@ def relevance_colors(rel, cmap: str = "turbo"):
 
 def run(args) -> int:
     if args.ros:
-        from sas_ros.query_client import run_cli  # only here: sas_core never imports ROS otherwise
+        from sas_ros.query_client import run_cli  # the application layer may import both sides
 
         args.texts = [args.text]
         return run_cli(args)

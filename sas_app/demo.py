@@ -520,7 +520,7 @@ def ros_replay(checkpoint: Path, scene, queries: Sequence[str]) -> Optional[dict
         import rclpy  # noqa: F401
     except ImportError:
         return None
-    from sas_ros.live_demo import replay_and_query  # the ROS side lives outside sas_core
+    from sas_ros.live_demo import replay_and_query  # the application layer may import both sides
 
     return replay_and_query(scene.frames, list(queries), checkpoint=str(checkpoint))
 

@@ -1,4 +1,4 @@
-"""Subcommands of the ``sas`` CLI (see ``sas_core/cli.py``)."""
+"""Subcommands of the ``sas`` CLI (see ``sas_app/cli.py``)."""
 
 
 def not_built(name: str, issue: str):

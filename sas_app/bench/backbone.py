@@ -26,7 +26,7 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]  # the folder above sas_app (a clone or site-packages)
 
 
 def surface_voxels(n: int, seed: int = 0, voxel_size: float = 0.02):
@@ -329,7 +329,7 @@ def _spconv_model(args, coords, dev):
 
 
 def _run_worker(size, engine, args) -> dict:
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", "--engine", engine, "--size", str(size),
+    cmd = [sys.executable, "-m", "sas_app.bench.backbone", "--worker", "--engine", engine, "--size", str(size),
            "--runs", str(args.runs), "--warmup", str(args.warmup), "--arch", args.arch,
            "--out-channels", str(args.out_channels), "--device", args.device, "--seed", str(args.seed),
            "--threads", str(args.threads), "--dtype", args.dtype]

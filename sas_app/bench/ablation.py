@@ -22,7 +22,7 @@ from pathlib import Path
 
 
 def main(argv: list) -> dict:
-    from sas_core.demo import HELD_OUT_NOTE, ROWS, SETTINGS, SYNTHETIC_NOTE, DemoConfig, config_note, run_world
+    from sas_app.demo import HELD_OUT_NOTE, ROWS, SETTINGS, SYNTHETIC_NOTE, DemoConfig, config_note, run_world
 
     parser = argparse.ArgumentParser(prog="sas bench ablation")
     parser.add_argument("--seeds", type=int, default=3, help="number of seeds (worlds) to average over")

@@ -16,14 +16,14 @@ HELP = "the whole SAS pipeline on the synthetic world"
 
 
 def add_arguments(parser):
-    from sas_core.commands.distill import add_config_arguments
-    from sas_core.demo import DemoConfig
+    from sas_app.commands.distill import add_config_arguments
+    from sas_app.demo import DemoConfig
 
     add_config_arguments(parser, DemoConfig)
 
 
 def run(args) -> int:
-    from sas_core.demo import DemoConfig, run_demo
+    from sas_app.demo import DemoConfig, run_demo
 
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(DemoConfig) if hasattr(args, f.name)}
     if "queries" in values:
