@@ -11,7 +11,8 @@ TESD terms (each process keeps the history of its own scenes).
 """
 
 import os
-import socket
+import time
+from datetime import timedelta
 import sys
 from pathlib import Path
 
@@ -28,12 +29,6 @@ from test_train import tiny_config, tiny_scenes  # noqa: E402
 NAMES = ["a", "b", "c"]
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _gradients(distiller, indices, tesd: bool):
     """Gradient of the loss on scenes ``indices`` with BatchNorm in eval mode."""
     from sas_core.train.distill import forward_features  # noqa: F401  (imported for clarity)
@@ -47,10 +42,12 @@ def _gradients(distiller, indices, tesd: bool):
     return {k: p.grad.detach().clone() for k, p in distiller.model.named_parameters() if p.grad is not None}
 
 
-def _worker(rank, world, port, out_dir):
+def _worker(rank, world, out_dir):
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    # file rendezvous: no port to pick and release before use (another process could take it)
+    dist.init_process_group("gloo", init_method=f"file://{Path(out_dir) / 'rendezvous'}", rank=rank,
+                            world_size=world, timeout=timedelta(seconds=120))
     try:
         from sas_core.train.distill import Distiller
 
@@ -69,8 +66,14 @@ def _worker(rank, world, port, out_dir):
 def test_ddp_two_gloo_processes_match_one_process_on_the_joint_batch(tmp_path):
     from sas_core.train.distill import Distiller
 
-    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
-    ddp = torch.load(tmp_path / "grads_ddp.pt")
+    ctx = mp.start_processes(_worker, args=(2, str(tmp_path)), nprocs=2, join=False, start_method="spawn")
+    deadline = time.monotonic() + 300
+    while not ctx.join(timeout=2):  # raises if a worker failed
+        if time.monotonic() > deadline:
+            for proc in ctx.processes:
+                proc.kill()
+            pytest.fail("the two DDP workers did not finish within 300 s")
+    ddp = torch.load(tmp_path / "grads_ddp.pt", weights_only=True)
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     try:

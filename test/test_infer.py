@@ -226,7 +226,8 @@ def test_cli_segment_query_eval(tmp_path, ckpt, capsys):
     assert len([ln for ln in out.splitlines() if ln.strip().startswith(("1.", "2.", "3."))]) == 3
     code, out, err = run_sas(capsys, "eval", "--pred", tmp_path / "seg.npy", "--gt", tmp_path / "scene.pth",
                              "--vocab", "scannet20", "--json", tmp_path / "m.json")
-    assert code == 0, err and "mIoU" in out
+    assert code == 0, err
+    assert "mIoU" in out
     import json
 
     m = json.loads((tmp_path / "m.json").read_text())

@@ -252,13 +252,11 @@ def test_sas_synth_command_writes_both_layouts(tmp_path):
     from sas_core.data.rosbag_io import bag_topics, read_bag
 
     out = tmp_path / "synth"
-    t0 = time.perf_counter()
+    # (its speed is a benchmark figure: `sas bench synth --json`, not a timed test)
     proc = subprocess.run([sys.executable, "-m", "sas_app.cli", "synth", "--scenes", "1", "--frames", "60",
                            "--out", str(out)], cwd=REPO, capture_output=True, text=True, timeout=300)
-    seconds = time.perf_counter() - t0
     assert proc.returncode == 0, proc.stderr
     assert "SYNTHETIC" in proc.stdout
-    assert seconds < 60, f"sas synth took {seconds:.1f} s (goal: 30 s on a quiet machine)"
     manifest = json.loads((out / "synth.json").read_text())
     assert manifest["synthetic"] is True
     (s,) = manifest["scenes"]
