@@ -10,5 +10,9 @@ source "$here/scripts/env.sh"
 case "${1:-}" in
   node) shift; exec python -m sas_ros.mapping_node "$@" ;;
   shell) shift; exec bash "$@" ;;
+  -h|--help|"")
+    rc=0; python -m sas_app.cli "$@" || rc=$?
+    printf '\nfrom a clone also:\n  ./sas node [--ros-args ...]   the ROS 2 mapping node (sas_mapping_node)\n  ./sas shell [ARGS]           a shell with the environment and the ROS variables set\n'
+    exit "$rc" ;;
   *) exec python -m sas_app.cli "$@" ;;
 esac

@@ -9,11 +9,20 @@ set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
 say() { printf '[setup] %s\n' "$*" >&2; }
 
-if ! ldconfig -p 2>/dev/null | grep -q 'libusb-1.0.so.0'; then
-  say "installing libusb-1.0-0 (needed by open3d)"
-  SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
-  $SUDO apt-get update -qq && $SUDO apt-get install -y -qq libusb-1.0-0 >/dev/null
-fi
+# The Debian library Open3D links against. Checked without a pipe: `ldconfig -p | grep -q` under
+# pipefail fails when grep exits early (SIGPIPE to ldconfig), which looked like a missing library.
+libs="$(ldconfig -p 2>/dev/null || true)"
+case "$libs" in
+  *libusb-1.0.so.0*) ;;
+  *)
+    if [ "$(id -u)" -ne 0 ]; then
+      say "Open3D needs the Debian package libusb-1.0-0, which is not installed; installing it needs root:"
+      say "  sudo apt-get install libusb-1.0-0     (then run this command again)"
+      exit 1
+    fi
+    say "installing libusb-1.0-0 (needed by open3d)"
+    apt-get update -qq && apt-get install -y -qq libusb-1.0-0 >/dev/null ;;
+esac
 
 PY="${SAS_PYTHON:-$(command -v python3.11 || true)}"
 [ -n "$PY" ] || { say "python3.11 not found; set SAS_PYTHON to a Python 3.11 interpreter"; exit 1; }
