@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import threading
 import time
 from typing import Optional, Sequence
 
@@ -54,8 +53,11 @@ def call_query(texts: Sequence[str], threshold: float = 0.0, max_points: int = 0
     if not texts or any(not t.strip() for t in texts):
         raise ValueError("give one or more non-empty query texts")
     own = node is None
-    context = executor = spin = None
+    context = executor = None
     if own:
+        # No spin thread: the executor runs in this thread, only while we wait for the answer. A
+        # daemon thread still inside the executor's C++ wait when the process exits made it abort
+        # ("terminate called without an active exception", rc 134) in about 3 runs out of 10.
         from rclpy.executors import SingleThreadedExecutor
 
         context = rclpy.Context()
@@ -63,17 +65,19 @@ def call_query(texts: Sequence[str], threshold: float = 0.0, max_points: int = 0
         node = rclpy.create_node(f"sas_query_client_{int(time.time() * 1e3) % 100000}", context=context)
         executor = SingleThreadedExecutor(context=context)
         executor.add_node(node)
-        spin = threading.Thread(target=executor.spin, daemon=True)
-        spin.start()
+    client = None
     try:
         client = node.create_client(TextQuery, service)
         if not client.wait_for_service(timeout_sec=timeout):
             raise TimeoutError(f"service {service} not available after {timeout:.0f} s (is the mapping node running?)")
         future = client.call_async(TextQuery.Request(texts=texts, threshold=float(threshold),
                                                      max_points=int(max_points)))
-        deadline = time.monotonic() + timeout
-        while not future.done() and time.monotonic() < deadline:
-            time.sleep(0.005)
+        if own:
+            executor.spin_until_future_complete(future, timeout_sec=timeout)
+        else:  # the caller's executor spins the node
+            deadline = time.monotonic() + timeout
+            while not future.done() and time.monotonic() < deadline:
+                time.sleep(0.005)
         if not future.done():
             raise TimeoutError(f"service {service} did not answer within {timeout:.0f} s")
         r = future.result()
@@ -88,9 +92,10 @@ def call_query(texts: Sequence[str], threshold: float = 0.0, max_points: int = 0
                     text=text, count=int(r.counts[i]), best_score=float(r.best_scores[i]),
                     centroid=[c.x, c.y, c.z], bbox_min=[lo.x, lo.y, lo.z], bbox_max=[hi.x, hi.y, hi.z],
                     points=np.round(xyz[sel], 4).tolist(), scores=np.round(arr["score"][sel], 4).tolist()))
-        client.destroy()
         return out
     finally:
+        if client is not None:
+            node.destroy_client(client)
         if own:
             executor.shutdown()
             node.destroy_node()
