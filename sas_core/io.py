@@ -1,4 +1,4 @@
-"""Atomic file writing and PLY point-cloud files.
+"""Atomic file writing and PLY point-cloud / mesh files.
 
 Every file the library writes goes through :func:`atomic_path` / :func:`atomic_write_bytes`: the
 data is written to a temporary file in the destination folder, flushed to disk, then renamed over
@@ -58,11 +58,10 @@ def atomic_write_text(path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
-# PLY properties we write, in order: (name, numpy dtype, PLY type name).
+# NumPy dtype -> PLY type name of the properties write_ply writes.
 _PLY_TYPES = {np.dtype("float32"): "float", np.dtype("float64"): "double", np.dtype("uint8"): "uchar",
               np.dtype("int32"): "int", np.dtype("uint32"): "uint", np.dtype("int16"): "short",
               np.dtype("uint16"): "ushort", np.dtype("int8"): "char"}
-_PLY_NAMES = {v: k for k, v in _PLY_TYPES.items()}
 
 
 def write_ply(path, positions, colors=None, normals=None, labels=None, scores=None, **extra) -> None:
@@ -111,37 +110,80 @@ def write_ply(path, positions, colors=None, normals=None, labels=None, scores=No
 
 
 def read_ply(path) -> dict:
-    """Read a binary little-endian PLY vertex table written by :func:`write_ply` (or similar).
+    """Read the vertex table (and triangles) of a PLY file: point clouds and meshes such as ScanNet's
+    ``_vh_clean_2.ply`` (vertex + face elements), binary little/big endian or ASCII, via ``plyfile``.
 
-    Returns a dict of (N,) arrays by property name, plus ``positions`` (N, 3).
+    Returns a dict of (N,) arrays by vertex property name (``x``, ``red``, ``label``, ...), plus
+    ``positions`` (N, 3) and, when the file has a face element, ``faces`` (F, 3) int64 vertex
+    indices of its triangles (polygons are fanned into triangles).
+
+    Memory stays bounded by the file size: the element counts of the header are checked against
+    the bytes that follow it before anything is allocated (``plyfile`` itself allocates
+    count x row size up front, 12 GB for a 100-byte file claiming a billion vertices). Every
+    malformed file raises ValueError naming the file.
     """
+    from plyfile import PlyData, PlyParseError
+
     path = Path(path)
-    with open(path, "rb") as f:
-        if f.readline().strip() != b"ply":
-            raise ValueError(f"{path} is not a PLY file")
-        fmt, n, props = None, None, []
-        while True:
-            line = f.readline()
-            if not line:
-                raise ValueError(f"{path}: PLY header has no end_header")
-            words = line.decode("ascii", "replace").split()
-            if not words:
-                continue
-            if words[0] == "format":
-                fmt = words[1]
-            elif words[0] == "element":
-                if words[1] != "vertex":
-                    break
-                n = int(words[2])
-            elif words[0] == "property" and n is not None:
-                if words[1] == "list" or words[1] not in _PLY_NAMES:
-                    raise ValueError(f"{path}: unsupported PLY property {' '.join(words[1:])}")
-                props.append((words[2], _PLY_NAMES[words[1]].newbyteorder("<")))
-            elif words[0] == "end_header":
-                break
-        if fmt != "binary_little_endian" or n is None:
-            raise ValueError(f"{path}: only binary_little_endian vertex PLY is supported (got {fmt})")
-        table = np.frombuffer(f.read(np.dtype(props).itemsize * n), dtype=np.dtype(props), count=n)
-    out = {name: np.array(table[name]) for name, _ in props}
-    out["positions"] = np.stack([out["x"], out["y"], out["z"]], axis=1)
+    try:
+        with open(path, "rb") as f:
+            header = PlyData._parse_header(f)  # header only (plyfile has no public header reader)
+            data_bytes = os.fstat(f.fileno()).st_size - f.tell()
+    except PlyParseError as exc:
+        raise ValueError(f"{path}: not a PLY file or a broken header ({exc})") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"{path}: not a PLY file (the header is not text)") from None
+    names = [e.name for e in header.elements]
+    if "vertex" not in names:
+        raise ValueError(f"{path}: PLY file has no vertex element (elements: {', '.join(names) or 'none'})")
+    _check_ply_sizes(path, header, data_bytes)
+    try:
+        ply = PlyData.read(str(path), mmap=False)
+        vertex = ply["vertex"].data
+        out = {name: np.array(vertex[name]) for name in vertex.dtype.names}
+        faces = _ply_triangles(ply["face"]) if "face" in names else None
+    except (PlyParseError, ValueError, KeyError, IndexError) as exc:
+        raise ValueError(f"{path}: malformed PLY data ({exc})") from None
+    missing = [k for k in ("x", "y", "z") if k not in out]
+    if missing:
+        raise ValueError(f"{path}: PLY vertices have no {'/'.join(missing)} coordinate")
+    out["positions"] = np.stack([out["x"], out["y"], out["z"]], axis=1).astype(np.float32, copy=False)
+    if faces is not None:
+        if len(faces) and (faces.min() < 0 or faces.max() >= len(out["positions"])):
+            raise ValueError(f"{path}: PLY faces index vertices outside 0..{len(out['positions']) - 1}")
+        out["faces"] = faces
     return out
+
+
+def _check_ply_sizes(path, header, data_bytes: int) -> None:
+    """Refuse element counts the file's remaining bytes cannot hold (before plyfile allocates)."""
+    need = 0
+    for element in header.elements:
+        row = 0
+        for prop in element.properties:
+            if hasattr(prop, "len_dtype"):  # list property: at least its length field per row
+                row += 1 if header.text else np.dtype(prop.len_dtype).itemsize
+            else:
+                row += 1 if header.text else np.dtype(prop.val_dtype).itemsize
+        need += int(element.count) * max(row, 1)
+        if need > data_bytes:
+            raise ValueError(f"{path}: PLY header declares {element.count} {element.name} rows, more than the "
+                             f"file's {data_bytes} bytes of data can hold (truncated or corrupt file)")
+
+
+def _ply_triangles(face) -> np.ndarray:
+    """(F, 3) int64 triangles of a PLY face element (``vertex_indices`` or ``vertex_index``)."""
+    names = face.data.dtype.names
+    key = next((k for k in ("vertex_indices", "vertex_index") if k in names), None)
+    if key is None:
+        raise ValueError(f"face element has no vertex_indices list (properties: {', '.join(names)})")
+    polys = face.data[key]
+    if len(polys) == 0:
+        return np.zeros((0, 3), np.int64)
+    lengths = np.fromiter((len(p) for p in polys), np.int64, count=len(polys))
+    if (lengths == 3).all():
+        return np.stack(polys).astype(np.int64)
+    if (lengths < 3).any():
+        raise ValueError("a PLY face has fewer than 3 vertices")
+    tris = [np.stack([np.full(n - 2, poly[0]), poly[1:n - 1], poly[2:n]], 1) for poly, n in zip(polys, lengths)]
+    return np.concatenate(tris).astype(np.int64)
