@@ -128,7 +128,7 @@ def rng_state() -> dict:
     import torch
 
     name, key, pos, has_gauss, gauss = np.random.get_state()
-    # plain types and tensors only, so checkpoints load with torch.load(weights_only=True)
+    # plain types and tensors only, so checkpoints load as data (sas_core.io.load_torch_file)
     return {"python": random.getstate(), "numpy": [name, torch.from_numpy(key.astype(np.int64)), int(pos),
                                                    int(has_gauss), float(gauss)],
             "torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}

@@ -64,7 +64,12 @@ class TemporalEnsemble:
         if scene not in self:
             raise KeyError(f"no TESD history for scene {scene!r}")
         if self.offload_dir:
-            return torch.load(self._file(scene), map_location="cpu", weights_only=True)
+            from sas_core.io import load_torch_file
+
+            value = load_torch_file(self._file(scene), what="TESD history")
+            if not isinstance(value, torch.Tensor):
+                raise ValueError(f"{self._file(scene)}: TESD history must be a tensor, got {type(value).__name__}")
+            return value
         return self._mem[scene]
 
     def _put(self, scene: str, value: torch.Tensor) -> None:
