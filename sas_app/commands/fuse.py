@@ -151,19 +151,12 @@ def fuse_frames(points, frames, teacher, config, device="cpu", progress=True, to
 def classify(fused, text, chunk: int = 65536):
     """(N,) int64 argmax over the (K, C) class text embeddings; NO_FEATURE where no feature."""
     import numpy as np
-    import torch
 
     from sas_core.eval.metrics import NO_FEATURE
+    from sas_core.text import text_labels
 
-    n = len(fused)
-    pred = np.full(n, NO_FEATURE, dtype=np.int64)
-    text = text.to(fused.features.device, torch.float32)
-    labels = torch.empty(n, dtype=torch.int64)
-    for a in range(0, n, chunk):
-        labels[a:a + chunk] = (fused.features[a:a + chunk].float() @ text.T).argmax(1).cpu()
-    mask = fused.mask.cpu().numpy()
-    pred[mask] = labels.numpy()[mask]
-    return pred
+    labels = text_labels(fused.features, text, chunk=chunk)[0].cpu().numpy()
+    return np.where(fused.mask.cpu().numpy(), labels, NO_FEATURE).astype(np.int64)
 
 
 def _report(name, fused, labels, encoder, vocabulary):

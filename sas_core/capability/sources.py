@@ -228,11 +228,12 @@ def teacher_class_mask(teacher, frame: Frame, text, class_index: int) -> np.ndar
     import torch
     import torch.nn.functional as F
 
+    from sas_core.text import text_labels
+
     feats, valid = teacher.features(frame)
     feats = torch.as_tensor(feats)
     valid = torch.as_tensor(np.asarray(valid) if not isinstance(valid, torch.Tensor) else valid).bool()
-    text = torch.as_tensor(text).to(feats.device).float()
-    pred = torch.einsum("hwc,kc->hwk", feats.float(), text).argmax(dim=-1)
+    pred = text_labels(feats, text)[0]  # (h, w) argmax of f . text_k
     m = (pred == class_index) & valid.to(pred.device)
     H, W = frame.color.shape[:2]
     if m.shape != (H, W):

@@ -205,7 +205,7 @@ class MaskClipTeacher:
                  mask_generator: Optional[Callable] = None, captioner: Optional[Callable] = None):
         import torch
 
-        from sas_core.teachers.clip_models import image_mean_std, image_size, load_open_clip
+        from sas_core.clip import image_mean_std, image_size, load_open_clip
         from sas_core.text import OpenClipTextEncoder
 
         self.config = config or MaskTeacherConfig()

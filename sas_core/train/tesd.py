@@ -26,7 +26,8 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
-from sas_core.train.losses import contiguous_ids, segment_mean, text_logits
+from sas_core.text import text_labels
+from sas_core.train.losses import contiguous_ids, segment_mean
 
 
 class TemporalEnsemble:
@@ -132,8 +133,8 @@ class TemporalEnsemble:
         """
         ids, n = contiguous_ids(seg)
         means, _ = segment_mean(ensemble.float(), ids, n)
-        sp = text_logits(means, text.float(), 1.0).argmax(1)
-        point = sp[ids] if point_from_superpoint else text_logits(ensemble.float(), text.float(), 1.0).argmax(1)
+        sp = text_labels(means, text, normalize=True)[0]
+        point = sp[ids] if point_from_superpoint else text_labels(ensemble, text, normalize=True)[0]
         return point, sp
 
     # -- checkpointing ---------------------------------------------------------------------------
