@@ -86,7 +86,7 @@ def _teachers(args, vocab):
         chosen = [t for t in (dense, mask) if "simulated" in names or t.name in names]
         return chosen, encoder, {t.name: t.config.to_dict() for t in chosen}
     from sas_core.teachers.dense_clip import DenseClipConfig, DenseClipTeacher
-    from sas_core.teachers.clip_models import load_open_clip
+    from sas_core.clip import load_open_clip
     from sas_core.text import OpenClipTextEncoder
 
     model = load_open_clip(args.clip_model, args.clip_checkpoint, args.device)
