@@ -27,7 +27,7 @@ import numpy as np
 
 from sas_core.types import PointCloud
 
-__all__ = ["InferenceConfig", "PRECISIONS", "Segmenter", "ensemble_features", "load_point_cloud", "parse_vocabulary"]
+__all__ = ["InferenceConfig", "PRECISIONS", "Segmenter", "ensemble_features", "load_point_cloud"]
 
 
 @dataclass
@@ -432,32 +432,3 @@ def load_point_cloud(path) -> PointCloud:
     if not finite.all():
         raise ValueError(f"{path}: {int((~finite).sum())} points have NaN/inf coordinates")
     return PointCloud(positions=pos, colors=colors, normals=normals, labels=labels)
-
-
-def parse_vocabulary(spec: str) -> Tuple[str, ...]:
-    """Class names from a vocabulary spec: a named vocabulary (``scannet20``, ``matterport160``...),
-    a text file with one name per line, or a comma-separated list ``"chair,table,lamp"``."""
-    from sas_core.text import get_vocabulary
-
-    spec = str(spec).strip()
-    if not spec:
-        raise ValueError("empty vocabulary")
-    p = Path(spec)
-    if p.suffix in (".txt", ".csv") or p.is_file():
-        if not p.is_file():
-            raise FileNotFoundError(f"vocabulary file {p} not found")
-        names = [ln.strip() for ln in p.read_text(encoding="utf-8").splitlines()]
-        names = [n for n in names if n and not n.startswith("#")]
-        if not names:
-            raise ValueError(f"vocabulary file {p} has no class names")
-        return tuple(names)
-    if "," in spec:
-        names = tuple(n.strip() for n in spec.split(",") if n.strip())
-        if not names:
-            raise ValueError(f"no class names in {spec!r}")
-        return names
-    try:
-        return tuple(get_vocabulary(spec))
-    except ValueError as e:
-        raise ValueError(f"{e}; or give a file with one class name per line, or comma-separated names "
-                         "such as 'chair,table'") from None

@@ -106,6 +106,48 @@ def get_vocabulary(name: str) -> Tuple[str, ...]:
     return VOCABULARIES[key]
 
 
+def parse_vocabulary(spec) -> Tuple[str, ...]:
+    """Class names from a vocabulary spec: THE parser of every ``--vocab``/``--vocabulary`` value.
+
+    ``spec`` is a named vocabulary (``scannet20``, ``matterport160``, ... see :func:`get_vocabulary`),
+    a text file with one name per line (``#`` comments and blank lines skipped), or comma-separated
+    names ``"chair,table,lamp"`` (a single class: ``"chair,"``); a sequence of names is taken as is.
+    An unknown name is an error, never a one-class vocabulary named like the typo; duplicates are
+    errors too.
+    """
+    from pathlib import Path
+
+    if isinstance(spec, (list, tuple)):
+        names = tuple(str(n).strip() for n in spec)
+        what = "the class names"
+    else:
+        spec = str(spec).strip()
+        if not spec:
+            raise ValueError("empty vocabulary")
+        p = Path(spec).expanduser()
+        if p.suffix in (".txt", ".csv") or p.is_file():
+            if not p.is_file():
+                raise FileNotFoundError(f"vocabulary file {p} not found")
+            names = tuple(n for n in (ln.strip() for ln in p.read_text(encoding="utf-8").splitlines())
+                          if n and not n.startswith("#"))
+            what = f"vocabulary file {p}"
+        elif "," in spec:
+            names = tuple(n.strip() for n in spec.split(",") if n.strip())
+            what = repr(spec)
+        else:
+            try:
+                return tuple(get_vocabulary(spec))
+            except ValueError as e:
+                raise ValueError(f"{e}; or give a file with one class name per line, or comma-separated names "
+                                 "such as 'chair,table' (one class: 'chair,')") from None
+    if not names or not all(names):
+        raise ValueError(f"no class names in {what}" if not names else f"empty class name in {what}")
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise ValueError(f"duplicate class names in {what}: {', '.join(dup)}")
+    return names
+
+
 # ----------------------------------------------------------------------------------- prompts
 
 PROMPT_TEMPLATE = "a {} in a scene"

@@ -124,9 +124,9 @@ def _source(args, cache: Path):
 
 def run(args) -> int:
     from sas_core.capability.sources import build_table
-    from sas_core.text import class_embeddings, get_vocabulary
+    from sas_core.text import class_embeddings, parse_vocabulary
 
-    vocab = list(get_vocabulary(args.vocabulary))
+    vocab = list(parse_vocabulary(args.vocabulary))
     out = Path(args.output)
     cache = Path(args.cache) if args.cache else out.with_name(out.name + ".cache")
     teachers, encoder, models = _teachers(args, vocab)

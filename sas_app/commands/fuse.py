@@ -231,12 +231,12 @@ def _run_dataset(args, config) -> int:
 
     from sas_core.data.fused_features import fused_feature_paths, save_scene_features, scene_name
     from sas_core.data.openscene import list_scenes, load_openscene_scene
-    from sas_core.text import get_vocabulary
+    from sas_core.text import parse_vocabulary
 
     root = Path(args.data)
     if not root.is_dir():
         raise FileNotFoundError(f"dataset root not found: {root}")
-    vocabulary = get_vocabulary(args.vocabulary)
+    vocabulary = parse_vocabulary(args.vocabulary)
     names = args.teacher or ["sim_dense"]
     if args.out and len(names) > 1:
         raise ValueError("--out writes one teacher's features: pass a single --teacher")

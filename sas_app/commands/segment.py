@@ -43,8 +43,9 @@ def run(args) -> int:
 
     import numpy as np
 
-    from sas_core.infer import InferenceConfig, Segmenter, load_point_cloud, parse_vocabulary
+    from sas_core.infer import InferenceConfig, Segmenter, load_point_cloud
     from sas_core.io import atomic_path, write_ply
+    from sas_core.text import parse_vocabulary
 
     names = parse_vocabulary(args.vocab)
     cloud = load_point_cloud(args.cloud)
