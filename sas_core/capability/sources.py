@@ -52,13 +52,9 @@ def slug(name: str) -> str:
 
 
 def _save_png(path: Path, array: np.ndarray) -> None:
-    from PIL import Image
+    from sas_core.viz import save_png
 
-    from sas_core.io import atomic_path
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path, suffix=".png") as tmp:
-        Image.fromarray(array).save(tmp, format="PNG")
+    save_png(path, array)
 
 
 def _load_png(path: Path) -> np.ndarray:
