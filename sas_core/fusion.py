@@ -163,10 +163,12 @@ def _chunks(n: int, chunk_size: int) -> Iterator[slice]:
 
 
 def predict_classes(features, text):
-    """Eq. 6: ``argmax_k features . text_k``.  features (N, C), text (K, C) -> (N,) int64."""
+    """Eq. 6: ``argmax_k features . text_k``.  features (..., C), text (K, C) -> (...,) int64
+    (raw dot products, as the public code; :func:`sas_core.text.text_labels`)."""
+    from sas_core.text import text_labels
+
     f = _as_tensor(features)
-    t = _as_tensor(text, f.device)
-    return (f.float() @ t.float().T).argmax(dim=-1)
+    return text_labels(f, _as_tensor(text, f.device))[0]
 
 
 def capability_weights(preds, capability, masks=None, tau: float = 0.05, weight_norm: str = "mean"):
@@ -251,7 +253,7 @@ def capability_fusion(
     for sl in _chunks(n, chunk_size):
         x = _stack([f[sl] for f in feats], normalize_inputs)  # (T, n, C)
         m = mask[:, sl]
-        preds = torch.einsum("tnc,kc->tnk", x, text32).argmax(dim=-1)  # eq. 6, (T, n)
+        preds = predict_classes(x, text32)  # eq. 6, (T, n)
         w = capability_weights(preds, cap, m, tau=tau, weight_norm=weight_norm)  # eq. 7-8 softmax
         out = torch.einsum("tn,tnc->nc", w, x)
         outs.append(_finish(out, m.any(dim=0), normalize_output, dtype))

@@ -27,7 +27,7 @@ import numpy as np
 
 from sas_core.types import PointCloud
 
-__all__ = ["InferenceConfig", "PRECISIONS", "Segmenter", "ensemble_features", "load_point_cloud", "parse_vocabulary"]
+__all__ = ["InferenceConfig", "PRECISIONS", "Segmenter", "ensemble_features", "load_point_cloud"]
 
 
 @dataclass
@@ -365,24 +365,6 @@ def ensemble_features(features_3d, features_2d, text, mask=None):
 
 # ---------------------------------------------------------------------- point cloud files
 
-def _torch_load_arrays(path):
-    import torch
-
-    safe = [np.ndarray, np.dtype]
-    try:
-        from numpy._core.multiarray import _reconstruct
-    except ImportError:  # pragma: no cover - NumPy 1.x
-        from numpy.core.multiarray import _reconstruct
-    safe.append(_reconstruct)
-    safe += [getattr(np.dtypes, n) for n in dir(np.dtypes) if n.endswith("DType")]
-    try:
-        with torch.serialization.safe_globals(safe):
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - any unpickling failure is a bad file for the user
-        raise ValueError(f"{path}: cannot read as an OpenScene .pth point cloud ({type(e).__name__}: "
-                         f"{str(e).splitlines()[0][:200]})") from e
-
-
 def load_point_cloud(path) -> PointCloud:
     """Read a point cloud file.
 
@@ -412,22 +394,10 @@ def load_point_cloud(path) -> PointCloud:
         if "label" in d:
             labels = d["label"].astype(np.int64)
     elif suffix == ".pth":
-        obj = _torch_load_arrays(path)
-        if isinstance(obj, dict):
-            pos = obj.get("coords", obj.get("positions"))
-            colors, labels = obj.get("colors"), obj.get("labels")
-        elif isinstance(obj, (tuple, list)) and len(obj) >= 1:
-            pos = obj[0]
-            colors = obj[1] if len(obj) > 1 else None
-            labels = obj[2] if len(obj) > 2 else None
-        else:
-            raise ValueError(f"{path}: expected (coords, colors, labels) or a dict, got {type(obj).__name__}")
-        if pos is None:
-            raise ValueError(f"{path}: no coordinates found")
-        if colors is not None:
-            colors = (np.asarray(colors, dtype=np.float32) + 1.0) / 2.0       # OpenScene stores [-1, 1]
-        if labels is not None:
-            labels = np.asarray(labels).astype(np.int64).reshape(-1)
+        from sas_core.data.openscene import read_pth
+
+        pos, colors, labels = read_pth(path)
+        colors = np.clip((colors + 1.0) / 2.0, 0.0, 1.0)  # OpenScene stores [-1, 1]
     elif suffix in (".npy", ".npz"):
         try:
             arr = np.load(path, allow_pickle=False)
@@ -462,32 +432,3 @@ def load_point_cloud(path) -> PointCloud:
     if not finite.all():
         raise ValueError(f"{path}: {int((~finite).sum())} points have NaN/inf coordinates")
     return PointCloud(positions=pos, colors=colors, normals=normals, labels=labels)
-
-
-def parse_vocabulary(spec: str) -> Tuple[str, ...]:
-    """Class names from a vocabulary spec: a named vocabulary (``scannet20``, ``matterport160``...),
-    a text file with one name per line, or a comma-separated list ``"chair,table,lamp"``."""
-    from sas_core.text import get_vocabulary
-
-    spec = str(spec).strip()
-    if not spec:
-        raise ValueError("empty vocabulary")
-    p = Path(spec)
-    if p.suffix in (".txt", ".csv") or p.is_file():
-        if not p.is_file():
-            raise FileNotFoundError(f"vocabulary file {p} not found")
-        names = [ln.strip() for ln in p.read_text(encoding="utf-8").splitlines()]
-        names = [n for n in names if n and not n.startswith("#")]
-        if not names:
-            raise ValueError(f"vocabulary file {p} has no class names")
-        return tuple(names)
-    if "," in spec:
-        names = tuple(n.strip() for n in spec.split(",") if n.strip())
-        if not names:
-            raise ValueError(f"no class names in {spec!r}")
-        return names
-    try:
-        return tuple(get_vocabulary(spec))
-    except ValueError as e:
-        raise ValueError(f"{e}; or give a file with one class name per line, or comma-separated names "
-                         "such as 'chair,table'") from None

@@ -1,16 +1,21 @@
-"""Atomic file writing and PLY point-cloud / mesh files.
+"""Atomic file writing, PLY point-cloud / mesh files, and the one safe loader of ``.pt``/``.pth`` files.
 
 Every file the library writes goes through :func:`atomic_path` / :func:`atomic_write_bytes`: the
 data is written to a temporary file in the destination folder, flushed to disk, then renamed over
 the destination, so a crash or a full disk never leaves a half-written file behind (the previous
 version, if any, survives).
+
+Every ``.pt`` / ``.pth`` / ``.pth.tar`` file the library reads goes through
+:func:`load_torch_file`: files are data, never code (no unpickling; one allow-list).
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import os
 import tempfile
+import threading
 from pathlib import Path
 from typing import Iterator, Optional
 
@@ -187,3 +192,140 @@ def _ply_triangles(face) -> np.ndarray:
         raise ValueError("a PLY face has fewer than 3 vertices")
     tris = [np.stack([np.full(n - 2, poly[0]), poly[1:n - 1], poly[2:n]], 1) for poly, n in zip(polys, lengths)]
     return np.concatenate(tris).astype(np.int64)
+
+
+# ------------------------------------------------------------------------------------------------
+# .pt / .pth / .pth.tar files: data, never code
+
+class UnsafeFileError(ValueError):
+    """A ``.pt``/``.pth`` file holds a Python object outside the allow-list (it could run code)."""
+
+    def __init__(self, path, refused: str):
+        self.path = str(path)
+        self.refused = refused
+        super().__init__(
+            f"{path}: refused to load {refused}: unpickling it could run arbitrary code, so SAS-ROS reads "
+            ".pt/.pth files as data only (tensors, NumPy arrays, plain Python types). If the file comes "
+            "from a source you trust (e.g. an official OpenScene/SAS release), convert it once with "
+            f"`sas import-checkpoint --trust {path} OUT.pt` (a 3D checkpoint) or "
+            f"`sas import-checkpoint --trust --data {path} OUT` (a point or feature file) and use OUT")
+
+
+_TORCH_LOAD_LOCK = threading.Lock()  # safe_globals changes a process-wide list
+
+
+def torch_safe_globals() -> list:
+    """The ONE allow-list of Python globals a ``.pt``/``.pth`` file may name (beyond torch's own
+    tensor/storage rebuilders and plain containers such as dict, list, tuple, OrderedDict).
+
+    NumPy arrays, dtypes and scalars as pickled by NumPy 1.x (``numpy.core.*``) and 2.x
+    (``numpy._core.*``): what OpenScene point files, fused features and release checkpoints
+    (``best_iou`` as a NumPy scalar) hold. Nothing that can call arbitrary code: no
+    ``argparse.Namespace``, no classes of other libraries.
+    """
+    import numpy
+
+    core = getattr(numpy, "_core", None) or numpy.core  # NumPy 2.x name first
+    recon, scalar = core.multiarray._reconstruct, core.multiarray.scalar
+    out = [numpy.ndarray, numpy.dtype, recon, scalar,
+           # the same functions under the other major version's module name (pickles name them)
+           (recon, "numpy.core.multiarray._reconstruct"), (recon, "numpy._core.multiarray._reconstruct"),
+           (scalar, "numpy.core.multiarray.scalar"), (scalar, "numpy._core.multiarray.scalar")]
+    dtypes = getattr(numpy, "dtypes", None)  # DType classes (NumPy >= 1.25)
+    if dtypes is not None:
+        out += [getattr(dtypes, n) for n in sorted(dir(dtypes)) if n.endswith("DType")]
+    return out
+
+
+def _refused_global(message: str) -> Optional[str]:
+    import re
+
+    m = re.search(r"GLOBAL ([\w.]+)", message)
+    return m.group(1) if m else None
+
+
+def load_torch_file(path, map_location="cpu", what: str = "file"):
+    """Load a ``.pt`` / ``.pth`` / ``.pth.tar`` file as data: the ONE loader of such files.
+
+    ``torch.load(weights_only=True)`` with :func:`torch_safe_globals` allowed; nothing is ever
+    unpickled beyond that (the only exception is ``sas import-checkpoint --trust``, run by a user
+    on a file they trust).
+
+    Args:
+        path: the file.
+        map_location: as for ``torch.load``.
+        what: what the file is, for error messages ("checkpoint", "OpenScene point file", ...).
+
+    Raises:
+        FileNotFoundError: no such file.
+        UnsafeFileError: the file names a type outside the allow-list (a ValueError; nothing of it ran).
+        ValueError: empty, truncated or not a torch file.
+    """
+    import pickle
+    import zipfile
+
+    import torch
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} not found: {path}")
+    if path.stat().st_size == 0:
+        raise ValueError(f"{path}: empty {what}")
+    try:
+        with _TORCH_LOAD_LOCK, torch.serialization.safe_globals(torch_safe_globals()):
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        refused = _refused_global(str(e))
+        if refused is not None:
+            raise UnsafeFileError(path, f"the Python object {refused!r}") from None
+        detail = next((ln.strip() for ln in str(e).splitlines() if "Unsupported" in ln), _first_line(e))
+        raise ValueError(f"{path}: cannot read {what}: corrupt or truncated, or not a torch file ({detail}); "
+                         "nothing of it was executed") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, AttributeError, ImportError, KeyError,
+            TypeError, ValueError, IndexError) as e:
+        raise ValueError(f"{path}: cannot read {what}: corrupt or truncated ({type(e).__name__}: "
+                         f"{_first_line(e)})") from e
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc)
+    return text.splitlines()[0][:200] if text else ""
+
+
+def plain_data(obj, where: str = "file", _depth: int = 0):
+    """``obj`` rebuilt from plain types that :func:`load_torch_file` accepts.
+
+    Tensors and NumPy arrays (numeric/bool dtypes) are kept; NumPy scalars become Python numbers;
+    dicts (OrderedDict too), lists and tuples are rebuilt; ``argparse.Namespace``-like objects
+    become dicts of their attributes; str, bytes,
+    numbers, bool and None stay. Anything else raises ValueError naming where it was. Used by
+    ``sas import-checkpoint --trust`` after it unpickled a file the user trusts.
+    """
+    import argparse
+
+    import torch
+
+    if _depth > 64:
+        raise ValueError(f"{where}: nested more than 64 levels deep")
+    if obj is None or isinstance(obj, (bool, int, float, complex, str, bytes)):
+        return obj
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu()
+    if isinstance(obj, np.ndarray):
+        if obj.dtype.kind not in "biufc":
+            raise ValueError(f"{where}: NumPy array of dtype {obj.dtype} (only numeric and bool arrays are data)")
+        return obj
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, dict):
+        bad = [k for k in obj if not isinstance(k, (str, int, float, bool, type(None)))]
+        if bad:
+            raise ValueError(f"{where}: dict key of type {type(bad[0]).__name__} is not plain data")
+        items = ((k, plain_data(v, f"{where}[{k!r}]", _depth + 1)) for k, v in obj.items())
+        return collections.OrderedDict(items) if isinstance(obj, collections.OrderedDict) else dict(items)
+    if isinstance(obj, (list, tuple)):
+        items = [plain_data(v, f"{where}[{i}]", _depth + 1) for i, v in enumerate(obj)]
+        return items if isinstance(obj, list) else tuple(items)
+    if isinstance(obj, argparse.Namespace):
+        return {k: plain_data(v, f"{where}.{k}", _depth + 1) for k, v in vars(obj).items()}
+    raise ValueError(f"{where}: a {type(obj).__module__}.{type(obj).__qualname__} is not plain data")

@@ -106,6 +106,48 @@ def get_vocabulary(name: str) -> Tuple[str, ...]:
     return VOCABULARIES[key]
 
 
+def parse_vocabulary(spec) -> Tuple[str, ...]:
+    """Class names from a vocabulary spec: THE parser of every ``--vocab``/``--vocabulary`` value.
+
+    ``spec`` is a named vocabulary (``scannet20``, ``matterport160``, ... see :func:`get_vocabulary`),
+    a text file with one name per line (``#`` comments and blank lines skipped), or comma-separated
+    names ``"chair,table,lamp"`` (a single class: ``"chair,"``); a sequence of names is taken as is.
+    An unknown name is an error, never a one-class vocabulary named like the typo; duplicates are
+    errors too.
+    """
+    from pathlib import Path
+
+    if isinstance(spec, (list, tuple)):
+        names = tuple(str(n).strip() for n in spec)
+        what = "the class names"
+    else:
+        spec = str(spec).strip()
+        if not spec:
+            raise ValueError("empty vocabulary")
+        p = Path(spec).expanduser()
+        if p.suffix in (".txt", ".csv") or p.is_file():
+            if not p.is_file():
+                raise FileNotFoundError(f"vocabulary file {p} not found")
+            names = tuple(n for n in (ln.strip() for ln in p.read_text(encoding="utf-8").splitlines())
+                          if n and not n.startswith("#"))
+            what = f"vocabulary file {p}"
+        elif "," in spec:
+            names = tuple(n.strip() for n in spec.split(",") if n.strip())
+            what = repr(spec)
+        else:
+            try:
+                return tuple(get_vocabulary(spec))
+            except ValueError as e:
+                raise ValueError(f"{e}; or give a file with one class name per line, or comma-separated names "
+                                 "such as 'chair,table' (one class: 'chair,')") from None
+    if not names or not all(names):
+        raise ValueError(f"no class names in {what}" if not names else f"empty class name in {what}")
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise ValueError(f"duplicate class names in {what}: {', '.join(dup)}")
+    return names
+
+
 # ----------------------------------------------------------------------------------- prompts
 
 PROMPT_TEMPLATE = "a {} in a scene"
@@ -227,6 +269,45 @@ def class_embeddings(encoder: TextEncoder, names: Sequence[str],
     emb = encoder.encode(prompts).float().reshape(len(templates), len(names), -1)
     emb = torch.nn.functional.normalize(emb, dim=-1).mean(0)
     return torch.nn.functional.normalize(emb, dim=-1)
+
+
+def text_labels(features, text, normalize: bool = False, chunk: int = 65536) -> "Tuple[torch.Tensor, torch.Tensor]":
+    """The ONE argmax against class text embeddings: labels and scores ``argmax_k / max_k f . t_k``.
+
+    Args:
+        features: (..., C) features (torch or NumPy; any float dtype, computed in float32).
+        text: (K, C) class text embeddings.
+        normalize: L2-normalise features and text first, so scores are cosines (the inference
+            rule, TESD pseudo-labels). Without it scores are raw dot products (eq. 6 of the
+            fusion, teacher masks). The argmax is the same either way when the text rows are
+            unit vectors (``f . t_k`` scales with ``|f|`` only); the scores differ.
+        chunk: rows per matrix product (bounds the (chunk, K) score block).
+
+    Returns:
+        labels (...,) int64 and scores (...,) float32, torch tensors on ``features``' device.
+        Rows that are all zero get label 0 and score 0.
+    """
+    import torch
+
+    f = torch.as_tensor(features)
+    t = torch.as_tensor(text).to(f.device, torch.float32)
+    if t.dim() != 2 or f.shape[-1] != t.shape[1] or len(t) == 0:
+        raise ValueError(f"features (..., {f.shape[-1] if f.dim() else '?'}) and text {tuple(t.shape)} do not match: "
+                         "expected (..., C) and (K, C) with K >= 1")
+    if normalize:
+        t = torch.nn.functional.normalize(t, dim=1)
+    lead = f.shape[:-1]
+    flat = f.reshape(-1, f.shape[-1])
+    labels = torch.empty(len(flat), dtype=torch.int64, device=f.device)
+    scores = torch.empty(len(flat), dtype=torch.float32, device=f.device)
+    step = max(1, int(chunk))
+    for a in range(0, len(flat), step):
+        block = flat[a:a + step].float()
+        if normalize:
+            block = torch.nn.functional.normalize(block, dim=1)
+        best = (block @ t.T).max(dim=1)
+        scores[a:a + step], labels[a:a + step] = best.values, best.indices
+    return labels.reshape(lead), scores.reshape(lead)
 
 
 def stable_seed(*parts) -> int:
@@ -425,7 +506,7 @@ class OpenClipTextEncoder:
 
     def __init__(self, model_name: str, checkpoint_path: Optional[str], device: str = "cpu",
                  batch_size: int = 256, model=None):
-        from sas_core.teachers.clip_models import load_open_clip, open_clip_tokenizer
+        from sas_core.clip import load_open_clip, open_clip_tokenizer
 
         self.model_name = str(model_name)
         self.checkpoint_path = None if checkpoint_path is None else str(checkpoint_path)

@@ -34,7 +34,9 @@ def label_palette(n_classes: int = 20, seed: int = 0) -> np.ndarray:
 
 
 def label_colors(labels) -> np.ndarray:
-    """(N,) integer labels -> (N, 3) uint8 colours (255 and out-of-range labels grey)."""
+    """(N,) integer labels -> (N, 3) uint8 colours (255 and out-of-range labels grey).
+
+    THE label palette of every PLY, image and marker we write: :func:`label_palette`."""
     labels = np.asarray(labels).astype(np.int64)
     table = label_palette()
     out = np.empty(labels.shape + (3,), np.uint8)
@@ -42,6 +44,19 @@ def label_colors(labels) -> np.ndarray:
     out[ok] = table[labels[ok]]
     out[~ok] = IGNORE_COLOR
     return out
+
+
+def relevance_colors(relevance, cmap: str = "turbo") -> np.ndarray:
+    """(N,) relevance scores -> (N, 3) uint8 colours of a matplotlib colormap, stretched between
+    the 1st and 99th percentiles (so a few outliers do not wash out the map)."""
+    from matplotlib import colormaps
+
+    if cmap not in colormaps:
+        raise ValueError(f"unknown colormap {cmap!r}")
+    rel = np.asarray(relevance, dtype=np.float64).reshape(-1)
+    lo, hi = np.percentile(rel, [1, 99]) if len(rel) else (0.0, 1.0)
+    x = np.clip((rel - lo) / max(hi - lo, 1e-9), 0, 1)
+    return (colormaps[cmap](x)[:, :3] * 255).astype(np.uint8)
 
 
 def topdown_image(positions, colors=None, labels=None, resolution: float = 0.02, *,

@@ -360,7 +360,7 @@ def test_end_to_end_tiny_diffusion_sam_clip(tmp_path):
     from sas_core.capability.sources import DiffusionSource, build_table
 
     teachers_mod = pytest.importorskip("sas_core.teachers.dense_clip")
-    from sas_core.teachers.clip_models import build_tiny_clip
+    from sas_core.clip import build_tiny_clip
     from sas_core.text import OpenClipTextEncoder, class_embeddings
 
     clip = build_tiny_clip(seed=0)

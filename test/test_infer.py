@@ -189,13 +189,27 @@ def test_point_cloud_files(tmp_path):
 
 
 def test_parse_vocabulary(tmp_path):
-    assert infer.parse_vocabulary("scannet20") == SCANNET_20
-    assert infer.parse_vocabulary(" chair, table ,lamp") == ("chair", "table", "lamp")
+    from sas_core.text import MATTERPORT_160, parse_vocabulary
+
+    assert not hasattr(infer, "parse_vocabulary")  # one home: sas_core.text
+    assert parse_vocabulary("scannet20") == SCANNET_20 and parse_vocabulary("Matterport-160") == MATTERPORT_160
+    assert parse_vocabulary(" chair, table ,lamp") == ("chair", "table", "lamp")
+    assert parse_vocabulary("chair,") == ("chair",)
+    assert parse_vocabulary(["chair", "sofa"]) == ("chair", "sofa")
     f = tmp_path / "v.txt"
     f.write_text("# mine\nchair\n\nsofa\n")
-    assert infer.parse_vocabulary(str(f)) == ("chair", "sofa")
-    with pytest.raises(ValueError, match="unknown vocabulary"):
-        infer.parse_vocabulary("scanet20")
+    assert parse_vocabulary(str(f)) == ("chair", "sofa")
+    for typo in ("scanet20", "chair"):  # never a one-class vocabulary named like the typo
+        with pytest.raises(ValueError, match="unknown vocabulary"):
+            parse_vocabulary(typo)
+    with pytest.raises(ValueError, match="duplicate class names.*chair"):
+        parse_vocabulary("chair,sofa,chair")
+    with pytest.raises(FileNotFoundError, match="nope.txt"):
+        parse_vocabulary(str(tmp_path / "nope.txt"))
+    with pytest.raises(ValueError, match="empty vocabulary"):
+        parse_vocabulary("  ")
+    with pytest.raises(ValueError, match="no class names"):
+        parse_vocabulary(",,")
 
 
 def run_sas(capsys, *args):

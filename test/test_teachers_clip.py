@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from sas_core.teachers.base import check_teacher_output, frame_from_image
-from sas_core.teachers.clip_models import TINY_CLIP_NAME, build_tiny_clip, save_tiny_clip
+from sas_core.clip import TINY_CLIP_NAME, build_tiny_clip, save_tiny_clip
 from sas_core.teachers.dense_clip import RECIPES, DenseClipConfig, DenseClipTeacher
 from sas_core.teachers.mask_teacher import (
     MaskClipTeacher, MaskTeacherConfig, build_tiny_sam, mask_boxes, sam_mask_generator, smallest_mask_index,

@@ -140,7 +140,7 @@ def test_encoder_config_round_trip():
 
 @pytest.fixture(scope="module")
 def tiny_clip_checkpoint(tmp_path_factory):
-    from sas_core.teachers.clip_models import TINY_CLIP_NAME, save_tiny_clip
+    from sas_core.clip import TINY_CLIP_NAME, save_tiny_clip
 
     path = tmp_path_factory.mktemp("clip") / "tiny_clip.pt"
     save_tiny_clip(path, seed=0)
@@ -181,3 +181,44 @@ def test_text_module_is_light():
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
+
+
+def test_text_labels_argmax_scores_and_normalisation():
+    import torch
+
+    from sas_core.text import text_labels
+
+    rng = np.random.default_rng(0)
+    text = torch.nn.functional.normalize(torch.as_tensor(rng.standard_normal((5, 8)), dtype=torch.float32), dim=1)
+    f = torch.as_tensor(rng.standard_normal((301, 8)), dtype=torch.float32) * torch.linspace(0.1, 9, 301)[:, None]
+    dots = f @ text.T
+    labels, scores = text_labels(f, text, chunk=64)           # chunked == one product
+    assert labels.dtype == torch.int64 and torch.equal(labels, dots.argmax(1))
+    torch.testing.assert_close(scores, dots.max(1).values)
+    cl, cs = text_labels(f.numpy(), text.numpy(), normalize=True)  # NumPy in, cosine scores
+    assert torch.equal(cl, labels)                                # |f| does not change the argmax ...
+    cos = torch.nn.functional.normalize(f, dim=1) @ text.T
+    torch.testing.assert_close(cs, cos.max(1).values)             # ... but it changes the scores
+    assert float(cs.max()) <= 1.0 + 1e-6 and not torch.allclose(cs, scores)
+    # text rows of different norms: normalising the text can change the argmax
+    t2 = torch.tensor([[1.0, 0.0], [0.0, 3.0]])
+    x = torch.tensor([[0.9, 0.5]])
+    assert text_labels(x, t2)[0].item() == 1 and text_labels(x, t2, normalize=True)[0].item() == 0
+    # leading dimensions (an image) are kept
+    img_l, img_s = text_labels(f[:300].reshape(10, 30, 8), text)
+    assert img_l.shape == (10, 30) and torch.equal(img_l.reshape(-1), labels[:300])
+    with pytest.raises(ValueError, match="do not match"):
+        text_labels(f, text[:, :4])
+
+
+def test_text_does_not_import_teachers():
+    """sas_core.text sits below sas_core.teachers: open_clip loading lives in sas_core.clip."""
+    import ast
+    from pathlib import Path
+
+    import sas_core.text as module
+
+    tree = ast.parse(Path(module.__file__).read_text())
+    names = [n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module]
+    names += [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
+    assert "sas_core.clip" in names and not [n for n in names if n.startswith("sas_core.teachers")]

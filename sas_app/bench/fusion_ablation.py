@@ -40,12 +40,10 @@ def _parser():
 
 def _labels(features, mask, text):
     """Argmax labels (N,) int64; NO_FEATURE where mask is False."""
-    import torch
-
     from sas_core.eval.metrics import NO_FEATURE
+    from sas_core.text import text_labels
 
-    f = torch.as_tensor(features).float()
-    pred = (f @ text.float().T).argmax(dim=-1).numpy().astype(np.int64)
+    pred = text_labels(features, text)[0].cpu().numpy()
     return np.where(np.asarray(mask, bool), pred, NO_FEATURE)
 
 

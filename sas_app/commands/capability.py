@@ -86,7 +86,7 @@ def _teachers(args, vocab):
         chosen = [t for t in (dense, mask) if "simulated" in names or t.name in names]
         return chosen, encoder, {t.name: t.config.to_dict() for t in chosen}
     from sas_core.teachers.dense_clip import DenseClipConfig, DenseClipTeacher
-    from sas_core.teachers.clip_models import load_open_clip
+    from sas_core.clip import load_open_clip
     from sas_core.text import OpenClipTextEncoder
 
     model = load_open_clip(args.clip_model, args.clip_checkpoint, args.device)
@@ -124,9 +124,9 @@ def _source(args, cache: Path):
 
 def run(args) -> int:
     from sas_core.capability.sources import build_table
-    from sas_core.text import class_embeddings, get_vocabulary
+    from sas_core.text import class_embeddings, parse_vocabulary
 
-    vocab = list(get_vocabulary(args.vocabulary))
+    vocab = list(parse_vocabulary(args.vocabulary))
     out = Path(args.output)
     cache = Path(args.cache) if args.cache else out.with_name(out.name + ".cache")
     teachers, encoder, models = _teachers(args, vocab)

@@ -72,7 +72,7 @@ def add_arguments(parser):
 def run(args) -> int:
     import json
 
-    from sas_core.text import SyntheticTextEncoder, class_embeddings, get_vocabulary
+    from sas_core.text import SyntheticTextEncoder, class_embeddings, parse_vocabulary
     from sas_core.train.datasets import OpenSceneScenes
     from sas_core.train.distill import DistillConfig, distill, init_distributed
 
@@ -83,7 +83,7 @@ def run(args) -> int:
         import torch
 
         cfg.device = f"cuda:{rank % max(1, torch.cuda.device_count())}"
-    names = get_vocabulary(args.vocabulary)
+    names = parse_vocabulary(args.vocabulary)
     if args.text_encoder == "synthetic":
         encoder = SyntheticTextEncoder(names, dim=args.text_dim)
     else:

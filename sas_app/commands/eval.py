@@ -113,7 +113,7 @@ def run(args) -> int:
     import numpy as np
 
     from sas_core.eval import evaluate, format_table, group_means, long_tail_groups, to_json
-    from sas_core.infer import parse_vocabulary
+    from sas_core.text import parse_vocabulary
 
     if args.pred or args.gt:
         if not (args.pred and args.gt):

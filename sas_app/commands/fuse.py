@@ -151,19 +151,12 @@ def fuse_frames(points, frames, teacher, config, device="cpu", progress=True, to
 def classify(fused, text, chunk: int = 65536):
     """(N,) int64 argmax over the (K, C) class text embeddings; NO_FEATURE where no feature."""
     import numpy as np
-    import torch
 
     from sas_core.eval.metrics import NO_FEATURE
+    from sas_core.text import text_labels
 
-    n = len(fused)
-    pred = np.full(n, NO_FEATURE, dtype=np.int64)
-    text = text.to(fused.features.device, torch.float32)
-    labels = torch.empty(n, dtype=torch.int64)
-    for a in range(0, n, chunk):
-        labels[a:a + chunk] = (fused.features[a:a + chunk].float() @ text.T).argmax(1).cpu()
-    mask = fused.mask.cpu().numpy()
-    pred[mask] = labels.numpy()[mask]
-    return pred
+    labels = text_labels(fused.features, text, chunk=chunk)[0].cpu().numpy()
+    return np.where(fused.mask.cpu().numpy(), labels, NO_FEATURE).astype(np.int64)
 
 
 def _report(name, fused, labels, encoder, vocabulary):
@@ -238,12 +231,12 @@ def _run_dataset(args, config) -> int:
 
     from sas_core.data.fused_features import fused_feature_paths, save_scene_features, scene_name
     from sas_core.data.openscene import list_scenes, load_openscene_scene
-    from sas_core.text import get_vocabulary
+    from sas_core.text import parse_vocabulary
 
     root = Path(args.data)
     if not root.is_dir():
         raise FileNotFoundError(f"dataset root not found: {root}")
-    vocabulary = get_vocabulary(args.vocabulary)
+    vocabulary = parse_vocabulary(args.vocabulary)
     names = args.teacher or ["sim_dense"]
     if args.out and len(names) > 1:
         raise ValueError("--out writes one teacher's features: pass a single --teacher")

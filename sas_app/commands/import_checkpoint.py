@@ -4,6 +4,11 @@ Release checkpoints (``.pth.tar``) hold only network weights. A SAS-ROS checkpoi
 architecture, voxel size and CLIP text space the features live in, so `sas segment`, `sas query`,
 `sas eval`, `sas replay` and the ROS node can use it without extra flags. The weights are loaded
 strictly (a wrong architecture or head width fails with the offending key and both shapes).
+
+Files are data, never code: everywhere else SAS-ROS reads ``.pt``/``.pth`` files with
+:func:`sas_core.io.load_torch_file` (weights only, one allow-list). ``--trust`` is the ONE place
+that unpickles a file with full Python (a legacy file that holds e.g. ``argparse.Namespace``),
+for files the user trusts; what it writes is plain data that the safe loader reads.
 """
 
 from __future__ import annotations
@@ -25,15 +30,61 @@ def add_arguments(parser):
                         help="local open_clip weights of that model (e.g. ViT-B-32 'openai' weights)")
     parser.add_argument("--synthetic-text", action="store_true",
                         help="use the synthetic text space instead of CLIP (tests and the synthetic world only)")
+    parser.add_argument("--trust", action="store_true",
+                        help="UNPICKLE the source with full Python: it can run arbitrary code, so only for files "
+                             "you trust (e.g. an official release that the safe loader refuses). This is the only "
+                             "place SAS-ROS ever unpickles; the output is plain data read by the safe loader")
+    parser.add_argument("--data", action="store_true",
+                        help="with --trust: the source is a data file (OpenScene .pth points, .pt fused features); "
+                             "rewrite it as plain data (tensors, arrays, dicts) instead of converting a model")
+
+
+def unpickle_trusted(path):
+    """Full ``torch.load`` of a file the user trusts (``--trust``): the ONE unpickling call of SAS-ROS."""
+    from pathlib import Path
+
+    import torch
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"not found: {path}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)  # trusted by the user (--trust)
+    except Exception as e:  # noqa: BLE001 - any failure: one clear line
+        raise ValueError(f"{path}: cannot read even with --trust ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0][:200] if str(e) else ''})") from e
+
+
+def convert_data_file(source, output) -> None:
+    """Rewrite a trusted data file as plain data (atomic), then check the safe loader reads it."""
+    import torch
+
+    from sas_core.io import atomic_path, load_torch_file, plain_data
+
+    data = plain_data(unpickle_trusted(source), where=str(source))
+    with atomic_path(output) as tmp:
+        torch.save(data, tmp)
+    load_torch_file(output, what="converted file")
 
 
 def run(args) -> int:
     from sas_core.nn import load_openscene_checkpoint, save_checkpoint
+    from sas_core.nn.checkpoint import openscene_model_from_object
 
+    if args.data:
+        if not args.trust:
+            raise ValueError("--data rewrites a file that the safe loader refuses: it needs --trust "
+                             "(files the safe loader reads need no conversion)")
+        convert_data_file(args.source, args.output)
+        print(f"wrote {args.output}: plain data from {args.source} (unpickled with --trust)")
+        return 0
     if args.synthetic_text == bool(args.clip_model):
         raise ValueError("give --clip-model (with --clip-checkpoint) for the CLIP text space of the "
                          "features, or --synthetic-text")
-    model = load_openscene_checkpoint(args.source, arch=args.arch)
+    if args.trust:  # only the weights are kept: they go into a fresh model, saved as plain data
+        model = openscene_model_from_object(unpickle_trusted(args.source), arch=args.arch, source=args.source)
+    else:
+        model = load_openscene_checkpoint(args.source, arch=args.arch)
     if args.synthetic_text:
         from sas_core.text import SCANNET_20, SyntheticTextEncoder
 

@@ -25,19 +25,6 @@ def add_arguments(parser):
     ros.add_argument("--json", action="store_true", help="print the node's answer as JSON")
 
 
-def relevance_colors(rel, cmap: str = "turbo"):
-    """(N, 3) uint8 colours of relevance scores, stretched between the 1st and 99th percentiles."""
-    import numpy as np
-    from matplotlib import colormaps
-
-    if cmap not in colormaps:
-        raise ValueError(f"unknown colormap {cmap!r}")
-    rel = np.asarray(rel, dtype=np.float64)
-    lo, hi = np.percentile(rel, [1, 99]) if len(rel) else (0.0, 1.0)
-    x = np.clip((rel - lo) / max(hi - lo, 1e-9), 0, 1)
-    return (colormaps[cmap](x)[:, :3] * 255).astype(np.uint8)
-
-
 def run(args) -> int:
     if args.ros:
         from sas_ros.query_client import run_cli  # the application layer may import both sides
@@ -50,6 +37,7 @@ def run(args) -> int:
 
     from sas_core.infer import InferenceConfig, Segmenter, load_point_cloud
     from sas_core.io import write_ply
+    from sas_core.viz import relevance_colors
 
     cloud = load_point_cloud(args.cloud)
     seg = Segmenter.from_checkpoint(args.checkpoint, device=args.device, config=InferenceConfig(precision=args.precision))

@@ -23,28 +23,15 @@ def add_arguments(parser):
     add_precision_argument(parser)
 
 
-def label_colors(labels, n_classes: int):
-    """(N, 3) uint8 colours of integer labels (matplotlib tab20 / hsv; out-of-range labels grey)."""
-    import numpy as np
-    from matplotlib import colormaps
-
-    labels = np.asarray(labels)
-    cmap = colormaps["tab20"] if n_classes <= 20 else colormaps["hsv"]
-    table = (np.asarray([cmap(i / max(n_classes - 1, 1) if n_classes > 20 else i)[:3]
-                         for i in range(n_classes)]) * 255).astype(np.uint8).reshape(-1, 3)
-    out = np.full((len(labels), 3), 128, np.uint8)
-    ok = (labels >= 0) & (labels < n_classes)
-    out[ok] = table[labels[ok]]
-    return out
-
-
 def run(args) -> int:
     from pathlib import Path
 
     import numpy as np
 
-    from sas_core.infer import InferenceConfig, Segmenter, load_point_cloud, parse_vocabulary
+    from sas_core.infer import InferenceConfig, Segmenter, load_point_cloud
     from sas_core.io import atomic_path, write_ply
+    from sas_core.text import parse_vocabulary
+    from sas_core.viz import label_colors
 
     names = parse_vocabulary(args.vocab)
     cloud = load_point_cloud(args.cloud)
@@ -68,7 +55,7 @@ def run(args) -> int:
         feats, used_2d = seg.ensemble(feats, dense, mask.numpy())
     labels, scores = seg.classify(feats)
     out = Path(args.out)
-    write_ply(out, cloud.positions, colors=label_colors(labels, len(names)), labels=labels, scores=scores)
+    write_ply(out, cloud.positions, colors=label_colors(labels), labels=labels, scores=scores)
     npy = out.with_suffix(".npy")
     with atomic_path(npy) as tmp:
         np.save(tmp, labels)

@@ -108,15 +108,12 @@ def prompt_points(mask: np.ndarray) -> np.ndarray:
 
 
 def load_sam(config: PseudoMaskConfig):
-    """SAM model from ``config.sam_checkpoint`` (one clear error if the file is missing)."""
-    path = Path(config.sam_checkpoint) if config.sam_checkpoint else None
-    if path is None or not path.is_file():
-        raise FileNotFoundError(f"SAM checkpoint {str(path) if path else '(not set)'!r} not found: {SAM_HINT}")
-    from segment_anything import sam_model_registry
+    """SAM model from ``config.sam_checkpoint`` (:func:`sas_core.teachers.mask_teacher.load_sam`)."""
+    from sas_core.teachers.mask_teacher import load_sam as _load_sam
 
-    if config.sam_model not in sam_model_registry:
-        raise ValueError(f"unknown SAM model {config.sam_model!r}; one of {sorted(sam_model_registry)}")
-    return sam_model_registry[config.sam_model](checkpoint=str(path)).to(config.device).eval()
+    if not config.sam_checkpoint:
+        raise FileNotFoundError(f"SAM checkpoint (not set) not found: {SAM_HINT}")
+    return _load_sam(config.sam_model, config.sam_checkpoint, config.device)
 
 
 class PseudoMasker:

@@ -52,13 +52,9 @@ def slug(name: str) -> str:
 
 
 def _save_png(path: Path, array: np.ndarray) -> None:
-    from PIL import Image
+    from sas_core.viz import save_png
 
-    from sas_core.io import atomic_path
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path, suffix=".png") as tmp:
-        Image.fromarray(array).save(tmp, format="PNG")
+    save_png(path, array)
 
 
 def _load_png(path: Path) -> np.ndarray:
@@ -228,11 +224,12 @@ def teacher_class_mask(teacher, frame: Frame, text, class_index: int) -> np.ndar
     import torch
     import torch.nn.functional as F
 
+    from sas_core.text import text_labels
+
     feats, valid = teacher.features(frame)
     feats = torch.as_tensor(feats)
     valid = torch.as_tensor(np.asarray(valid) if not isinstance(valid, torch.Tensor) else valid).bool()
-    text = torch.as_tensor(text).to(feats.device).float()
-    pred = torch.einsum("hwc,kc->hwk", feats.float(), text).argmax(dim=-1)
+    pred = text_labels(feats, text)[0]  # (h, w) argmax of f . text_k
     m = (pred == class_index) & valid.to(pred.device)
     H, W = frame.color.shape[:2]
     if m.shape != (H, W):

@@ -20,7 +20,7 @@ among them, ``mask_full`` = the chunk) is read too and converted to the two-key 
 trailing singleton feature axis (``(M, C, 1)``) is dropped, as OpenScene's loader does.
 
 Files are written atomically (temporary file in the same folder, fsync, rename). Files are read
-with ``torch.load(weights_only=True)`` (no code execution), allowing NumPy masks.
+as data with :func:`sas_core.io.load_torch_file` (no code execution; NumPy masks allowed).
 :class:`sas_core.teachers.precomputed.PrecomputedTeacher` serves these files as a 3D teacher.
 """
 
@@ -32,7 +32,7 @@ from typing import List, Optional
 
 import numpy as np
 
-from sas_core.io import atomic_path
+from sas_core.io import atomic_path, load_torch_file
 
 __all__ = [
     "KNOWN_DIMS",
@@ -90,24 +90,6 @@ def _as_bool_tensor(mask, what: str, path):
     return mask
 
 
-def _torch_load(path):
-    import pickle
-
-    import torch
-
-    recon = __import__("numpy._core.multiarray", fromlist=["_reconstruct"])._reconstruct
-    safe = [recon, (recon, "numpy.core.multiarray._reconstruct"), np.ndarray, np.dtype]
-    safe += [getattr(np.dtypes, n) for n in ("BoolDType", "UInt8DType", "Int64DType", "Int32DType",
-                                             "Float16DType", "Float32DType") if hasattr(np.dtypes, n)]
-    try:
-        with torch.serialization.safe_globals(safe):
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise
-    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError, AttributeError) as exc:
-        raise ValueError(f"{path}: not a readable fused-feature file ({str(exc).splitlines()[0][:200]})") from exc
-
-
 def load_fused_features(path, dim: Optional[int] = None):
     """Read one OpenScene fused-feature file.
 
@@ -126,7 +108,7 @@ def load_fused_features(path, dim: Optional[int] = None):
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"fused-feature file not found: {path}")
-    data = _torch_load(path)
+    data = load_torch_file(path, what="fused-feature file")
     if not isinstance(data, dict) or "feat" not in data or "mask_full" not in data:
         keys = sorted(data) if isinstance(data, dict) else type(data).__name__
         raise ValueError(f"{path}: expected a dict with 'feat' and 'mask_full', got {keys}")

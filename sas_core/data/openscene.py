@@ -26,7 +26,7 @@ from typing import Iterator, Optional
 
 import numpy as np
 
-from sas_core.io import atomic_write_bytes, atomic_write_text
+from sas_core.io import atomic_write_bytes, atomic_write_text, load_torch_file
 from sas_core.types import IGNORE_LABEL, CameraIntrinsics, Frame, PointCloud
 
 DEPTH_SCALE = 1000.0
@@ -126,40 +126,28 @@ def write_openscene_scene(scene, root, split: str = "train", jpeg_quality: int =
 # ----------------------------------------------------------------------------------------------
 # Reading
 
-def _numpy_safe_globals():
-    """Globals a weights-only ``torch.load`` needs for pickled NumPy arrays."""
-    import numpy
-
-    out = [numpy.ndarray, numpy.dtype]
-    core = getattr(numpy, "_core", None) or numpy.core
-    out.append(core.multiarray._reconstruct)
-    out.append(getattr(core.multiarray, "scalar"))
-    out += [type(numpy.dtype(t)) for t in ("f4", "f8", "i8", "i4", "u1", "u2", "i2", "u4", "b1", "f2", "i1", "u8")]
-    return out
-
-
-def read_pth(path, trusted: bool = False):
+def read_pth(path):
     """Load an OpenScene ``.pth`` -> (coords (N,3) f32, colors (N,3) f32 in [-1,1], labels (N,) i64).
 
-    Loads with ``weights_only=True`` (NumPy arrays allowed); ``trusted=True`` permits any pickle.
-    Labels -100 (some OpenScene files) become 255.
+    The file is ``(coords, colors[, labels])`` (OpenScene) or a dict with ``coords``/``positions``,
+    ``colors``, ``labels``; read as data (:func:`sas_core.io.load_torch_file`: NumPy arrays and
+    tensors, never code). Labels -100 (some OpenScene files) and others outside [0, 255) become 255;
+    missing labels are all 255.
     """
-    import torch
-
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"OpenScene point file not found: {path}")
-    try:
-        if trusted:
-            data = torch.load(path, map_location="cpu", weights_only=False)
-        else:
-            with torch.serialization.safe_globals(_numpy_safe_globals()):
-                data = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # corrupt zip, truncated file, foreign pickle
-        raise ValueError(f"cannot read OpenScene point file {path}: {exc}") from exc
+    data = load_torch_file(path, what="OpenScene point file")
+    if isinstance(data, dict):
+        coords = data.get("coords", data.get("positions"))
+        if coords is None:
+            raise ValueError(f"{path}: a dict point file needs 'coords' (or 'positions'), has {sorted(map(str, data))}")
+        if data.get("colors") is None:
+            raise ValueError(f"{path}: a dict point file needs 'colors'")
+        data = (coords, data["colors"], data.get("labels"))
     if not isinstance(data, (tuple, list)) or len(data) < 2:
         raise ValueError(f"{path}: expected a tuple (coords, colors[, labels]), got {type(data).__name__}")
-    arrays = [a.numpy() if hasattr(a, "numpy") else np.asarray(a) for a in data[:3]]
+    arrays = [None if a is None else a.numpy() if hasattr(a, "numpy") else np.asarray(a) for a in data[:3]]
+    if arrays[0] is None or arrays[1] is None:
+        raise ValueError(f"{path}: coords and colors are required")
     coords = arrays[0].astype(np.float32).reshape(-1, 3) if arrays[0].size % 3 == 0 else None
     if coords is None or arrays[0].ndim != 2:
         raise ValueError(f"{path}: coords must be (N, 3), got {arrays[0].shape}")
@@ -278,15 +266,15 @@ def iter_openscene_frames(dir_2d, intrinsics_path=None, skip_invalid_poses: bool
                     frame_id="camera_color_optical_frame")
 
 
-def load_openscene_scene(root, name: str, split: Optional[str] = None, root_2d=None,
-                         trusted: bool = False) -> tuple[PointCloud, Iterator[Frame]]:
+def load_openscene_scene(root, name: str, split: Optional[str] = None,
+                         root_2d=None) -> tuple[PointCloud, Iterator[Frame]]:
     """Read one scene -> (PointCloud with colors in [0,1] and labels, iterator of Frames).
 
     ``root_2d`` defaults to ``<root>/2d`` (OpenScene's separate ``scannet_2d`` also works). The
     frame iterator is empty when the scene has no 2D folder.
     """
     root = Path(root)
-    coords, colors, labels = read_pth(_find_pth(root, name, split), trusted=trusted)
+    coords, colors, labels = read_pth(_find_pth(root, name, split))
     cloud = PointCloud(positions=coords, colors=np.clip((colors + 1.0) / 2.0, 0.0, 1.0).astype(np.float32),
                        labels=labels)
     dir_2d = Path(root_2d) / name if root_2d is not None else root / "2d" / name

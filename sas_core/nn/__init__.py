@@ -11,11 +11,11 @@ from .sparse import CoordinateManager, KernelMap, SparseTensor, cat, kernel_offs
 from .conv import (MinkowskiBatchNorm, MinkowskiConvolution, MinkowskiConvolutionTranspose,  # noqa: F401
                    MinkowskiReLU, dense_to_me_weight, me_to_dense_weight)
 from .minkunet import ARCHITECTURES, MinkUNet14A, MinkUNet18A, MinkUNet34C, build_model  # noqa: F401
-from .checkpoint import (CheckpointError, load_checkpoint, load_openscene_checkpoint,  # noqa: F401
-                         load_state_dict_strict, save_checkpoint)
+from .checkpoint import (CheckpointError, UnsafeCheckpointError, load_checkpoint,  # noqa: F401
+                         load_openscene_checkpoint, load_state_dict_strict, save_checkpoint)
 
 __all__ = ["SparseTensor", "CoordinateManager", "KernelMap", "cat", "kernel_offsets",
            "MinkowskiConvolution", "MinkowskiConvolutionTranspose", "MinkowskiBatchNorm", "MinkowskiReLU",
            "me_to_dense_weight", "dense_to_me_weight", "ARCHITECTURES", "MinkUNet14A", "MinkUNet18A",
            "MinkUNet34C", "build_model", "save_checkpoint", "load_checkpoint", "load_openscene_checkpoint",
-           "load_state_dict_strict", "CheckpointError"]
+           "load_state_dict_strict", "CheckpointError", "UnsafeCheckpointError"]

@@ -24,8 +24,9 @@ _EXPORTS = {
     "load_sam": "mask_teacher", "build_tiny_sam": "mask_teacher",
     "SimulatedTeacherConfig": "simulated", "SimulatedTeacher": "simulated", "make_simulated_pair": "simulated",
     "PrecomputedConfig": "precomputed", "PrecomputedTeacher": "precomputed",
-    "load_open_clip": "clip_models", "build_tiny_clip": "clip_models", "save_tiny_clip": "clip_models",
-    "register_tiny_clip": "clip_models",
+    # open_clip loading lives in sas_core.clip (below both teachers and sas_core.text); re-exported here
+    "load_open_clip": "sas_core.clip", "build_tiny_clip": "sas_core.clip", "save_tiny_clip": "sas_core.clip",
+    "register_tiny_clip": "sas_core.clip",
 }
 
 __all__ = sorted(_EXPORTS)
@@ -33,6 +34,7 @@ __all__ = sorted(_EXPORTS)
 
 def __getattr__(name):
     if name in _EXPORTS:
-        module = importlib.import_module(f"sas_core.teachers.{_EXPORTS[name]}")
+        where = _EXPORTS[name]
+        module = importlib.import_module(where if "." in where else f"sas_core.teachers.{where}")
         return getattr(module, name)
     raise AttributeError(f"module 'sas_core.teachers' has no attribute {name!r}")

@@ -77,7 +77,7 @@ class DenseClipTeacher:
     def __init__(self, config: Optional[DenseClipConfig] = None, model=None):
         import torch
 
-        from sas_core.teachers.clip_models import image_mean_std, load_open_clip
+        from sas_core.clip import image_mean_std, load_open_clip
 
         self.config = config or DenseClipConfig()
         self.model = model if model is not None else load_open_clip(self.config.model, self.config.checkpoint,

@@ -115,7 +115,17 @@ def load_sam(model_type: str, checkpoint: Optional[str], device: str = "cpu"):
         raise ValueError(f"no SAM checkpoint configured for {model_type}: {hint}")
     if not Path(checkpoint).expanduser().is_file():
         raise FileNotFoundError(f"SAM checkpoint for {model_type} not found at {str(checkpoint)!r}: {hint}")
-    sam = sam_model_registry[model_type](checkpoint=str(Path(checkpoint).expanduser()))
+    from sas_core.io import load_torch_file
+
+    # the weights are read as data (segment-anything's own loader would unpickle the file)
+    state_dict = load_torch_file(Path(checkpoint).expanduser(), what=f"SAM checkpoint ({model_type})")
+    if isinstance(state_dict, dict) and isinstance(state_dict.get("model"), dict):
+        state_dict = state_dict["model"]
+    sam = sam_model_registry[model_type](checkpoint=None)
+    try:
+        sam.load_state_dict(state_dict, strict=True)
+    except (RuntimeError, TypeError, AttributeError) as e:
+        raise ValueError(f"{checkpoint}: not a SAM {model_type} checkpoint ({str(e).splitlines()[0][:300]})") from e
     return sam.to(device).eval()
 
 
@@ -195,7 +205,7 @@ class MaskClipTeacher:
                  mask_generator: Optional[Callable] = None, captioner: Optional[Callable] = None):
         import torch
 
-        from sas_core.teachers.clip_models import image_mean_std, image_size, load_open_clip
+        from sas_core.clip import image_mean_std, image_size, load_open_clip
         from sas_core.text import OpenClipTextEncoder
 
         self.config = config or MaskTeacherConfig()

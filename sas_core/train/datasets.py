@@ -214,15 +214,12 @@ class OpenSceneScenes:
         return Path(samples[self.feature_sample % len(samples)])
 
     def __getitem__(self, i: int) -> SceneData:
-        import torch
+        from sas_core.data.openscene import read_pth
 
         path = self.files[i]
-        try:
-            data = torch.load(path, map_location="cpu", weights_only=False)
-        except Exception as exc:  # corrupt / truncated file: say which one
-            raise ValueError(f"cannot read OpenScene scene file {path}: {exc}") from exc
-        coords, colors = np.asarray(data[0], dtype=np.float32), np.asarray(data[1], dtype=np.float32)
-        labels = np.asarray(data[2], dtype=np.int64) if len(data) > 2 and data[2] is not None else None
+        coords, colors, labels = read_pth(path)  # data only, never code
+        if np.all(labels == IGNORE_LABEL):
+            labels = None  # an unlabelled scene (test split)
         name = path.stem
         feats = mask = None
         if self.feature_root is not None:

@@ -128,7 +128,7 @@ def rng_state() -> dict:
     import torch
 
     name, key, pos, has_gauss, gauss = np.random.get_state()
-    # plain types and tensors only, so checkpoints load with torch.load(weights_only=True)
+    # plain types and tensors only, so checkpoints load as data (sas_core.io.load_torch_file)
     return {"python": random.getstate(), "numpy": [name, torch.from_numpy(key.astype(np.int64)), int(pos),
                                                    int(has_gauss), float(gauss)],
             "torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
@@ -465,11 +465,9 @@ class Distiller:
 
 def predict_labels(features, text) -> np.ndarray:
     """(N,) int64 argmax of cos(features, text) for (N, C) features and (K, C) text (inference rule)."""
-    import torch
+    from sas_core.text import text_labels
 
-    f = torch.nn.functional.normalize(torch.as_tensor(features).float(), dim=1)
-    t = torch.nn.functional.normalize(torch.as_tensor(text).float().to(f.device), dim=1)
-    return (f @ t.t()).argmax(1).cpu().numpy().astype(np.int64)
+    return text_labels(features, text, normalize=True)[0].cpu().numpy()
 
 
 def distill(config: DistillConfig, train_scenes: Sequence, text, class_names: Sequence[str],

@@ -26,7 +26,8 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
-from sas_core.train.losses import contiguous_ids, segment_mean, text_logits
+from sas_core.text import text_labels
+from sas_core.train.losses import contiguous_ids, segment_mean
 
 
 class TemporalEnsemble:
@@ -64,7 +65,12 @@ class TemporalEnsemble:
         if scene not in self:
             raise KeyError(f"no TESD history for scene {scene!r}")
         if self.offload_dir:
-            return torch.load(self._file(scene), map_location="cpu", weights_only=True)
+            from sas_core.io import load_torch_file
+
+            value = load_torch_file(self._file(scene), what="TESD history")
+            if not isinstance(value, torch.Tensor):
+                raise ValueError(f"{self._file(scene)}: TESD history must be a tensor, got {type(value).__name__}")
+            return value
         return self._mem[scene]
 
     def _put(self, scene: str, value: torch.Tensor) -> None:
@@ -127,8 +133,8 @@ class TemporalEnsemble:
         """
         ids, n = contiguous_ids(seg)
         means, _ = segment_mean(ensemble.float(), ids, n)
-        sp = text_logits(means, text.float(), 1.0).argmax(1)
-        point = sp[ids] if point_from_superpoint else text_logits(ensemble.float(), text.float(), 1.0).argmax(1)
+        sp = text_labels(means, text, normalize=True)[0]
+        point = sp[ids] if point_from_superpoint else text_labels(ensemble, text, normalize=True)[0]
         return point, sp
 
     # -- checkpointing ---------------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""Loading open_clip models from local files, and tiny random models for tests.
+"""Loading open_clip models from local files, and tiny random models for tests (a neutral module:
+:mod:`sas_core.text` and :mod:`sas_core.teachers` both use it, neither imports the other for it).
 
 Nothing here downloads anything: a model is built from open_clip's architecture config and its
 weights are read from a file (or an open_clip ``local-dir:`` folder) that the user configured.
