@@ -131,23 +131,6 @@ def _make_teachers(names, vocabulary, args):
     return out
 
 
-def _views(frames, teacher):
-    """Fusion views (depth, pose, intrinsics, features, valid) of frames, teacher run lazily."""
-    for frame in frames:
-        feats, valid = teacher.features(frame)
-        yield frame.depth, frame.pose, frame.intrinsics, feats, valid
-
-
-def fuse_frames(points, frames, teacher, config, device="cpu", progress=True, total=None):
-    """Fuse one teacher's features of ``frames`` onto ``points`` -> FusedFeatures."""
-    import torch
-
-    from sas_core.geometry.multiview import fuse_views
-
-    pts = torch.as_tensor(points, dtype=torch.float32).to(device)
-    return fuse_views(pts, _views(frames, teacher), config, progress=progress, total=total)
-
-
 def classify(fused, text, chunk: int = 65536):
     """(N,) int64 argmax over the (K, C) class text embeddings; NO_FEATURE where no feature."""
     import numpy as np
@@ -196,6 +179,7 @@ def _print_reports(reports, header, as_json):
 
 def _run_synthetic(args, config) -> int:
     from sas_core.data.fused_features import save_scene_features
+    from sas_core.geometry.multiview import fuse_frames
     from sas_core.data.synthetic import SynthConfig, generate_scene
 
     t0 = time.perf_counter()
@@ -231,6 +215,7 @@ def _run_dataset(args, config) -> int:
 
     from sas_core.data.fused_features import fused_feature_paths, save_scene_features, scene_name
     from sas_core.data.openscene import list_scenes, load_openscene_scene
+    from sas_core.geometry.multiview import fuse_frames
     from sas_core.text import parse_vocabulary
 
     root = Path(args.data)
