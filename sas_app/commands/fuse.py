@@ -97,38 +97,12 @@ def _check_args(args):
 
 
 def _make_teachers(names, vocabulary, args):
-    """[(teacher, text_encoder)] for the requested teacher names."""
-    out = []
-    if any(n.startswith("sim_") for n in names):
-        from sas_core.teachers.simulated import make_simulated_pair
-        from sas_core.text import SyntheticTextEncoder
+    """[(teacher, text_encoder)] for the requested teacher names (sas_core.teachers.registry)."""
+    from sas_core.teachers.registry import build_teachers
 
-        encoder = SyntheticTextEncoder(vocabulary=vocabulary)
-        pair = dict((t.name, t) for t in make_simulated_pair(encoder, seed=args.teacher_seed, vocabulary=vocabulary))
-    clip_encoder = None
-    for name in names:
-        if name.startswith("sim_"):
-            out.append((pair[name], encoder))
-            continue
-        from sas_core.text import OpenClipTextEncoder
-
-        if clip_encoder is None:
-            clip_encoder = OpenClipTextEncoder(args.clip_model, args.clip_checkpoint, device=args.device)
-        if name == "dense_clip":
-            from sas_core.teachers.dense_clip import DenseClipConfig, DenseClipTeacher
-
-            teacher = DenseClipTeacher(DenseClipConfig(model=args.clip_model, checkpoint=args.clip_checkpoint,
-                                                       recipe=args.recipe, device=args.device))
-        else:
-            from sas_core.teachers.mask_teacher import MaskClipTeacher, MaskTeacherConfig
-
-            teacher = MaskClipTeacher(MaskTeacherConfig(clip_model=args.clip_model,
-                                                        clip_checkpoint=args.clip_checkpoint,
-                                                        sam_model=args.sam_model, sam_checkpoint=args.sam_checkpoint,
-                                                        vocabulary=tuple(vocabulary), device=args.device),
-                                      text_encoder=clip_encoder)
-        out.append((teacher, clip_encoder))
-    return out
+    return build_teachers(names, vocabulary, seed=args.teacher_seed, clip_model=args.clip_model,
+                          clip_checkpoint=args.clip_checkpoint, recipe=args.recipe, sam_model=args.sam_model,
+                          sam_checkpoint=args.sam_checkpoint, device=args.device)
 
 
 def classify(fused, text, chunk: int = 65536):
