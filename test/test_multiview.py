@@ -383,7 +383,7 @@ def test_sas_fuse_on_openscene_layout_and_synthetic_report(tmp_path, capsys):
 
     synthetic = pytest.importorskip("sas_core.data.synthetic")
     from sas_app.cli import main
-    from sas_app.commands.fuse import fuse_frames
+    from sas_core.geometry.multiview import fuse_frames
     from sas_core.data.fused_features import load_fused_features, load_scene_features
     from sas_core.data.openscene import load_openscene_scene, write_openscene_scene
     from sas_core.teachers.simulated import make_simulated_pair

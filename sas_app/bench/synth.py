@@ -33,7 +33,7 @@ def main(argv: list[str]) -> dict:
     import rosbags.rosbag2  # noqa: F401
     import torch  # noqa: F401
 
-    from sas_app.commands.synth import write_overview
+    from sas_core.data.synthetic import write_overview
     from sas_core.data import synthetic as S
     from sas_core.data.openscene import write_openscene_scene
     from sas_core.data.rosbag_io import write_bag

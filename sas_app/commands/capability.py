@@ -70,31 +70,22 @@ def add_arguments(parser):
 
 
 def _teachers(args, vocab):
-    """(teachers, text encoder, provenance of the models)."""
-    names = set(args.teachers)
-    sim = names & {"simulated", "sim_dense", "sim_mask"}
-    clip = names & {"dense_clip"}
-    if sim and clip:
+    """(teachers, text encoder, provenance of the models), built by sas_core.teachers.registry."""
+    from sas_core.teachers.registry import SIMULATED, build_teachers, expand_names
+
+    names = expand_names(args.teachers)
+    if set(names) & set(SIMULATED) and set(names) - set(SIMULATED):
         raise ValueError("simulated teachers live in the synthetic text space and cannot be rated together "
                          "with CLIP teachers; run them separately")
-    if sim:
-        from sas_core.teachers.simulated import make_simulated_pair
-        from sas_core.text import SyntheticTextEncoder
-
-        encoder = SyntheticTextEncoder(vocab)
-        dense, mask = make_simulated_pair(encoder, seed=args.teacher_seed, vocabulary=vocab)
-        chosen = [t for t in (dense, mask) if "simulated" in names or t.name in names]
-        return chosen, encoder, {t.name: t.config.to_dict() for t in chosen}
-    from sas_core.teachers.dense_clip import DenseClipConfig, DenseClipTeacher
-    from sas_core.clip import load_open_clip
-    from sas_core.text import OpenClipTextEncoder
-
-    model = load_open_clip(args.clip_model, args.clip_checkpoint, args.device)
-    teacher = DenseClipTeacher(DenseClipConfig(model=args.clip_model, checkpoint=args.clip_checkpoint,
-                                               recipe=args.clip_recipe, device=args.device), model=model)
-    encoder = OpenClipTextEncoder(args.clip_model, args.clip_checkpoint, device=args.device, model=model)
-    return [teacher], encoder, {teacher.name: {"model": args.clip_model, "checkpoint": args.clip_checkpoint,
-                                               "recipe": args.clip_recipe}}
+    pairs = build_teachers(names, vocab, seed=args.teacher_seed, clip_model=args.clip_model,
+                           clip_checkpoint=args.clip_checkpoint, recipe=args.clip_recipe, device=args.device)
+    teachers = [t for t, _ in pairs]
+    if set(names) <= set(SIMULATED):
+        models = {t.name: t.config.to_dict() for t in teachers}
+    else:
+        models = {t.name: {"model": args.clip_model, "checkpoint": args.clip_checkpoint, "recipe": args.clip_recipe}
+                  for t in teachers}
+    return teachers, pairs[0][1], models
 
 
 def _source(args, cache: Path):

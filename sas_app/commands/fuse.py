@@ -97,55 +97,12 @@ def _check_args(args):
 
 
 def _make_teachers(names, vocabulary, args):
-    """[(teacher, text_encoder)] for the requested teacher names."""
-    out = []
-    if any(n.startswith("sim_") for n in names):
-        from sas_core.teachers.simulated import make_simulated_pair
-        from sas_core.text import SyntheticTextEncoder
+    """[(teacher, text_encoder)] for the requested teacher names (sas_core.teachers.registry)."""
+    from sas_core.teachers.registry import build_teachers
 
-        encoder = SyntheticTextEncoder(vocabulary=vocabulary)
-        pair = dict((t.name, t) for t in make_simulated_pair(encoder, seed=args.teacher_seed, vocabulary=vocabulary))
-    clip_encoder = None
-    for name in names:
-        if name.startswith("sim_"):
-            out.append((pair[name], encoder))
-            continue
-        from sas_core.text import OpenClipTextEncoder
-
-        if clip_encoder is None:
-            clip_encoder = OpenClipTextEncoder(args.clip_model, args.clip_checkpoint, device=args.device)
-        if name == "dense_clip":
-            from sas_core.teachers.dense_clip import DenseClipConfig, DenseClipTeacher
-
-            teacher = DenseClipTeacher(DenseClipConfig(model=args.clip_model, checkpoint=args.clip_checkpoint,
-                                                       recipe=args.recipe, device=args.device))
-        else:
-            from sas_core.teachers.mask_teacher import MaskClipTeacher, MaskTeacherConfig
-
-            teacher = MaskClipTeacher(MaskTeacherConfig(clip_model=args.clip_model,
-                                                        clip_checkpoint=args.clip_checkpoint,
-                                                        sam_model=args.sam_model, sam_checkpoint=args.sam_checkpoint,
-                                                        vocabulary=tuple(vocabulary), device=args.device),
-                                      text_encoder=clip_encoder)
-        out.append((teacher, clip_encoder))
-    return out
-
-
-def _views(frames, teacher):
-    """Fusion views (depth, pose, intrinsics, features, valid) of frames, teacher run lazily."""
-    for frame in frames:
-        feats, valid = teacher.features(frame)
-        yield frame.depth, frame.pose, frame.intrinsics, feats, valid
-
-
-def fuse_frames(points, frames, teacher, config, device="cpu", progress=True, total=None):
-    """Fuse one teacher's features of ``frames`` onto ``points`` -> FusedFeatures."""
-    import torch
-
-    from sas_core.geometry.multiview import fuse_views
-
-    pts = torch.as_tensor(points, dtype=torch.float32).to(device)
-    return fuse_views(pts, _views(frames, teacher), config, progress=progress, total=total)
+    return build_teachers(names, vocabulary, seed=args.teacher_seed, clip_model=args.clip_model,
+                          clip_checkpoint=args.clip_checkpoint, recipe=args.recipe, sam_model=args.sam_model,
+                          sam_checkpoint=args.sam_checkpoint, device=args.device)
 
 
 def classify(fused, text, chunk: int = 65536):
@@ -196,6 +153,7 @@ def _print_reports(reports, header, as_json):
 
 def _run_synthetic(args, config) -> int:
     from sas_core.data.fused_features import save_scene_features
+    from sas_core.geometry.multiview import fuse_frames
     from sas_core.data.synthetic import SynthConfig, generate_scene
 
     t0 = time.perf_counter()
@@ -231,6 +189,7 @@ def _run_dataset(args, config) -> int:
 
     from sas_core.data.fused_features import fused_feature_paths, save_scene_features, scene_name
     from sas_core.data.openscene import list_scenes, load_openscene_scene
+    from sas_core.geometry.multiview import fuse_frames
     from sas_core.text import parse_vocabulary
 
     root = Path(args.data)

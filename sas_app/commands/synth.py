@@ -37,33 +37,11 @@ def scene_splits(n: int, mode: str = "auto") -> list[str]:
     return ["train"] * (n - n_val) + ["val"] * n_val
 
 
-def write_overview(scene, out_dir: Path) -> dict:
-    """Top-down PNG (labels | colours) and a labelled PLY of ``scene``; returns their paths."""
-    import numpy as np
-
-    from sas_core.io import write_ply
-    from sas_core.viz import save_png, topdown_image
-
-    pts = scene.points
-    Lx, Ly, H = scene.room_size
-    bounds = np.array([[0.0, 0.0], [Lx, Ly]])
-    kw = dict(resolution=0.03, max_height=H - 0.05, bounds=bounds, point_size=3)
-    by_label = topdown_image(pts.positions, labels=pts.labels, **kw)
-    by_color = topdown_image(pts.positions, colors=pts.colors, **kw)
-    gap = np.full((by_label.shape[0], 8, 3), 255, np.uint8)
-    png = out_dir / f"{scene.name}_topdown.png"
-    save_png(png, np.concatenate([by_label, gap, by_color], axis=1))
-    ply = out_dir / f"{scene.name}_labels.ply"
-    write_ply(ply, pts.positions, colors=pts.colors, normals=pts.normals, labels=pts.labels,
-              instance=pts.instances.astype(np.int32))
-    return {"topdown_png": png, "ply": ply}
-
-
 def run(args) -> int:
     from tqdm import tqdm
 
     from sas_core.data.openscene import write_openscene_scene
-    from sas_core.data.synthetic import SynthConfig, generate_scene
+    from sas_core.data.synthetic import SynthConfig, generate_scene, write_overview
 
     if args.scenes < 1:
         raise ValueError(f"--scenes must be >= 1, got {args.scenes}")

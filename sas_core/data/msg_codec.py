@@ -117,17 +117,15 @@ def image_to_numpy(msg) -> np.ndarray:
 def depth_to_metres(msg) -> np.ndarray:
     """Decode a depth ``Image`` to (H, W) float32 metres; invalid depth (0, NaN, inf, < 0) is 0.
 
-    16UC1 / mono16 are millimetres (0 = invalid); 32FC1 is metres.
+    16UC1 / mono16 are millimetres (0 = invalid); 32FC1 is metres. The decoding rule is
+    :func:`sas_core.geometry.camera.depth_image_to_metres` (one home).
     """
-    image = image_to_numpy(msg)
+    from sas_core.geometry.camera import depth_image_to_metres
+
     encoding = str(_get(msg, "encoding"))
-    if encoding in ("16UC1", "mono16"):
-        return image.astype(np.float32) * np.float32(0.001)
-    if encoding == "32FC1":
-        depth = image.astype(np.float32, copy=True)
-        depth[~np.isfinite(depth) | (depth < 0)] = 0.0
-        return depth
-    raise ValueError(f"depth image must be 16UC1 (mm) or 32FC1 (m), got {encoding!r}")
+    if encoding not in ("16UC1", "mono16", "32FC1"):
+        raise ValueError(f"depth image must be 16UC1 (mm) or 32FC1 (m), got {encoding!r}")
+    return depth_image_to_metres(image_to_numpy(msg), encoding)
 
 
 def image_fields(array: np.ndarray, encoding: str) -> dict:

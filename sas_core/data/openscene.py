@@ -27,6 +27,7 @@ from typing import Iterator, Optional
 import numpy as np
 
 from sas_core.io import atomic_write_bytes, atomic_write_text, load_torch_file
+from sas_core.geometry.camera import depth_image_to_metres
 from sas_core.types import IGNORE_LABEL, CameraIntrinsics, Frame, PointCloud
 
 DEPTH_SCALE = 1000.0
@@ -261,7 +262,9 @@ def iter_openscene_frames(dir_2d, intrinsics_path=None, skip_invalid_poses: bool
         ins = dir_2d / "instance" / f"{i}.png"
         if ins.is_file():
             instance = _read_image(ins).astype(np.int64) - 1
-        yield Frame(color=color.astype(np.uint8), depth=(depth_raw.astype(np.float32) / DEPTH_SCALE),
+        depth = depth_image_to_metres(depth_raw, "16UC1", DEPTH_SCALE) if depth_raw.dtype.kind in "ui" \
+            else depth_raw.astype(np.float32) / DEPTH_SCALE
+        yield Frame(color=color.astype(np.uint8), depth=depth,
                     intrinsics=intr, pose=pose, stamp=float(i), semantic=semantic, instance=instance,
                     frame_id="camera_color_optical_frame")
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 import numpy as np
@@ -1057,3 +1058,26 @@ def render_object_probes(class_name: str, n: int, seed: int = 0, width: int = 32
             mask = frame.instance == inst
         out.append((frame.color, mask))
     return out
+
+
+def write_overview(scene, out_dir) -> dict:
+    """Top-down PNG (labels | colours) and a labelled PLY of ``scene``; returns their paths."""
+    import numpy as np
+
+    from sas_core.io import write_ply
+    from sas_core.viz import save_png, topdown_image
+
+    pts = scene.points
+    Lx, Ly, H = scene.room_size
+    bounds = np.array([[0.0, 0.0], [Lx, Ly]])
+    kw = dict(resolution=0.03, max_height=H - 0.05, bounds=bounds, point_size=3)
+    by_label = topdown_image(pts.positions, labels=pts.labels, **kw)
+    by_color = topdown_image(pts.positions, colors=pts.colors, **kw)
+    gap = np.full((by_label.shape[0], 8, 3), 255, np.uint8)
+    out_dir = Path(out_dir)
+    png = out_dir / f"{scene.name}_topdown.png"
+    save_png(png, np.concatenate([by_label, gap, by_color], axis=1))
+    ply = out_dir / f"{scene.name}_labels.ply"
+    write_ply(ply, pts.positions, colors=pts.colors, normals=pts.normals, labels=pts.labels,
+              instance=pts.instances.astype(np.int32))
+    return {"topdown_png": png, "ply": ply}

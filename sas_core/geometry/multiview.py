@@ -34,7 +34,7 @@ frame. On other devices (CUDA) the same steps run as vectorised torch operations
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable, NamedTuple, Optional, Tuple
+from typing import Iterable, Iterator, NamedTuple, Optional, Tuple
 
 import numpy as np
 import torch
@@ -50,6 +50,7 @@ __all__ = [
     "FusedFeatures",
     "FeatureAccumulator",
     "fuse_views",
+    "fuse_frames",
     "visible_points",
     "numba_available",
 ]
@@ -644,3 +645,27 @@ def fuse_views(points, views: Iterable, config: Optional[MultiViewFusionConfig] 
     if acc.sums is None:
         raise ValueError("fuse_views needs at least one view")
     return acc.result()
+
+
+def _teacher_views(frames, teacher) -> Iterator[tuple]:
+    """Fusion views (depth, pose, intrinsics, features, valid) of frames, the teacher run lazily."""
+    for frame in frames:
+        feats, valid = teacher.features(frame)
+        yield frame.depth, frame.pose, frame.intrinsics, feats, valid
+
+
+def fuse_frames(points, frames, teacher, config: Optional[MultiViewFusionConfig] = None, device="cpu",
+                progress: bool = True, total: Optional[int] = None) -> FusedFeatures:
+    """Run one 2D teacher on ``frames`` and fuse its features onto ``points`` (:func:`fuse_views`).
+
+    Args:
+        points: (N, 3) world coordinates.
+        frames: iterable of :class:`sas_core.types.Frame` (depth, pose, intrinsics); consumed lazily,
+            so one frame's teacher output is in memory at a time.
+        teacher: any object with ``features(frame) -> (features (h, w, C), valid (h, w))``.
+        config, progress, total: as for :func:`fuse_views`; ``device``: where the points live.
+    """
+    import torch
+
+    pts = torch.as_tensor(points, dtype=torch.float32).to(device)
+    return fuse_views(pts, _teacher_views(frames, teacher), config, progress=progress, total=total)

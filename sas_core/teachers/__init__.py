@@ -9,6 +9,7 @@
 * :class:`~sas_core.teachers.precomputed.PrecomputedTeacher`: OpenScene's fused LSeg/OpenSeg
   point features.
 
+Build them by name with :func:`~sas_core.teachers.registry.build_teachers` (:data:`TEACHERS`).
 The protocol is in :mod:`sas_core.teachers.base`. Names are imported lazily so that
 ``import sas_core.teachers`` does not load torch.
 """
@@ -24,6 +25,7 @@ _EXPORTS = {
     "load_sam": "mask_teacher", "build_tiny_sam": "mask_teacher",
     "SimulatedTeacherConfig": "simulated", "SimulatedTeacher": "simulated", "make_simulated_pair": "simulated",
     "PrecomputedConfig": "precomputed", "PrecomputedTeacher": "precomputed",
+    "TEACHERS": "registry", "TeacherOptions": "registry", "build_teachers": "registry", "build_teacher": "registry",
     # open_clip loading lives in sas_core.clip (below both teachers and sas_core.text); re-exported here
     "load_open_clip": "sas_core.clip", "build_tiny_clip": "sas_core.clip", "save_tiny_clip": "sas_core.clip",
     "register_tiny_clip": "sas_core.clip",
