@@ -8,6 +8,8 @@ strictly (a wrong architecture or head width fails with the offending key and bo
 
 from __future__ import annotations
 
+from sas_app.commands import add_models_argument
+
 HELP = "convert an OpenScene/SAS release 3D checkpoint (.pth.tar) into a self-describing SAS-ROS one"
 
 
@@ -22,7 +24,9 @@ def add_arguments(parser):
                         help="open_clip model of the text space: ViT-B-32 for LSeg (512-d) features, "
                              "ViT-L-14-336 for OpenSeg (768-d)")
     parser.add_argument("--clip-checkpoint", default=None,
-                        help="local open_clip weights of that model (e.g. ViT-B-32 'openai' weights)")
+                        help="local open_clip weights of that model (e.g. ViT-B-32 'openai' weights; default: the "
+                             "models file's weights of that architecture)")
+    add_models_argument(parser)
     parser.add_argument("--synthetic-text", action="store_true",
                         help="use the synthetic text space instead of CLIP (tests and the synthetic world only)")
 
@@ -33,6 +37,10 @@ def run(args) -> int:
     if args.synthetic_text == bool(args.clip_model):
         raise ValueError("give --clip-model (with --clip-checkpoint) for the CLIP text space of the "
                          "features, or --synthetic-text")
+    if args.clip_model and not args.clip_checkpoint:
+        from sas_core.models import load_model_paths
+
+        args.clip_checkpoint = load_model_paths(args.models).clip_weights(args.clip_model)
     model = load_openscene_checkpoint(args.source, arch=args.arch)
     if args.synthetic_text:
         from sas_core.text import SCANNET_20, SyntheticTextEncoder
