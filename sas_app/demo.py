@@ -35,6 +35,8 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
+from sas_core.config import opt, replace_checked
+
 SYNTHETIC_NOTE = ("SYNTHETIC DATA: procedural rooms and simulated teachers; these numbers measure the "
                   "method on the synthetic world, not on ScanNet / Matterport3D / nuScenes.")
 
@@ -58,44 +60,55 @@ SETTINGS = (
 
 @dataclass
 class DemoConfig:
-    """Settings of `sas demo` (defaults: under 10 minutes on 2 CPU cores)."""
+    """Settings of `sas demo` (defaults: under 10 minutes on 2 CPU cores; presets in :data:`DEMO_PRESETS`)."""
 
-    out: str = "demo_output"  # report folder
-    seed: int = 0  # seeds the world, the teachers and training
-    train_rooms: int = 2  # synthetic rooms used for distillation
-    test_rooms: int = 1  # held-out rooms for evaluation
-    frames: int = 16  # RGB-D frames per room
-    width: int = 160  # frame width (pixels)
-    height: int = 120  # frame height (pixels)
-    points_per_m2: float = 80.0  # surface sampling density of the rooms
-    room_scale: float = 1.0  # room footprint relative to the synthetic world's default (6x5 to 9x7 m)
-    text_dim: int = 64  # size of the synthetic text space (= 3D output channels)
-    probes: int = 3  # probe renders per class for the capability tables
-    tau: float = 0.05  # capability fusion temperature (eq. 8)
-    arch: str = "MinkUNet14A"  # 3D backbone
-    width_scale: float = 1.0  # channel multiplier of the backbone (used when build_model takes ``width``)
-    voxel_size: float = 0.1  # metres (coarse: CPU budget; the paper uses 0.02)
-    epochs: int = 100  # distillation epochs per 3D row (the paper's 100; TESD in the last 30)
-    stage2_fraction: float = 0.3  # last fraction of epochs with TESD
-    lr: float = 1e-2  # initial Adam learning rate (few steps: 100x the paper's 1e-4), decays linearly to lr/10
-    batch_size: int = 1  # scenes per step
-    input_color: bool = False  # network input: RGB (OpenScene's option) instead of all ones (SAS)
-    augment: bool = False  # OpenScene augmentation while distilling (paper: on, over ~1200 scenes; off here: few steps, own map)
-    tesd_alpha: float = 0.9  # TESD EMA constant per visit of a room (the public code: 0.99 over many more visits; 18 visits here)
-    tesd_temperature: float = 0.07  # TESD logits temperature
-    queries: tuple = ("a chair", "a wooden table")  # free-text queries for the heat maps
-    quick: bool = False  # one small room, few epochs (smoke test)
-    ros: bool = True  # replay a synthetic bag through the live ROS node when rclpy is importable
-    progress: bool = True  # progress bars
-    threads: int = 1  # torch CPU threads for training (one is fastest for these small sparse convolutions)
+    out: str = opt("demo_output", "report folder")
+    seed: int = opt(0, "seeds the world, the teachers and training")
+    train_rooms: int = opt(2, "synthetic rooms used for distillation")
+    test_rooms: int = opt(1, "held-out rooms for evaluation")
+    frames: int = opt(16, "RGB-D frames per room")
+    width: int = opt(160, "frame width (pixels)")
+    height: int = opt(120, "frame height (pixels)")
+    points_per_m2: float = opt(80.0, "surface sampling density of the rooms")
+    room_scale: float = opt(1.0, "room footprint relative to the synthetic world's default (6x5 to 9x7 m)")
+    text_dim: int = opt(64, "size of the synthetic text space (= 3D output channels)")
+    probes: int = opt(3, "probe renders per class for the capability tables")
+    tau: float = opt(0.05, "capability fusion temperature (eq. 8)")
+    arch: str = opt("MinkUNet14A", "3D backbone")
+    voxel_size: float = opt(0.1, "metres (coarse: CPU budget; the paper uses 0.02)")
+    epochs: int = opt(100, "distillation epochs per 3D row (the paper's 100; TESD in the last 30)")
+    stage2_fraction: float = opt(0.3, "last fraction of epochs with TESD")
+    lr: float = opt(1e-2, "initial Adam learning rate (few steps: 100x the paper's 1e-4), decays linearly to lr/10")
+    batch_size: int = opt(1, "scenes per step")
+    input_color: bool = opt(False, "network input: RGB (OpenScene's option) instead of all ones (SAS)")
+    augment: bool = opt(False, "OpenScene augmentation while distilling (paper: on, over ~1200 scenes; "
+                               "off here: few steps, own map)")
+    tesd_alpha: float = opt(0.9, "TESD EMA constant per visit of a room (the public code: 0.99 over many more "
+                                 "visits; 18 visits here)")
+    tesd_temperature: float = opt(0.07, "TESD logits temperature")
+    queries: tuple = opt(("a chair", "a wooden table"), "free-text queries for the heat maps")
+    ros: bool = opt(True, "replay a synthetic bag through the live ROS node when rclpy is importable")
+    progress: bool = opt(True, "progress bars")
+    threads: int = opt(1, "torch CPU threads for training (one is fastest for these small sparse convolutions)")
 
     def __post_init__(self):
-        if self.quick:
-            self.train_rooms, self.test_rooms, self.frames = 1, 1, 8
-            self.width, self.height, self.points_per_m2, self.probes = 96, 72, 40.0, 2
-            self.epochs, self.voxel_size, self.room_scale = 3, 0.15, 0.6
         if self.train_rooms < 1 or self.test_rooms < 0:
             raise ValueError("the demo needs at least one training room")
+
+
+#: Named presets of :class:`DemoConfig` (``sas demo --quick``): field values applied before the
+#: flags the user gives, so ``--quick --epochs 50`` trains 50 epochs on the quick world.
+DEMO_PRESETS: Dict[str, dict] = {
+    "quick": dict(train_rooms=1, test_rooms=1, frames=8, width=96, height=72, points_per_m2=40.0, probes=2,
+                  epochs=3, voxel_size=0.15, room_scale=0.6),  # one small room, few epochs (smoke test)
+}
+
+
+def demo_config(preset: Optional[str] = None, **values) -> DemoConfig:
+    """A :class:`DemoConfig` from a named preset of :data:`DEMO_PRESETS` (or none), then ``values``."""
+    if preset is not None and preset not in DEMO_PRESETS:
+        raise ValueError(f"unknown demo preset {preset!r}; known: {', '.join(DEMO_PRESETS)}")
+    return replace_checked(DemoConfig(), **{**DEMO_PRESETS.get(preset, {}), **values})
 
 
 def _log(msg: str, t0: float) -> None:
@@ -256,7 +269,7 @@ def distill_rows(world: World, work_dir: Path, t0: float) -> Dict[str, object]:
     from sas_core.train.distill import DistillConfig, Distiller
 
     cfg = world.config
-    common = dict(arch=cfg.arch, model_kwargs=_model_kwargs(cfg), epochs=cfg.epochs,
+    common = dict(arch=cfg.arch, epochs=cfg.epochs,
                   stage2_fraction=cfg.stage2_fraction, batch_size=cfg.batch_size, lr=cfg.lr, final_lr=cfg.lr / 10,
                   voxel_size=cfg.voxel_size, tesd_alpha=cfg.tesd_alpha, tesd_temperature=cfg.tesd_temperature,
                   seed=cfg.seed, val_every=0, resume=True, progress=cfg.progress, threads=cfg.threads,
@@ -282,17 +295,6 @@ def distill_rows(world: World, work_dir: Path, t0: float) -> Dict[str, object]:
     _log(f"superpoint + TESD distillation: last {cfg.epochs - stage1} of {cfg.epochs} epochs with TESD", t0)
     world.timings["distill_s"] = time.time() - t
     return models
-
-
-def _model_kwargs(cfg: DemoConfig) -> dict:
-    """Reduced-width backbone when build_model supports it (``width`` multiplier)."""
-    import inspect
-
-    from sas_core.nn import build_model
-
-    if cfg.width_scale != 1.0 and "width" in inspect.signature(build_model).parameters:
-        return {"width": cfg.width_scale}
-    return {}
 
 
 def evaluate_rows(world: World, models: Dict[str, object]) -> Dict[str, Dict[str, dict]]:

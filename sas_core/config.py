@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import re
 from typing import Any, Iterable, Iterator, Mapping, NamedTuple, Optional
 
 _EXPLICIT = "_sas_explicit"  # namespace attribute: the dests the user set on the command line
@@ -66,6 +67,14 @@ def config_fields(cls, skip: Iterable[str] = (), target: str = "cli") -> Iterato
         yield ConfigField(f.name, default, f.metadata.get("help", ""), f.metadata.get("choices"), kind)
 
 
+def field_choices(cls, name: str) -> Optional[tuple]:
+    """The ``choices`` of field ``name`` of dataclass ``cls`` (None: any value)."""
+    for f in dataclasses.fields(cls):
+        if f.name == name:
+            return f.metadata.get("choices")
+    raise ValueError(f"{cls.__name__} has no field {name!r}")
+
+
 def field_help(cls) -> dict:
     """``{field name: help}`` of dataclass ``cls``."""
     return {f.name: f.metadata.get("help", "") for f in dataclasses.fields(cls)}
@@ -80,11 +89,16 @@ class _Record(argparse.Action):
             # --flag / --no-flag, as BooleanOptionalAction
             option_strings = list(option_strings) + ["--no-" + s[2:] for s in option_strings if s.startswith("--")]
             kwargs["nargs"] = 0
+        elif kind == "off":  # an option that only sets a boolean False (--quiet for --no-progress)
+            kwargs["nargs"] = 0
+            kwargs.setdefault("default", argparse.SUPPRESS)
         super().__init__(option_strings, dest, **kwargs)
 
     def __call__(self, parser, namespace, values, option_string=None):
         if self.kind == "bool":
             values = not (option_string or "").startswith("--no-")
+        elif self.kind == "off":
+            values = False
         setattr(namespace, self.dest, values)
         explicit = set(getattr(namespace, _EXPLICIT, set()))
         explicit.add(self.dest)
@@ -94,35 +108,94 @@ class _Record(argparse.Action):
         return " | ".join(self.option_strings)
 
 
+#: The store action of generated flags, for hand-written options that should also record that
+#: they were given (``parser.add_argument("--checkpoint", action=Recorded)``).
+Recorded = _Record
+
+
 def flag_name(name: str, prefix: str = "") -> str:
     return "--" + (prefix + name).replace("_", "-")
 
 
+def _optional_type(cls, name: str):
+    """``X`` when field ``name`` of ``cls`` is annotated ``Optional[X]`` with X in (int, float, str), else None.
+
+    Resolves string annotations (``from __future__ import annotations``) with typing, falling back
+    to reading the annotation text when the module's names do not resolve."""
+    import typing
+
+    try:
+        hint = typing.get_type_hints(cls).get(name)
+    except Exception:  # forward references that do not resolve at run time
+        hint = None
+    if hint is not None:
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        if typing.get_origin(hint) is typing.Union and len(args) == 1 and args[0] in (int, float, str):
+            return args[0]
+        return None
+    text = str(next((f.type for f in dataclasses.fields(cls) if f.name == name), ""))
+    m = re.fullmatch(r"\s*(?:typing\.)?Optional\[\s*(int|float|str)\s*\]\s*", text)
+    return {"int": int, "float": float, "str": str}[m.group(1)] if m else None
+
+
+def _names(value) -> list:
+    if value is None:
+        return []
+    return [value] if isinstance(value, str) else list(value)
+
+
 def add_config_arguments(parser: argparse.ArgumentParser, cls, skip: Iterable[str] = (), prefix: str = "",
-                         overrides: Optional[Mapping[str, Any]] = None) -> None:
+                         overrides: Optional[Mapping[str, Any]] = None, only: Optional[Iterable[str]] = None,
+                         aliases: Optional[Mapping[str, Any]] = None,
+                         off_aliases: Optional[Mapping[str, Any]] = None) -> None:
     """Add ``--field-name`` options for the documented fields of dataclass ``cls``.
 
     Defaults and help come from the fields (``overrides`` changes a default shown and used by
-    this command only, e.g. a command that stores its output elsewhere). Fields whose default is
-    None or a dict are skipped (no sensible flag); tuples become ``nargs='+'``; booleans get
-    ``--x / --no-x``. Every option records that it was given (see :func:`explicit_args`).
+    this command only, e.g. a command that stores its output elsewhere). ``only`` limits the
+    flags to these fields (a command that exposes a few fields of a larger config). ``aliases``
+    maps a field to extra option strings (``{"vocabulary": "--vocab"}``; a boolean alias gets its
+    ``--no-`` form too); ``off_aliases`` maps a boolean field to options that set it False
+    (``{"progress": "--quiet"}``). Fields whose default is a dict, or None without an
+    ``Optional[int | float | str]`` annotation, are skipped (no sensible flag); tuples of scalars
+    become ``nargs='+'`` (nested tuples are skipped); booleans get ``--x / --no-x``. Every option
+    records that it was given (see :func:`explicit_args`).
     """
     overrides = dict(overrides or {})
+    aliases = dict(aliases or {})
+    off_aliases = dict(off_aliases or {})
+    only = None if only is None else set(only)
+    if only is not None:
+        unknown = only - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise ValueError(f"{cls.__name__} has no field {', '.join(sorted(unknown))}")
     for f in config_fields(cls, skip):
-        default = overrides.get(f.name, f.default)
-        if default is dataclasses.MISSING or default is None or isinstance(default, dict):
+        if only is not None and f.name not in only:
             continue
-        flag = flag_name(f.name, prefix)
+        default = overrides.get(f.name, f.default)
+        if default is dataclasses.MISSING or isinstance(default, dict):
+            continue
+        flags = [flag_name(f.name, prefix)] + _names(aliases.get(f.name))
         dest = prefix.replace("-", "_") + f.name
         text = f"{f.help} (default: {_show(default)})"
-        if isinstance(default, bool):
-            parser.add_argument(flag, dest=dest, default=default, action=_Record, kind="bool", help=text)
+        if default is None:
+            kind = _optional_type(cls, f.name)
+            if kind is None:
+                continue
+            parser.add_argument(*flags, dest=dest, type=kind, default=None, action=_Record,
+                                choices=f.choices, help=text)
+        elif isinstance(default, bool):
+            parser.add_argument(*flags, dest=dest, default=default, action=_Record, kind="bool", help=text)
+            if f.name in off_aliases:
+                parser.add_argument(*_names(off_aliases[f.name]), dest=dest, action=_Record, kind="off",
+                                    help=f"same as --no-{(prefix + f.name).replace('_', '-')}")
         elif isinstance(default, (tuple, list)):
+            if any(isinstance(v, (tuple, list, dict)) or v is None for v in default):
+                continue  # nested values: no flag
             kind = type(default[0]) if default else str
-            parser.add_argument(flag, dest=dest, nargs="+", type=kind, default=default, action=_Record,
+            parser.add_argument(*flags, dest=dest, nargs="+", type=kind, default=default, action=_Record,
                                 choices=f.choices, help=text)
         else:
-            parser.add_argument(flag, dest=dest, type=type(default), default=default, action=_Record,
+            parser.add_argument(*flags, dest=dest, type=type(default), default=default, action=_Record,
                                 choices=f.choices, help=text)
 
 

@@ -41,6 +41,8 @@ from typing import Iterable, Iterator, Optional, Sequence
 
 import numpy as np
 
+from sas_core.config import opt
+
 METHODS = ("capability", "add", "linear")
 
 
@@ -48,13 +50,16 @@ METHODS = ("capability", "add", "linear")
 class FusionConfig:
     """Settings of the teacher-feature fusion (defaults: paper eq. 6-8)."""
 
-    method: str = "capability"  # capability | add | linear (the rows of the paper's Table 3)
-    tau: float = 0.05  # temperature of the softmax over teachers (eq. 8)
-    weight_norm: str = "mean"  # "mean": eq. 7 (mean over teachers); "sum": public code (divide by the sum)
-    add_reduce: str = "sum"  # "sum" (the paper's "Adding") or "mean" over valid teachers; same direction
-    normalize_inputs: bool = False  # L2-normalise every teacher feature before fusing (paper: no)
-    normalize_output: bool = False  # L2-normalise the fused feature (paper: no)
-    chunk_size: int = 1 << 18  # points per chunk (bounds peak memory); 0 = all at once
+    method: str = opt("capability", "capability | add | linear (the rows of the paper's Table 3)",
+                      choices=METHODS)
+    tau: float = opt(0.05, "temperature of the softmax over teachers (eq. 8)")
+    weight_norm: str = opt("mean", "'mean': eq. 7 (mean over teachers); 'sum': public code (divide by the sum)",
+                           choices=("mean", "sum"))
+    add_reduce: str = opt("sum", "'sum' (the paper's 'Adding') or 'mean' over valid teachers; same direction",
+                          choices=("sum", "mean"))
+    normalize_inputs: bool = opt(False, "L2-normalise every teacher feature before fusing (paper: no)")
+    normalize_output: bool = opt(False, "L2-normalise the fused feature (paper: no)")
+    chunk_size: int = opt(1 << 18, "points per chunk (bounds peak memory); 0 = all at once")
 
     def __post_init__(self):
         if self.method not in METHODS:

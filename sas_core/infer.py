@@ -25,26 +25,27 @@ from typing import Optional, Sequence, Tuple
 
 import numpy as np
 
+from sas_core.config import opt
 from sas_core.types import PointCloud
 
 __all__ = ["InferenceConfig", "PRECISIONS", "Segmenter", "ensemble_features", "load_point_cloud"]
+
+
+#: Choices of :attr:`InferenceConfig.precision`.
+PRECISIONS = ("fp32", "bf16", "fp16")
 
 
 @dataclass
 class InferenceConfig:
     """How :class:`Segmenter` runs the network."""
 
-    voxel_size: float = 0.02        # metres per voxel (2 cm indoor, 5 cm outdoor)
-    max_voxels: int = 400_000       # voxels per network pass; larger scenes are cut into x-y tiles
-    chunk_margin: int = 48          # tile overlap in voxels (context on each side, outputs discarded)
-    point_chunk: int = 262_144      # points per matrix product in classify / relevance
-    input_color: bool = False       # network input: RGB in [-1, 1] (True) or all ones (False, SAS/OpenScene)
-    fp16_matmul_on_cpu: bool = False  # CPU half matmuls are slow; compute scores in float32 there
-    precision: str = "fp32"         # network arithmetic: fp32, bf16 (CPU or CUDA) or fp16 (CUDA)
-
-
-#: Choices of :attr:`InferenceConfig.precision`.
-PRECISIONS = ("fp32", "bf16", "fp16")
+    voxel_size: float = opt(0.02, "metres per voxel (2 cm indoor, 5 cm outdoor)")
+    max_voxels: int = opt(400_000, "voxels per network pass; larger scenes are cut into x-y tiles")
+    chunk_margin: int = opt(48, "tile overlap in voxels (context on each side, outputs discarded)")
+    point_chunk: int = opt(262_144, "points per matrix product in classify / relevance")
+    input_color: bool = opt(False, "network input: RGB in [-1, 1] (True) or all ones (False, SAS/OpenScene)")
+    fp16_matmul_on_cpu: bool = opt(False, "CPU half matmuls are slow; compute scores in float32 there")
+    precision: str = opt("fp32", "network arithmetic: fp32, bf16 (CPU or CUDA) or fp16 (CUDA)", choices=PRECISIONS)
 
 
 def _find(config: dict, key: str, default=None):

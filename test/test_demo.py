@@ -9,10 +9,10 @@ torch = pytest.importorskip("torch")
 
 @pytest.mark.slow
 def test_quick_demo_writes_the_report(tmp_path):
-    from sas_app.demo import DemoConfig, ROWS, run_demo
+    from sas_app.demo import ROWS, demo_config, run_demo
 
     out = tmp_path / "demo"
-    summary = run_demo(DemoConfig(out=str(out), quick=True, ros=False, progress=False))
+    summary = run_demo(demo_config("quick", out=str(out), ros=False, progress=False))
     for name in ("table.md", "table.json", "ablation.png", "topdown.png", "query_1.png", "query_2.png",
                  "model.pt", "README.md", "summary.json", "capability.json"):
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name
@@ -41,6 +41,6 @@ def test_demo_cli_parses_config_fields():
     from sas_app.cli import build_parser
 
     args = build_parser().parse_args(["demo", "--quick", "--epochs", "7", "--queries", "a chair", "a bed"])
-    assert args.quick and args.epochs == 7 and args.queries == ["a chair", "a bed"]
+    assert args.preset == "quick" and args.epochs == 7 and args.queries == ["a chair", "a bed"]
     args = build_parser().parse_args(["distill", "--data", "d", "--features", "f", "--mode", "sp", "--epochs", "3"])
     assert args.mode == "sp" and args.epochs == 3 and args.lr == pytest.approx(1e-4)

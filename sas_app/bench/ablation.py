@@ -22,7 +22,7 @@ from pathlib import Path
 
 
 def main(argv: list) -> dict:
-    from sas_app.demo import HELD_OUT_NOTE, ROWS, SETTINGS, SYNTHETIC_NOTE, DemoConfig, config_note, run_world
+    from sas_app.demo import HELD_OUT_NOTE, ROWS, SETTINGS, SYNTHETIC_NOTE, config_note, demo_config, run_world
 
     parser = argparse.ArgumentParser(prog="sas bench ablation")
     parser.add_argument("--seeds", type=int, default=3, help="number of seeds (worlds) to average over")
@@ -35,7 +35,7 @@ def main(argv: list) -> dict:
     t0 = time.time()
     cfg = None
     for seed in range(args.first_seed, args.first_seed + args.seeds):
-        cfg = DemoConfig(seed=seed, quick=args.quick, progress=args.progress, ros=False)
+        cfg = demo_config("quick" if args.quick else None, seed=seed, progress=args.progress, ros=False)
         if args.epochs:
             cfg.epochs = args.epochs
         with tempfile.TemporaryDirectory() as tmp:

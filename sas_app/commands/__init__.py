@@ -1,4 +1,15 @@
-"""Subcommands of the ``sas`` CLI (see ``sas_app/cli.py``)."""
+"""Subcommands of the ``sas`` CLI (see ``sas_app/cli.py``).
+
+Flags that set a field of a library config dataclass are generated from it
+(:func:`sas_core.config.add_config_arguments`) and the config is built with
+:func:`sas_core.config.config_from_args`, so each default exists once. The helpers below are the
+flags shared by several commands.
+"""
+
+from sas_core.config import Recorded, add_config_arguments, explicit_args
+
+#: InferenceConfig fields that come from the checkpoint, not from flags.
+_FROM_CHECKPOINT = ("voxel_size", "input_color")
 
 
 def not_built(name: str, issue: str):
@@ -15,8 +26,66 @@ def not_built(name: str, issue: str):
 
 def add_precision_argument(parser) -> None:
     """``--precision`` of the commands that run the distilled network (InferenceConfig.precision)."""
-    from sas_core.infer import PRECISIONS  # NumPy only: building the parser stays light
+    from sas_core.infer import InferenceConfig  # NumPy only: building the parser stays light
 
-    parser.add_argument("--precision", choices=PRECISIONS, default="fp32",
-                        help="network arithmetic: fp32 (default); bf16 on CPU (about 1.6x faster where the "
-                             "CPU has AVX512-BF16 or AMX) or CUDA; fp16 on CUDA")
+    add_config_arguments(parser, InferenceConfig, only=("precision",))
+
+
+def add_inference_arguments(parser) -> None:
+    """The :class:`sas_core.infer.InferenceConfig` flags (voxel size and input mode come from the checkpoint)."""
+    from sas_core.infer import InferenceConfig
+
+    group = parser.add_argument_group("inference (InferenceConfig)")
+    add_config_arguments(group, InferenceConfig, skip=_FROM_CHECKPOINT)
+
+
+def inference_config(args):
+    """The :class:`sas_core.infer.InferenceConfig` of parsed ``args``."""
+    from sas_core.config import config_from_args
+    from sas_core.infer import InferenceConfig
+
+    return config_from_args(InferenceConfig, args)
+
+
+def add_models_argument(parser) -> None:
+    """``--models FILE``: the models file giving the default model paths (see docs/models.md)."""
+    parser.add_argument("--models", metavar="FILE", default=None,
+                        help="models file (YAML) with the local model paths used as defaults; explicit flags win "
+                             "(default: $SAS_MODELS, else $SAS_MODELS_DIR/models.yaml or its conventional file "
+                             "names, else none)")
+
+
+def add_checkpoint_argument(parser, *names, **kwargs) -> None:
+    """A distilled-checkpoint option whose default comes from the models file (``checkpoint``)."""
+    kwargs.setdefault("help", "distilled checkpoint (.pt) or a name from the models file's checkpoints "
+                              "(default: the models file's checkpoint)")
+    parser.add_argument(*names, default=None, action=Recorded, **kwargs)
+
+
+def apply_model_paths(args, mapping: dict):
+    """Fill flags the user did not give from the models file (``args.models``, $SAS_MODELS, ...).
+
+    ``mapping``: ``{ModelPaths field: args dest}``. A flag given explicitly always wins; a flag
+    left at its default (or None) takes the models file's value when the file sets one. The
+    ``checkpoint`` dest also accepts a name of the models file's ``checkpoints`` table. Returns
+    the :class:`sas_core.models.ModelPaths`.
+    """
+    from sas_core.models import load_model_paths
+
+    paths = load_model_paths(getattr(args, "models", None))
+    given = explicit_args(args)
+    for field, dest in mapping.items():  # clip_model before clip_checkpoint, sam_model_type before sam_checkpoint
+        value = getattr(paths, field)
+        if field == "clip_checkpoint" and "clip_model" in mapping:
+            value = paths.clip_weights(getattr(args, mapping["clip_model"], None))
+        if field == "sam_checkpoint" and "sam_model_type" in mapping and paths.sam_model_type is not None \
+                and getattr(args, mapping["sam_model_type"], None) != paths.sam_model_type:
+            value = None  # the file's SAM weights are of another type than the one asked for
+        current = getattr(args, dest, None)
+        if value is not None and (dest not in given or current in (None, "")):
+            setattr(args, dest, value)
+    if "checkpoint" in mapping.values():
+        name = getattr(args, "checkpoint", None)
+        if name in paths.checkpoints:
+            args.checkpoint = paths.checkpoints[name]
+    return paths

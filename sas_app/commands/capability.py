@@ -7,6 +7,9 @@ Examples::
         --sam-checkpoint ~/models/sam_vit_h_4b8939.pth --teachers dense_clip \\
         --clip-model ViT-B-16 --clip-checkpoint ~/models/ViT-B-16.bin --output cap.json
 
+    # the same with the paths from a models file (docs/models.md)
+    sas capability --source diffusion --teachers dense_clip --models ~/models/models.yaml --output cap.json
+
     # synthetic world: probe renders with ground-truth masks, simulated teachers
     sas capability --source synthetic --teachers simulated --output cap_synth.json
 
@@ -20,7 +23,10 @@ Images, masks and per-image counts are cached (``--cache``), so an interrupted r
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
+
+from sas_app.commands import add_models_argument, apply_model_paths
 
 HELP = "annotation-free capability tables for the 2D teachers"
 
@@ -29,44 +35,42 @@ TEACHERS = ("simulated", "sim_dense", "sim_mask", "dense_clip")
 
 def add_arguments(parser):
     from sas_core.capability.diffusion import DiffusionConfig  # NumPy only at import
+    from sas_core.capability.pseudo_masks import PseudoMaskConfig
+    from sas_core.config import add_config_arguments
+    from sas_core.teachers.dense_clip import DenseClipConfig
 
-    d = DiffusionConfig()
     parser.add_argument("--source", choices=("diffusion", "synthetic", "folder"), default="diffusion",
                         help="reference images + masks: Stable Diffusion + SAM (paper), synthetic probe renders, "
                              "or a folder of labelled images (default: diffusion)")
     parser.add_argument("--output", "-o", required=True, help="capability table JSON to write")
     parser.add_argument("--cache", default=None,
                         help="cache folder for images, masks and per-image counts (default: <output>.cache)")
-    parser.add_argument("--vocabulary", default="scannet20", help="vocabulary name (sas_core.text.get_vocabulary)")
+    parser.add_argument("--vocabulary", "--vocab", default="scannet20",
+                        help="vocabulary: a name (scannet20, matterport160, ...), a file with one class per line, or comma-separated names (default: scannet20)")
     parser.add_argument("--classes", nargs="+", default=None, help="only these classes (others stay empty)")
     parser.add_argument("--teachers", nargs="+", default=["simulated"], choices=TEACHERS,
                         help="teachers to rate: simulated (= sim_dense + sim_mask, synthetic text space) or "
                              "dense_clip (open_clip, needs --clip-checkpoint)")
     parser.add_argument("--teacher-seed", type=int, default=0, help="seed of the simulated teachers")
-    parser.add_argument("--clip-model", default="ViT-B-16", help="open_clip architecture (dense_clip)")
-    parser.add_argument("--clip-checkpoint", default=None, help="local open_clip weights (dense_clip)")
-    parser.add_argument("--clip-recipe", default="sclip", help="dense CLIP recipe: maskclip|sclip|clearclip|naclip")
+    t = parser.add_argument_group("dense CLIP teacher (DenseClipConfig)")
+    add_config_arguments(t, DenseClipConfig, prefix="clip-", only=("model", "checkpoint", "recipe"))
+    add_models_argument(t)
     parser.add_argument("--reduce", choices=("sum", "mean"), default="sum",
                         help="sum I / sum U over images (public code) or mean per-image IoU (eq. 3)")
-    parser.add_argument("--device", default="cpu", help="torch device for diffusion, SAM and CLIP")
-    g = parser.add_argument_group("diffusion source")
-    g.add_argument("--sd-model", default="", help="local Stable Diffusion v1.5 folder (diffusers format)")
-    g.add_argument("--images-per-class", type=int, default=d.images_per_class, help="images per class")
-    g.add_argument("--steps", type=int, default=d.steps, help="denoising steps")
-    g.add_argument("--guidance", type=float, default=d.guidance, help="classifier-free guidance scale")
-    g.add_argument("--prompt", default=d.prompt, help="prompt template with {} for the class")
-    g.add_argument("--seed", type=int, default=d.seed_offset, help="seed of image 0 (image i uses seed + i)")
-    g.add_argument("--size", type=int, nargs=2, default=[d.width, d.height], metavar=("W", "H"), help="image size")
-    g.add_argument("--threshold", type=float, default=d.threshold, help="coarse-mask threshold")
-    g.add_argument("--fp16", action="store_true", help="run diffusion in float16 (CUDA)")
-    g.add_argument("--sam-checkpoint", default="", help="local SAM checkpoint (e.g. sam_vit_h_4b8939.pth)")
-    g.add_argument("--sam-model", default="vit_h", help="SAM model type (vit_h | vit_l | vit_b)")
+    parser.add_argument("--device", default="cpu", help="torch device for diffusion, SAM and CLIP (default: cpu)")
+    g = parser.add_argument_group("diffusion source (DiffusionConfig)")
+    add_config_arguments(g, DiffusionConfig, skip=("device",), aliases={"model_path": "--sd-model",
+                                                                        "seed_offset": "--seed"})
+    g.add_argument("--fp16", dest="dtype", action="store_const", const="float16", default=argparse.SUPPRESS,
+                   help="same as --dtype float16")
+    g = parser.add_argument_group("SAM pseudo-masks (PseudoMaskConfig)")
+    add_config_arguments(g, PseudoMaskConfig, skip=("device",))
     g = parser.add_argument_group("synthetic / folder sources")
     g.add_argument("--probes", type=int, default=20, help="synthetic probe renders per class")
     g.add_argument("--probe-seed", type=int, default=1000, help="seed of the probe renders")
     g.add_argument("--probe-size", type=int, nargs=2, default=[320, 240], metavar=("W", "H"), help="probe size")
     g.add_argument("--folder", default=None, help="folder source root: <root>/<class>/images|masks")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--no-progress", "--quiet", action="store_true", help="no progress bar")
 
 
 def _teachers(args, vocab):
@@ -101,14 +105,12 @@ def _source(args, cache: Path):
     from sas_core.capability.diffusion import DiffusionConfig, DiffusionSynthesizer
     from sas_core.capability.pseudo_masks import PseudoMaskConfig, PseudoMasker
     from sas_core.capability.sources import DiffusionSource
+    from sas_core.config import config_from_args
 
-    dcfg = DiffusionConfig(model_path=args.sd_model, prompt=args.prompt, steps=args.steps, guidance=args.guidance,
-                           images_per_class=args.images_per_class, seed_offset=args.seed, width=args.size[0],
-                           height=args.size[1], threshold=args.threshold, device=args.device,
-                           dtype="float16" if args.fp16 else "float32")
+    dcfg = config_from_args(DiffusionConfig, args)
     if "{}" not in dcfg.prompt:
         raise ValueError(f"--prompt must contain {{}} for the class name, got {dcfg.prompt!r}")
-    pcfg = PseudoMaskConfig(sam_model=args.sam_model, sam_checkpoint=args.sam_checkpoint, device=args.device)
+    pcfg = config_from_args(PseudoMaskConfig, args)
     masker = PseudoMasker(None, pcfg)  # checks the SAM file first (cheap) before loading diffusion
     return DiffusionSource(DiffusionSynthesizer(dcfg), masker, dcfg.images_per_class, cache)
 
@@ -118,6 +120,10 @@ def run(args) -> int:
     from sas_core.text import class_embeddings, parse_vocabulary
 
     vocab = list(parse_vocabulary(args.vocabulary))
+    if args.source == "diffusion" or "dense_clip" in args.teachers:
+        apply_model_paths(args, {"clip_model": "clip_model", "clip_checkpoint": "clip_checkpoint",
+                                 "sam_model_type": "sam_model", "sam_checkpoint": "sam_checkpoint",
+                                 "stable_diffusion": "model_path"})
     out = Path(args.output)
     cache = Path(args.cache) if args.cache else out.with_name(out.name + ".cache")
     teachers, encoder, models = _teachers(args, vocab)

@@ -3,81 +3,56 @@
 Data in the OpenScene layout (``--data ROOT`` with ``ROOT/<split>/<scene>.pth``) and fused 2D
 feature files from `sas fuse` (``--features DIR``). Multi-process: launch with
 ``torchrun --nproc_per_node N -m sas_app.cli distill ...`` (gloo on CPU, NCCL on CUDA).
-Interrupted runs continue from ``<out>/last.pt`` (``--no-resume`` starts over).
+Interrupted runs continue from ``<out>/last.pt`` (``--no-resume`` starts over). Every
+:class:`sas_core.train.distill.DistillConfig` field is a flag with the dataclass default; the CLIP
+text encoder's weights default to the models file's (``--models``, see docs/models.md).
 """
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
-import inspect
-import re
+from sas_app.commands import add_models_argument, apply_model_paths
 
 HELP = "distil fused 2D features into a sparse 3D network"
 
-_SKIP = {"model_kwargs", "out_dir", "resume", "progress"}
-
-
-def field_help(cls) -> dict:
-    """One-line help of each dataclass field, from the ``# comment`` after its definition."""
-    helps = {}
-    for line in inspect.getsource(cls).splitlines():
-        m = re.match(r"\s+(\w+)\s*:[^=]+=.*#\s*(.+)$", line)
-        if m:
-            helps[m.group(1)] = m.group(2).strip()
-    return helps
-
-
-def add_config_arguments(parser, cls, skip=()) -> None:
-    """``--field-name`` options for the fields of dataclass ``cls`` (defaults and help from it)."""
-    helps = field_help(cls)
-    for f in dataclasses.fields(cls):
-        if f.name in skip:
-            continue
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        flag = "--" + f.name.replace("_", "-")
-        text = f"{helps.get(f.name, '')} (default: {default})"
-        if isinstance(default, bool):
-            parser.add_argument(flag, dest=f.name, default=default, action=argparse.BooleanOptionalAction, help=text)
-        elif isinstance(default, (tuple, list)):
-            kind = type(default[0]) if default else str
-            parser.add_argument(flag, dest=f.name, nargs="+", type=kind, default=default, help=text)
-        elif isinstance(default, dict) or default is None:
-            continue
-        else:
-            parser.add_argument(flag, dest=f.name, type=type(default), default=default, help=text)
+#: DistillConfig fields that get no flag (set by the caller, not by a user)
+_SKIP = ("model_kwargs",)
 
 
 def add_arguments(parser):
+    from sas_core.config import add_config_arguments, field_choices
+    from sas_core.geometry.superpoints import SuperpointConfig
+    from sas_core.teachers.dense_clip import DenseClipConfig
     from sas_core.train.distill import DistillConfig
 
     parser.add_argument("--data", required=True, help="dataset root in the OpenScene layout (<root>/<split>/*.pth)")
     parser.add_argument("--features", required=True, help="folder of fused 2D feature files (sas fuse)")
     parser.add_argument("--split", default="train", help="training split (default: train)")
     parser.add_argument("--val-split", default="val", help="validation split with labels ('' for none; default: val)")
-    parser.add_argument("--superpoints", default="graph", choices=("graph", "points"),
-                        help="graph: ScanNet segmentator (indoor); points: every point its own (nuScenes)")
-    parser.add_argument("--vocabulary", default="scannet_20", help="class vocabulary for TESD and validation")
-    parser.add_argument("--text-encoder", default="open_clip", choices=("open_clip", "synthetic"),
-                        help="text space of the fused features")
-    parser.add_argument("--clip-model", default="ViT-B-16", help="open_clip model name")
-    parser.add_argument("--clip-checkpoint", default=None, help="local open_clip weights file")
-    parser.add_argument("--text-dim", type=int, default=512, help="synthetic text space size")
-    parser.add_argument("--out", default="distill_output", help="checkpoints and logs (default: distill_output)")
-    parser.add_argument("--no-resume", action="store_true", help="start over even if <out>/last.pt exists")
-    parser.add_argument("--quiet", action="store_true", help="no progress bars")
-    add_config_arguments(parser, DistillConfig, skip=_SKIP)
+    parser.add_argument("--superpoints", default=SuperpointConfig.method,
+                        choices=field_choices(SuperpointConfig, "method"),
+                        help="graph: ScanNet segmentator (indoor); points: every point its own (nuScenes) "
+                             f"(default: {SuperpointConfig.method})")
+    parser.add_argument("--vocabulary", "--vocab", default="scannet20",
+                        help="class vocabulary for TESD and validation (default: scannet20)")
+    t = parser.add_argument_group("text space of the fused features")
+    t.add_argument("--text-encoder", default="open_clip", choices=("open_clip", "synthetic"),
+                   help="open_clip (default) or the synthetic text space")
+    add_config_arguments(t, DenseClipConfig, prefix="clip-", only=("model", "checkpoint"))
+    t.add_argument("--text-dim", type=int, default=512, help="synthetic text space size (default: 512)")
+    add_models_argument(t)
+    add_config_arguments(parser, DistillConfig, skip=_SKIP, aliases={"out_dir": "--out"},
+                         off_aliases={"progress": "--quiet"})
 
 
 def run(args) -> int:
     import json
 
+    from sas_core.config import config_from_args
     from sas_core.text import SyntheticTextEncoder, class_embeddings, parse_vocabulary
     from sas_core.train.datasets import OpenSceneScenes
     from sas_core.train.distill import DistillConfig, distill, init_distributed
 
-    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(DistillConfig) if f.name not in _SKIP}
-    cfg = DistillConfig(**values, out_dir=args.out, resume=not args.no_resume, progress=not args.quiet)
+    cfg = config_from_args(DistillConfig, args)
     rank, world = init_distributed(cfg.device)
     if world > 1 and cfg.device.startswith("cuda"):
         import torch
@@ -89,6 +64,7 @@ def run(args) -> int:
     else:
         from sas_core.text import OpenClipTextEncoder
 
+        apply_model_paths(args, {"clip_model": "clip_model", "clip_checkpoint": "clip_checkpoint"})
         encoder = OpenClipTextEncoder(args.clip_model, args.clip_checkpoint)
     text = class_embeddings(encoder, names)
     train = OpenSceneScenes(args.data, args.split, args.features, superpoints=args.superpoints)

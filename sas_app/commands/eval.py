@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from sas_app.commands import add_precision_argument
+from sas_app.commands import add_checkpoint_argument, add_inference_arguments, add_models_argument, \
+    apply_model_paths, inference_config
 
 HELP = "evaluate predicted labels (OpenScene protocol mIoU/mAcc)"
 
@@ -13,7 +14,9 @@ def add_arguments(parser):
     src = parser.add_argument_group("what to evaluate (labels, or a checkpoint over a dataset)")
     src.add_argument("--pred", help="predicted labels (.npy, or a PLY with a 'label' property)")
     src.add_argument("--gt", help="ground truth: OpenScene .pth, .npy labels, or a PLY with 'label'")
-    src.add_argument("--checkpoint", help="distilled checkpoint: predict every scene of --data")
+    add_checkpoint_argument(src, "--checkpoint", help="distilled checkpoint (or a name from the models file) "
+                                                      "predicting every scene of --data (default: the models "
+                                                      "file's checkpoint)")
     src.add_argument("--data", help="folder of OpenScene scenes (<scene>.pth), e.g. data/scannet_3d/val; "
                                     "with --long-tail the folder holding matterport_3d{,_40,_80,_160}/")
     src.add_argument("--split", default="test", help="split folder used with --long-tail (default: test)")
@@ -21,7 +24,7 @@ def add_arguments(parser):
                                      "--feature-type fusion/ensemble")
     src.add_argument("--feature-type", choices=("distill", "fusion", "ensemble"), default="distill",
                      help="3D features, fused 2D features (no-feature points = 256), or OpenScene's ensemble")
-    parser.add_argument("--vocab", default="scannet20",
+    parser.add_argument("--vocabulary", "--vocab", default="scannet20",
                         help="vocabulary the labels index (scannet20, matterport21/40/80/160, nuscenes16, a file, "
                              "or comma-separated names)")
     parser.add_argument("--long-tail", action="store_true",
@@ -34,7 +37,8 @@ def add_arguments(parser):
     parser.add_argument("--markdown", help="write the per-class table as Markdown here")
     parser.add_argument("--device", default="cpu", help="torch device")
     parser.add_argument("--limit", type=int, default=None, help="evaluate only the first N scenes")
-    add_precision_argument(parser)
+    add_models_argument(parser)
+    add_inference_arguments(parser)
 
 
 def _labels(path, what: str):
@@ -118,21 +122,23 @@ def run(args) -> int:
     if args.pred or args.gt:
         if not (args.pred and args.gt):
             raise ValueError("--pred and --gt go together")
-        names = parse_vocabulary(args.vocab)
+        names = parse_vocabulary(args.vocabulary)
         pred, gt = _labels(args.pred, "prediction"), _labels(args.gt, "ground-truth")
         result = evaluate(pred, gt, names, no_feature=args.no_feature)
         _report(result, names, f"{args.pred} vs {args.gt}", args)
         _write(args, to_json({k: v for k, v in result.items()}), format_table(result))
         return 0
+    if args.data:
+        apply_model_paths(args, {"checkpoint": "checkpoint"})
     if not (args.checkpoint and args.data):
         raise ValueError("give --pred and --gt, or --checkpoint and --data")
 
     from tqdm import tqdm
 
-    from sas_core.infer import InferenceConfig, Segmenter, load_point_cloud
+    from sas_core.infer import Segmenter, load_point_cloud
     from sas_core.text import get_vocabulary
 
-    seg = Segmenter.from_checkpoint(args.checkpoint, device=args.device, config=InferenceConfig(precision=args.precision))
+    seg = Segmenter.from_checkpoint(args.checkpoint, device=args.device, config=inference_config(args))
     if args.long_tail:
         from pathlib import Path
 
@@ -177,7 +183,7 @@ def run(args) -> int:
         _write(args, payload, "\n\n".join(["\n".join(summary)] + tables))
         return 0
 
-    names = parse_vocabulary(args.vocab)
+    names = parse_vocabulary(args.vocabulary)
     seg.set_vocabulary(names, openscene_other=args.openscene_other)
     preds, gts = [], []
     for path in tqdm(_scenes(args.data, args.limit), desc="scenes"):

@@ -28,12 +28,20 @@ import sys
 import time
 from pathlib import Path
 
+from sas_app.commands import add_models_argument, apply_model_paths
+
 HELP = "2D-to-3D fusion of teacher features onto points (OpenScene rule)"
 
 TEACHERS = ("sim_dense", "sim_mask", "dense_clip", "mask_clip")
 
 
 def add_arguments(parser):
+    from sas_core.config import add_config_arguments
+    from sas_core.data.synthetic import SynthConfig
+    from sas_core.geometry.multiview import MultiViewFusionConfig
+    from sas_core.teachers.dense_clip import DenseClipConfig
+    from sas_core.teachers.mask_teacher import MaskTeacherConfig
+
     src = parser.add_argument_group("source (one of)")
     src.add_argument("--data", metavar="ROOT", help="OpenScene-layout dataset root")
     src.add_argument("--synthetic", action="store_true", help="generate a synthetic room and fuse its frames")
@@ -51,36 +59,29 @@ def add_arguments(parser):
     t = parser.add_argument_group("teacher")
     t.add_argument("--teacher", nargs="+", choices=TEACHERS, default=None,
                    help="teacher(s) (default: sim_dense sim_mask with --synthetic, else sim_dense)")
-    t.add_argument("--vocabulary", default="scannet20", help="class names (labels and simulated teachers)")
-    t.add_argument("--clip-model", default="ViT-B-16", help="open_clip architecture (dense_clip, mask_clip)")
-    t.add_argument("--clip-checkpoint", default=None, help="local open_clip weights file")
-    t.add_argument("--recipe", default="sclip", help="dense CLIP recipe: maskclip | sclip | clearclip | naclip")
-    t.add_argument("--sam-model", default="vit_b", help="segment-anything model (mask_clip)")
-    t.add_argument("--sam-checkpoint", default=None, help="local SAM weights file (mask_clip)")
-    t.add_argument("--teacher-seed", type=int, default=0, help="seed of the simulated teachers")
-    f = parser.add_argument_group("fusion rule (defaults: OpenScene)")
-    f.add_argument("--depth-ratio", type=float, default=0.25, help="visible if |depth - z| <= ratio * depth")
-    f.add_argument("--metric-threshold", type=float, default=None,
-                   help="visible if |depth - z| <= this many metres (replaces the ratio test)")
-    f.add_argument("--border", type=int, default=10, help="pixels ignored along each image edge")
-    f.add_argument("--max-depth", type=float, default=None, help="depth readings beyond this are ignored")
-    f.add_argument("--device", default="cpu", help="torch device for fusion (cpu, cuda)")
-    s = parser.add_argument_group("synthetic world")
-    s.add_argument("--seed", type=int, default=0, help="scene seed")
-    s.add_argument("--n-frames", type=int, default=60, help="frames along the trajectory")
-    s.add_argument("--points-per-m2", type=float, default=600.0, help="surface sampling density")
+    t.add_argument("--vocabulary", "--vocab", default="scannet20",
+                   help="class names (labels and simulated teachers; default: scannet20)")
+    add_config_arguments(t, MaskTeacherConfig, only=("clip_model", "clip_checkpoint", "sam_model", "sam_checkpoint"))
+    add_config_arguments(t, DenseClipConfig, prefix="clip-", only=("recipe",), aliases={"recipe": "--recipe"})
+    t.add_argument("--teacher-seed", type=int, default=0, help="seed of the simulated teachers (default: 0)")
+    add_models_argument(t)
+    f = parser.add_argument_group("fusion rule (MultiViewFusionConfig; defaults: OpenScene)")
+    add_config_arguments(f, MultiViewFusionConfig)
+    f.add_argument("--device", default="cpu", help="torch device for fusion and the teachers (default: cpu)")
+    s = parser.add_argument_group("synthetic world (SynthConfig)")
+    add_config_arguments(s, SynthConfig, only=("seed", "n_frames", "points_per_m2"), aliases={"n_frames": "--frames"})
     o = parser.add_argument_group("output")
     o.add_argument("--report", action="store_true",
                    help="classify the fused points against the class text embeddings; print 3D mIoU and per-class IoU")
     o.add_argument("--json", action="store_true", help="print the report as one JSON object")
-    o.add_argument("--quiet", action="store_true", help="no progress bars")
+    o.add_argument("--quiet", "--no-progress", action="store_true", help="no progress bars")
 
 
 def _fusion_config(args):
+    from sas_core.config import config_from_args
     from sas_core.geometry.multiview import MultiViewFusionConfig
 
-    return MultiViewFusionConfig(depth_ratio=args.depth_ratio, border=args.border,
-                                 metric_threshold=args.metric_threshold, max_depth=args.max_depth)
+    return config_from_args(MultiViewFusionConfig, args)
 
 
 def _check_args(args):
@@ -101,7 +102,7 @@ def _make_teachers(names, vocabulary, args):
     from sas_core.teachers.registry import build_teachers
 
     return build_teachers(names, vocabulary, seed=args.teacher_seed, clip_model=args.clip_model,
-                          clip_checkpoint=args.clip_checkpoint, recipe=args.recipe, sam_model=args.sam_model,
+                          clip_checkpoint=args.clip_checkpoint, recipe=args.clip_recipe, sam_model=args.sam_model,
                           sam_checkpoint=args.sam_checkpoint, device=args.device)
 
 
@@ -152,13 +153,13 @@ def _print_reports(reports, header, as_json):
 
 
 def _run_synthetic(args, config) -> int:
+    from sas_core.config import config_from_args
     from sas_core.data.fused_features import save_scene_features
     from sas_core.geometry.multiview import fuse_frames
     from sas_core.data.synthetic import SynthConfig, generate_scene
 
     t0 = time.perf_counter()
-    scene = generate_scene(SynthConfig(seed=args.seed, n_frames=args.n_frames, with_lidar=False,
-                                       points_per_m2=args.points_per_m2), progress=not args.quiet)
+    scene = generate_scene(config_from_args(SynthConfig, args, with_lidar=False), progress=not args.quiet)
     vocabulary = tuple(scene.class_names)
     names = args.teacher or ["sim_dense", "sim_mask"]
     frames = scene.frames[::args.frame_step]
@@ -247,6 +248,9 @@ def _run_dataset(args, config) -> int:
 
 def run(args) -> int:
     _check_args(args)
+    if any(t in ("dense_clip", "mask_clip") for t in args.teacher or ()):
+        apply_model_paths(args, {"clip_model": "clip_model", "clip_checkpoint": "clip_checkpoint",
+                                 "sam_model_type": "sam_model", "sam_checkpoint": "sam_checkpoint"})
     config = _fusion_config(args)
     if args.synthetic:
         return _run_synthetic(args, config)

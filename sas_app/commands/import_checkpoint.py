@@ -13,6 +13,8 @@ for files the user trusts; what it writes is plain data that the safe loader rea
 
 from __future__ import annotations
 
+from sas_app.commands import add_models_argument
+
 HELP = "convert an OpenScene/SAS release 3D checkpoint (.pth.tar) into a self-describing SAS-ROS one"
 
 
@@ -27,7 +29,9 @@ def add_arguments(parser):
                         help="open_clip model of the text space: ViT-B-32 for LSeg (512-d) features, "
                              "ViT-L-14-336 for OpenSeg (768-d)")
     parser.add_argument("--clip-checkpoint", default=None,
-                        help="local open_clip weights of that model (e.g. ViT-B-32 'openai' weights)")
+                        help="local open_clip weights of that model (e.g. ViT-B-32 'openai' weights; default: the "
+                             "models file's weights of that architecture)")
+    add_models_argument(parser)
     parser.add_argument("--synthetic-text", action="store_true",
                         help="use the synthetic text space instead of CLIP (tests and the synthetic world only)")
     parser.add_argument("--trust", action="store_true",
@@ -81,6 +85,10 @@ def run(args) -> int:
     if args.synthetic_text == bool(args.clip_model):
         raise ValueError("give --clip-model (with --clip-checkpoint) for the CLIP text space of the "
                          "features, or --synthetic-text")
+    if args.clip_model and not args.clip_checkpoint:
+        from sas_core.models import load_model_paths
+
+        args.clip_checkpoint = load_model_paths(args.models).clip_weights(args.clip_model)
     if args.trust:  # only the weights are kept: they go into a fresh model, saved as plain data
         model = openscene_model_from_object(unpickle_trusted(args.source), arch=args.arch, source=args.source)
     else:

@@ -2,20 +2,23 @@
 
 from __future__ import annotations
 
-from sas_app.commands import add_precision_argument
+from sas_app.commands import add_checkpoint_argument, add_inference_arguments, add_models_argument, \
+    apply_model_paths, inference_config
 
 HELP = "relevance of free text over a point cloud (or a live node with --ros)"
 
 
 def add_arguments(parser):
     parser.add_argument("text", help="free text, e.g. \"a soft place to sit\"")
-    parser.add_argument("--checkpoint", help="distilled checkpoint (offline mode)")
+    add_checkpoint_argument(parser, "--checkpoint", help="distilled checkpoint or a name from the models file "
+                                                         "(offline mode; default: the models file's checkpoint)")
     parser.add_argument("--cloud", help="point cloud: .ply, OpenScene .pth, .npy or .npz (offline mode)")
     parser.add_argument("--out", default="relevance.ply", help="relevance-coloured PLY to write (offline mode)")
     parser.add_argument("--top", type=int, default=10, help="print the K most relevant points")
     parser.add_argument("--cmap", default="turbo", help="matplotlib colormap of the relevance colours")
     parser.add_argument("--device", default="cpu", help="torch device")
-    add_precision_argument(parser)
+    add_models_argument(parser)
+    add_inference_arguments(parser)
     ros = parser.add_argument_group("live node (--ros)")
     ros.add_argument("--ros", action="store_true", help="ask a running sas mapping node instead (TextQuery service)")
     ros.add_argument("--service", default=None, help="TextQuery service name (default: the node's)")
@@ -31,16 +34,17 @@ def run(args) -> int:
 
         args.texts = [args.text]
         return run_cli(args)
+    apply_model_paths(args, {"checkpoint": "checkpoint"})
     if not args.checkpoint or not args.cloud:
         raise ValueError("offline queries need --checkpoint and --cloud (or use --ros for a live node)")
     import numpy as np
 
-    from sas_core.infer import InferenceConfig, Segmenter, load_point_cloud
+    from sas_core.infer import Segmenter, load_point_cloud
     from sas_core.io import write_ply
     from sas_core.viz import relevance_colors
 
     cloud = load_point_cloud(args.cloud)
-    seg = Segmenter.from_checkpoint(args.checkpoint, device=args.device, config=InferenceConfig(precision=args.precision))
+    seg = Segmenter.from_checkpoint(args.checkpoint, device=args.device, config=inference_config(args))
     feats = seg.features(cloud.positions, cloud.colors, progress=True)
     rel = seg.relevance(feats, args.text)
     write_ply(args.out, cloud.positions, colors=relevance_colors(rel, args.cmap), scores=rel)

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
-from sas_app.commands import add_precision_argument
+from sas_core.config import Recorded
+
+from sas_app.commands import add_inference_arguments, add_models_argument, apply_model_paths, inference_config
 
 HELP = "label a point cloud with a distilled checkpoint"
 
 
 def add_arguments(parser):
-    parser.add_argument("checkpoint", help="distilled checkpoint (.pth) written by `sas distill`")
+    parser.add_argument("checkpoint", nargs="?", default=None, action=Recorded,
+                        help="distilled checkpoint (.pt) written by `sas distill`, or a name from the models file "
+                             "(default: the models file's checkpoint)")
     parser.add_argument("cloud", help="point cloud: .ply, OpenScene .pth, .npy (N,3 or N,6) or .npz")
-    parser.add_argument("--vocab", default="scannet20",
+    parser.add_argument("--vocabulary", "--vocab", default="scannet20",
                         help="named vocabulary (scannet20, matterport21/40/80/160, nuscenes16), a file with one "
                              "class per line, or comma-separated names \"chair,table,lamp\" (default: scannet20)")
     parser.add_argument("--templates", default=None,
@@ -19,8 +23,8 @@ def add_arguments(parser):
     parser.add_argument("--fused", default=None,
                         help="optional OpenScene fused 2D feature file (.pt) of this cloud: 2D-3D ensemble")
     parser.add_argument("--device", default="cpu", help="torch device (cpu, cuda, cuda:1)")
-    parser.add_argument("--max-voxels", type=int, default=None, help="voxels per network pass (tiles above)")
-    add_precision_argument(parser)
+    add_models_argument(parser)
+    add_inference_arguments(parser)
 
 
 def run(args) -> int:
@@ -28,17 +32,17 @@ def run(args) -> int:
 
     import numpy as np
 
-    from sas_core.infer import InferenceConfig, Segmenter, load_point_cloud
+    from sas_core.infer import Segmenter, load_point_cloud
     from sas_core.io import atomic_path, write_ply
     from sas_core.text import parse_vocabulary
     from sas_core.viz import label_colors
 
-    names = parse_vocabulary(args.vocab)
+    apply_model_paths(args, {"checkpoint": "checkpoint"})
+    if not args.checkpoint:
+        raise ValueError("no checkpoint: give CHECKPOINT or set checkpoint in the models file (--models)")
+    names = parse_vocabulary(args.vocabulary)
     cloud = load_point_cloud(args.cloud)
-    cfg = InferenceConfig(precision=args.precision)
-    if args.max_voxels:
-        cfg.max_voxels = int(args.max_voxels)
-    seg = Segmenter.from_checkpoint(args.checkpoint, device=args.device, config=cfg)
+    seg = Segmenter.from_checkpoint(args.checkpoint, device=args.device, config=inference_config(args))
     seg.set_vocabulary(names, args.templates)
     feats = seg.features(cloud.positions, cloud.colors, progress=True)
     used_2d = None

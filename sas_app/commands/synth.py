@@ -13,15 +13,14 @@ HELP = "generate synthetic rooms (OpenScene layout and ROS 2 bags)"
 
 
 def add_arguments(parser):
+    from sas_core.config import add_config_arguments
+    from sas_core.data.synthetic import SynthConfig
+
     parser.add_argument("--scenes", type=int, default=1, help="number of rooms (default 1)")
-    parser.add_argument("--frames", type=int, default=60, help="RGB-D frames per room, 15 Hz (default 60)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the first room; room i uses seed+i")
     parser.add_argument("--out", type=Path, required=True, help="output folder")
-    parser.add_argument("--width", type=int, default=320, help="image width (default 320)")
-    parser.add_argument("--height", type=int, default=240, help="image height (default 240)")
-    parser.add_argument("--points-per-m2", type=float, default=600.0,
-                        help="surface samples per square metre (default 600: ~150k points per room)")
-    parser.add_argument("--no-lidar", action="store_true", help="skip the LiDAR sweeps")
+    g = parser.add_argument_group("each room (SynthConfig; room i uses seed + i)")
+    add_config_arguments(g, SynthConfig, only=("seed", "n_frames", "width", "height", "points_per_m2", "with_lidar"),
+                         aliases={"n_frames": "--frames", "with_lidar": "--lidar"})
     parser.add_argument("--storage", choices=("sqlite3", "mcap", "both"), default="both",
                         help="bag storage format (default both)")
     parser.add_argument("--no-bag", action="store_true", help="write the OpenScene layout only")
@@ -40,13 +39,14 @@ def scene_splits(n: int, mode: str = "auto") -> list[str]:
 def run(args) -> int:
     from tqdm import tqdm
 
+    from sas_core.config import config_from_args
     from sas_core.data.openscene import write_openscene_scene
     from sas_core.data.synthetic import SynthConfig, generate_scene, write_overview
 
     if args.scenes < 1:
         raise ValueError(f"--scenes must be >= 1, got {args.scenes}")
-    if args.frames < 1:
-        raise ValueError(f"--frames must be >= 1, got {args.frames}")
+    if args.n_frames < 1:
+        raise ValueError(f"--n-frames must be >= 1, got {args.n_frames}")
     if args.width < 16 or args.height < 16:
         raise ValueError(f"image size {args.width}x{args.height} is too small (min 16x16)")
     storages = [] if args.no_bag else (["sqlite3", "mcap"] if args.storage == "both" else [args.storage])
@@ -55,11 +55,10 @@ def run(args) -> int:
     splits = scene_splits(args.scenes, args.split)
     t0 = time.perf_counter()
     manifest = {"synthetic": True, "note": "procedurally generated rooms, not real data",
-                "seed": args.seed, "frames": args.frames, "scenes": []}
+                "seed": args.seed, "frames": args.n_frames, "scenes": []}
     bar = tqdm(range(args.scenes), desc="sas synth", unit="room", file=sys.stderr)
     for i in bar:
-        cfg = SynthConfig(seed=args.seed + i, n_frames=args.frames, width=args.width, height=args.height,
-                          with_lidar=not args.no_lidar, points_per_m2=args.points_per_m2)
+        cfg = config_from_args(SynthConfig, args, seed=args.seed + i)
         bar.set_postfix_str(f"generate seed {cfg.seed}")
         scene = generate_scene(cfg, progress=True)
         bar.set_postfix_str(f"write {scene.name}")

@@ -30,6 +30,8 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from sas_core.config import opt
+
 DOWNLOAD_HINT = (
     "download Stable Diffusion v1.5 in diffusers format (e.g. the Hugging Face repository "
     "'stable-diffusion-v1-5/stable-diffusion-v1-5', formerly 'runwayml/stable-diffusion-v1-5': "
@@ -41,18 +43,18 @@ DOWNLOAD_HINT = (
 class DiffusionConfig:
     """Synthesis and attention-map settings (defaults: the paper's public code)."""
 
-    model_path: str = ""  # local diffusers folder of Stable Diffusion v1.5
-    prompt: str = "a good photo of a {} in a room"  # {} is replaced by the class name
-    steps: int = 50  # denoising steps
-    guidance: float = 7.0  # classifier-free guidance scale (<= 1 disables the unconditional branch)
-    images_per_class: int = 50  # images drawn per class; image i uses seed seed_offset + i
-    seed_offset: int = 0  # first seed
-    height: int = 512  # image height in pixels
-    width: int = 512  # image width in pixels
-    attention_factors: tuple = (1, 2, 4)  # attention-map sizes kept, as latent-size ratios (64/32/16 at 512 px)
-    threshold: float = 0.7  # coarse-mask threshold on the min-max normalised map
-    device: str = "cpu"  # torch device of the pipeline
-    dtype: str = "float32"  # float32 | float16 (CUDA)
+    model_path: str = opt("", "local diffusers folder of Stable Diffusion v1.5")
+    prompt: str = opt("a good photo of a {} in a room", "{} is replaced by the class name")
+    steps: int = opt(50, "denoising steps")
+    guidance: float = opt(7.0, "classifier-free guidance scale (<= 1 disables the unconditional branch)")
+    images_per_class: int = opt(50, "images drawn per class; image i uses seed seed_offset + i")
+    seed_offset: int = opt(0, "first seed")
+    height: int = opt(512, "image height in pixels")
+    width: int = opt(512, "image width in pixels")
+    attention_factors: tuple = opt((1, 2, 4), "attention-map sizes kept, as latent-size ratios (64/32/16 at 512 px)")
+    threshold: float = opt(0.7, "coarse-mask threshold on the min-max normalised map")
+    device: str = opt("cpu", "torch device of the pipeline")
+    dtype: str = opt("float32", "float32 | float16 (CUDA)", choices=("float32", "float16"))
 
 
 # --------------------------------------------------------------------------------------------

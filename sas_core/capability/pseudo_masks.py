@@ -24,6 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
+from sas_core.config import opt
+
 SAM_HINT = (
     "download a Segment Anything checkpoint (e.g. sam_vit_h_4b8939.pth from "
     "https://dl.fbaipublicfiles.com/segment_anything/) and pass its path"
@@ -34,13 +36,14 @@ SAM_HINT = (
 class PseudoMaskConfig:
     """Prompt selection and SAM settings (defaults: the paper's public code)."""
 
-    border: int = 70  # pixels cleared at each image side, at reference_size (scaled for other sizes)
-    reference_size: int = 512  # image size the border refers to
-    min_pixels: int = 10  # fewer coarse-mask pixels than this -> centre seeds are used
-    sam_model: str = "vit_h"  # segment_anything model type (vit_h | vit_l | vit_b)
-    sam_checkpoint: str = ""  # local SAM checkpoint file
-    multimask: bool = False  # False: SAM's single mask; True: best-scoring of its three masks
-    device: str = "cpu"  # torch device for SAM
+    border: int = opt(70, "pixels cleared at each image side, at reference_size (scaled for other sizes)")
+    reference_size: int = opt(512, "image size the border refers to")
+    min_pixels: int = opt(10, "fewer coarse-mask pixels than this -> centre seeds are used")
+    sam_model: str = opt("vit_h", "segment_anything model type (vit_h | vit_l | vit_b)",
+                         choices=("vit_h", "vit_l", "vit_b"))
+    sam_checkpoint: str = opt("", "local SAM checkpoint file")
+    multimask: bool = opt(False, "False: SAM's single mask; True: best-scoring of its three masks")
+    device: str = opt("cpu", "torch device for SAM")
 
 
 def clear_border(mask: np.ndarray, config: PseudoMaskConfig = PseudoMaskConfig()) -> np.ndarray:

@@ -29,6 +29,7 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 
+from sas_core.config import opt
 from sas_core.text import SCANNET_20
 from sas_core.types import IGNORE_LABEL, CameraIntrinsics, Frame, PointCloud
 
@@ -47,20 +48,20 @@ _AMBIENT = 0.55
 class SynthConfig:
     """Settings of one synthetic scene (all defaults give a ~7x6 m room, 60 frames, LiDAR)."""
 
-    seed: int = 0  # everything (room, objects, trajectory, samples) follows from it
-    n_frames: int = 60  # RGB-D frames along the trajectory (15 Hz)
-    width: int = 320  # image width in pixels (ScanNet frames as OpenScene uses them: 320x240)
-    height: int = 240  # image height in pixels
-    hfov_deg: float = 58.0  # horizontal field of view (ScanNet's depth camera: about 58 deg)
-    with_lidar: bool = True  # also simulate LiDAR sweeps
-    n_lidar_sweeps: Optional[int] = None  # None: 10 Hz over the camera's duration
-    lidar_beams: int = 16  # vertical beams (rings)
-    lidar_fov_deg: float = 30.0  # vertical field of view, symmetric (+-15 deg)
-    lidar_azimuth_steps: int = 1024  # rays per beam and revolution
-    points_per_m2: float = 600.0  # surface sampling density (~100k-200k points per room)
-    room_min: tuple = (6.0, 5.0)  # smallest room footprint (m)
-    room_max: tuple = (9.0, 7.0)  # largest room footprint (m)
-    name: Optional[str] = None  # scene name; None: "synth_<seed:05d>"
+    seed: int = opt(0, "everything (room, objects, trajectory, samples) follows from it")
+    n_frames: int = opt(60, "RGB-D frames along the trajectory (15 Hz)")
+    width: int = opt(320, "image width in pixels (ScanNet frames as OpenScene uses them: 320x240)")
+    height: int = opt(240, "image height in pixels")
+    hfov_deg: float = opt(58.0, "horizontal field of view (ScanNet's depth camera: about 58 deg)")
+    with_lidar: bool = opt(True, "also simulate LiDAR sweeps")
+    n_lidar_sweeps: Optional[int] = opt(None, "LiDAR sweeps (None: 10 Hz over the camera's duration)")
+    lidar_beams: int = opt(16, "vertical beams (rings)")
+    lidar_fov_deg: float = opt(30.0, "vertical field of view, symmetric (+-15 deg)")
+    lidar_azimuth_steps: int = opt(1024, "rays per beam and revolution")
+    points_per_m2: float = opt(600.0, "surface sampling density (~100k-200k points per room)")
+    room_min: tuple = opt((6.0, 5.0), "smallest room footprint (m)")
+    room_max: tuple = opt((9.0, 7.0), "largest room footprint (m)")
+    name: Optional[str] = opt(None, "scene name; None: 'synth_<seed:05d>'")
 
 
 @dataclass

@@ -39,6 +39,7 @@ from typing import Iterable, Iterator, NamedTuple, Optional, Tuple
 import numpy as np
 import torch
 
+from sas_core.config import opt
 from sas_core.geometry.camera import world_to_camera
 from sas_core.numba_support import import_numba, launch_threads
 from sas_core.types import CameraIntrinsics
@@ -60,13 +61,15 @@ __all__ = [
 class MultiViewFusionConfig:
     """How 2D features are fused onto 3D points (defaults: OpenScene's ScanNet setting)."""
 
-    depth_ratio: float = 0.25  # visible when |depth(u,v) - z| <= depth_ratio * depth(u,v)
-    border: int = 10  # pixels ignored along every image edge (OpenScene's cut_bound)
-    metric_threshold: Optional[float] = None  # if set: visible when |depth(u,v) - z| <= this (metres)
-    min_depth: float = 0.0  # depth readings <= this are no measurement
-    max_depth: Optional[float] = None  # depth readings beyond this are no measurement (sensor range)
-    out_dtype: str = "float16"  # dtype of the fused features ("float16" as OpenScene, or "float32")
-    backend: str = "auto"  # "auto": numba on CPU if importable, else torch; or "numba" / "torch"
+    depth_ratio: float = opt(0.25, "visible when |depth(u,v) - z| <= depth_ratio * depth(u,v)")
+    border: int = opt(10, "pixels ignored along every image edge (OpenScene's cut_bound)")
+    metric_threshold: Optional[float] = opt(None, "if set: visible when |depth(u,v) - z| <= this (metres)")
+    min_depth: float = opt(0.0, "depth readings <= this are no measurement")
+    max_depth: Optional[float] = opt(None, "depth readings beyond this are no measurement (sensor range)")
+    out_dtype: str = opt("float16", "dtype of the fused features ('float16' as OpenScene, or 'float32')",
+                         choices=("float16", "float32"))
+    backend: str = opt("auto", "'auto': numba on CPU if importable, else torch; or 'numba' / 'torch'",
+                       choices=("auto", "numba", "torch"))
 
     def __post_init__(self):
         if not (self.depth_ratio >= 0):

@@ -28,18 +28,21 @@ from typing import Optional
 
 import numpy as np
 
+from sas_core.config import opt
+
 
 @dataclass
 class SuperpointConfig:
     """Parameters of :func:`superpoints`."""
 
-    method: str = "graph"      # "graph" (ScanNet segmentator) or "points" (each point its own superpoint)
-    k_thresh: float = 0.01     # Felzenszwalb constant c (ScanNet's kThresh)
-    min_verts: int = 60        # segments smaller than this are merged into a neighbour (segMinVerts)
-    knn: int = 8               # neighbours per point for the point-cloud graph (no mesh)
-    max_edge: Optional[float] = None  # drop kNN edges longer than this (m); None: 4 x median 1-NN distance
-    normal_knn: int = 16       # neighbours for Open3D normal estimation when normals are missing
-    color_weight: float = 0.0  # add this x |RGB difference| to edge weights (0 = ScanNet's segmentator)
+    method: str = opt("graph", "'graph' (ScanNet segmentator) or 'points' (each point its own superpoint)",
+                      choices=("graph", "points"))
+    k_thresh: float = opt(0.01, "Felzenszwalb constant c (ScanNet's kThresh)")
+    min_verts: int = opt(60, "segments smaller than this are merged into a neighbour (segMinVerts)")
+    knn: int = opt(8, "neighbours per point for the point-cloud graph (no mesh)")
+    max_edge: Optional[float] = opt(None, "drop kNN edges longer than this (m); None: 4 x median 1-NN distance")
+    normal_knn: int = opt(16, "neighbours for Open3D normal estimation when normals are missing")
+    color_weight: float = opt(0.0, "add this x |RGB difference| to edge weights (0 = ScanNet's segmentator)")
 
 
 def superpoints(points, normals=None, mesh_triangles=None, k_thresh: float = 0.01, min_verts: int = 60,

@@ -20,6 +20,8 @@ from typing import Optional, Sequence, Tuple
 
 import numpy as np
 
+from sas_core.config import opt
+
 __all__ = ["voxelize", "AugmentConfig", "rotation_matrix", "random_rotation", "elastic_distortion",
            "random_flip", "jitter", "voxelize_augmented", "batch_coordinates", "INDOOR_VOXEL", "OUTDOOR_VOXEL"]
 
@@ -81,15 +83,16 @@ def batch_coordinates(coords_list: Sequence[np.ndarray]) -> np.ndarray:
 class AugmentConfig:
     """OpenScene's 3D augmentation parameters (dataset/point_loader.py)."""
 
-    scale_bound: Tuple[float, float] = (0.9, 1.1)  # random isotropic scale range
-    rotation_bound: Tuple[Optional[Tuple[float, float]], ...] = (
-        (-np.pi / 64, np.pi / 64), (-np.pi / 64, np.pi / 64), (-np.pi, np.pi))  # per-axis angle ranges (rad)
-    elastic_params: Optional[Tuple[Tuple[float, float], ...]] = ((0.2, 0.4), (0.8, 1.6))  # (granularity, magnitude) m
-    elastic_prob: float = 0.95   # probability of applying the elastic distortion
-    flip_prob: float = 0.95      # probability of considering horizontal flips at all
-    upright_axis: int = 2        # axis never flipped (z up)
-    jitter_std: float = 0.0      # Gaussian point jitter std (m), 0 = off (not in OpenScene)
-    jitter_clip: float = 0.05    # jitter clipped to +- this (m)
+    scale_bound: Tuple[float, float] = opt((0.9, 1.1), "random isotropic scale range")
+    rotation_bound: Tuple[Optional[Tuple[float, float]], ...] = opt(
+        ((-np.pi / 64, np.pi / 64), (-np.pi / 64, np.pi / 64), (-np.pi, np.pi)), "per-axis angle ranges (rad)")
+    elastic_params: Optional[Tuple[Tuple[float, float], ...]] = opt(((0.2, 0.4), (0.8, 1.6)),
+                                                                    "(granularity, magnitude) pairs in metres")
+    elastic_prob: float = opt(0.95, "probability of applying the elastic distortion")
+    flip_prob: float = opt(0.95, "probability of considering horizontal flips at all")
+    upright_axis: int = opt(2, "axis never flipped (z up)")
+    jitter_std: float = opt(0.0, "Gaussian point jitter std (m), 0 = off (not in OpenScene)")
+    jitter_clip: float = opt(0.05, "jitter clipped to +- this (m)")
 
 
 def rotation_matrix(axis, theta: float) -> np.ndarray:

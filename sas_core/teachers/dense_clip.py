@@ -34,6 +34,7 @@ from typing import Dict, Optional, Tuple
 
 import numpy as np
 
+from sas_core.config import opt
 from sas_core.types import Frame
 
 RECIPES = ("maskclip", "sclip", "clearclip", "naclip", "vanilla")
@@ -43,17 +44,17 @@ RECIPES = ("maskclip", "sclip", "clearclip", "naclip", "vanilla")
 class DenseClipConfig:
     """Configuration of :class:`DenseClipTeacher`."""
 
-    model: str = "ViT-B-16"  # open_clip architecture name
-    checkpoint: Optional[str] = None  # local open_clip weights file (required unless a model is passed)
-    recipe: str = "sclip"  # last-block recipe: maskclip | sclip | clearclip | naclip | vanilla
-    short_side: Optional[int] = 336  # resize the image so its short side is this (None: keep size)
-    crop_size: Optional[int] = 224  # sliding-window size in pixels (None: the whole image at once)
-    stride: int = 112  # sliding-window stride in pixels
-    naclip_std: float = 5.0  # NACLIP Gaussian neighbourhood std, in patches
-    batch_size: int = 8  # windows per forward pass
-    device: str = "cpu"  # torch device
-    out_dtype: str = "float16"  # float16 | float32 features
-    name: str = "dense_clip"  # teacher name (capability tables)
+    model: str = opt("ViT-B-16", "open_clip architecture name")
+    checkpoint: Optional[str] = opt(None, "local open_clip weights file (required unless a model is passed)")
+    recipe: str = opt("sclip", "last-block recipe: maskclip | sclip | clearclip | naclip | vanilla", choices=RECIPES)
+    short_side: Optional[int] = opt(336, "resize the image so its short side is this (None: keep size)")
+    crop_size: Optional[int] = opt(224, "sliding-window size in pixels (None: the whole image at once)")
+    stride: int = opt(112, "sliding-window stride in pixels")
+    naclip_std: float = opt(5.0, "NACLIP Gaussian neighbourhood std, in patches")
+    batch_size: int = opt(8, "windows per forward pass")
+    device: str = opt("cpu", "torch device")
+    out_dtype: str = opt("float16", "float16 | float32 features", choices=("float16", "float32"))
+    name: str = opt("dense_clip", "teacher name (capability tables)")
 
     def __post_init__(self):
         if self.recipe not in RECIPES:

@@ -31,6 +31,7 @@ from typing import Callable, List, Optional, Sequence
 
 import numpy as np
 
+from sas_core.config import opt
 from sas_core.text import CAPTION_TEMPLATE, PROMPT_TEMPLATE, SCANNET_20, class_embeddings
 from sas_core.types import Frame
 
@@ -47,28 +48,29 @@ SAM_DOWNLOADS = {
 class MaskTeacherConfig:
     """Configuration of :class:`MaskClipTeacher`."""
 
-    name: str = "mask_clip"  # teacher name (capability tables)
-    clip_model: str = "ViT-B-16"  # open_clip architecture that embeds and labels the masks
-    clip_checkpoint: Optional[str] = None  # local open_clip weights file
-    sam_model: str = "vit_b"  # segment-anything registry key: vit_h | vit_l | vit_b
-    sam_checkpoint: Optional[str] = None  # local SAM weights file (e.g. sam_vit_b_01ec64.pth)
-    points_per_side: int = 32  # SAM automatic generator: point grid per side
-    points_per_batch: int = 64  # SAM automatic generator: prompts per forward pass
-    pred_iou_thresh: float = 0.88  # SAM: keep masks with predicted IoU above this
-    stability_score_thresh: float = 0.95  # SAM: keep masks with stability above this
-    box_nms_thresh: float = 0.7  # SAM: box NMS IoU threshold
-    min_mask_region_area: int = 0  # SAM: remove small holes/islands (needs OpenCV when > 0)
-    min_area: int = 16  # drop masks with fewer pixels
-    crop_recipe: str = "masked"  # "masked" (OVSeg) | "multilevel" (OpenMask3D)
-    levels: int = 3  # multilevel: number of box levels
-    expansion: float = 0.1  # multilevel: box expansion per level (fraction of box size)
-    crop_size: Optional[int] = None  # CLIP input size (None: the model's image size)
-    vocabulary: Sequence[str] = SCANNET_20  # class names masks are labelled with
-    templates: Optional[Sequence[str]] = (PROMPT_TEMPLATE,)  # prompts for labelling
-    caption_template: str = CAPTION_TEMPLATE  # caption of a mask labelled x
-    batch_size: int = 32  # crops per CLIP forward pass
-    device: str = "cpu"  # torch device
-    out_dtype: str = "float16"  # float16 | float32 features
+    name: str = opt("mask_clip", "teacher name (capability tables)")
+    clip_model: str = opt("ViT-B-16", "open_clip architecture that embeds and labels the masks")
+    clip_checkpoint: Optional[str] = opt(None, "local open_clip weights file")
+    sam_model: str = opt("vit_b", "segment-anything registry key: vit_h | vit_l | vit_b",
+                         choices=tuple(SAM_DOWNLOADS))
+    sam_checkpoint: Optional[str] = opt(None, "local SAM weights file (e.g. sam_vit_b_01ec64.pth)")
+    points_per_side: int = opt(32, "SAM automatic generator: point grid per side")
+    points_per_batch: int = opt(64, "SAM automatic generator: prompts per forward pass")
+    pred_iou_thresh: float = opt(0.88, "SAM: keep masks with predicted IoU above this")
+    stability_score_thresh: float = opt(0.95, "SAM: keep masks with stability above this")
+    box_nms_thresh: float = opt(0.7, "SAM: box NMS IoU threshold")
+    min_mask_region_area: int = opt(0, "SAM: remove small holes/islands (needs OpenCV when > 0)")
+    min_area: int = opt(16, "drop masks with fewer pixels")
+    crop_recipe: str = opt("masked", "'masked' (OVSeg) | 'multilevel' (OpenMask3D)", choices=CROP_RECIPES)
+    levels: int = opt(3, "multilevel: number of box levels")
+    expansion: float = opt(0.1, "multilevel: box expansion per level (fraction of box size)")
+    crop_size: Optional[int] = opt(None, "CLIP input size (None: the model's image size)")
+    vocabulary: Sequence[str] = opt(SCANNET_20, "class names masks are labelled with")
+    templates: Optional[Sequence[str]] = opt((PROMPT_TEMPLATE,), "prompts for labelling")
+    caption_template: str = opt(CAPTION_TEMPLATE, "caption of a mask labelled x")
+    batch_size: int = opt(32, "crops per CLIP forward pass")
+    device: str = opt("cpu", "torch device")
+    out_dtype: str = opt("float16", "float16 | float32 features", choices=("float16", "float32"))
 
     def __post_init__(self):
         if self.crop_recipe not in CROP_RECIPES:

@@ -26,6 +26,7 @@ from typing import List, Optional, Sequence
 
 import numpy as np
 
+from sas_core.config import opt
 from sas_core.types import IGNORE_LABEL
 
 
@@ -242,11 +243,12 @@ class OpenSceneScenes:
 class DataConfig:
     """Voxelisation and augmentation of training samples."""
 
-    voxel_size: float = 0.02  # metres (paper: 2 cm indoor, 5 cm outdoor)
-    augment: bool = True  # OpenScene's augmentation (elastic, rotation, scale, flips) while training
-    augmentation: Optional[object] = None  # sas_core.geometry.voxelize.AugmentConfig (None: OpenScene defaults)
-    in_channels: int = 3  # input feature channels
-    input_color: bool = False  # input RGB in [-1, 1] instead of all ones (OpenScene's option; SAS: ones)
+    voxel_size: float = opt(0.02, "metres (paper: 2 cm indoor, 5 cm outdoor)")
+    augment: bool = opt(True, "OpenScene's augmentation (elastic, rotation, scale, flips) while training")
+    augmentation: Optional[object] = opt(None, "sas_core.geometry.voxelize.AugmentConfig (None: OpenScene defaults)",
+                                         cli=False, ros=False)
+    in_channels: int = opt(3, "input feature channels")
+    input_color: bool = opt(False, "input RGB in [-1, 1] instead of all ones (OpenScene's option; SAS: ones)")
 
 
 @dataclass

@@ -28,12 +28,13 @@ import json
 import os
 import random
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
 import numpy as np
 
+from sas_core.config import opt
 from sas_core.train.datasets import Batch, DataConfig, VoxelDataset, collate, epoch_batches
 
 MODES = ("pixel_point", "sp", "sp_tesd")
@@ -43,31 +44,31 @@ MODES = ("pixel_point", "sp", "sp_tesd")
 class DistillConfig:
     """Settings of `sas distill` (defaults: the paper's schedule on ScanNet)."""
 
-    arch: str = "MinkUNet18A"  # 3D backbone (sas_core.nn.build_model)
-    model_kwargs: dict = field(default_factory=dict)  # extra build_model arguments (e.g. a reduced width)
-    mode: str = "sp_tesd"  # pixel_point | sp | sp_tesd (Table 3 rows)
-    epochs: int = 100  # total epochs
-    stage2_fraction: float = 0.3  # last fraction of epochs that adds TESD (mode sp_tesd)
-    batch_size: int = 2  # scenes per batch per process
-    lr: float = 1e-4  # initial Adam learning rate
-    final_lr: float = 1e-5  # learning rate reached linearly at the last iteration
-    weight_decay: float = 0.0  # Adam weight decay
-    max_voxels: int = 20000  # at most this many supervised voxels per batch enter the losses
-    voxel_size: float = 0.02  # metres (2 cm indoor, 5 cm outdoor)
-    augment: bool = True  # OpenScene augmentation (elastic distortion, rotation, scale, flips)
-    input_color: bool = False  # network input RGB in [-1, 1] (OpenScene option) instead of all ones (SAS)
-    tesd_alpha: float = 0.99  # EMA constant of the temporal ensemble (per visit of a scene)
-    tesd_temperature: float = 0.07  # TESD logits = cos(f3d, text) / temperature
-    tesd_weight: float = 1.0  # weight of the TESD cross-entropies
-    seed: int = 0  # seeds initialisation, order, augmentation and sampling
-    val_every: int = 1  # validate every N epochs (0: never)
-    out_dir: str = "distill_output"  # checkpoints and logs
-    resume: bool = True  # continue from <out_dir>/last.pt when it exists
-    keep_epochs: bool = False  # also keep <out_dir>/epoch_NNN.pt for every epoch
-    device: str = "cpu"  # cpu | cuda | cuda:N
-    progress: bool = True  # tqdm progress bars
-    log_every: int = 1  # write a step line to log.jsonl every N steps
-    threads: int = 0  # torch CPU threads for training (0: leave torch's setting)
+    arch: str = opt("MinkUNet18A", "3D backbone (sas_core.nn.build_model)")
+    model_kwargs: dict = opt(factory=dict, help="extra build_model arguments (e.g. a reduced width)")
+    mode: str = opt("sp_tesd", "pixel_point | sp | sp_tesd (Table 3 rows)", choices=MODES)
+    epochs: int = opt(100, "total epochs")
+    stage2_fraction: float = opt(0.3, "last fraction of epochs that adds TESD (mode sp_tesd)")
+    batch_size: int = opt(2, "scenes per batch per process")
+    lr: float = opt(1e-4, "initial Adam learning rate")
+    final_lr: float = opt(1e-5, "learning rate reached linearly at the last iteration")
+    weight_decay: float = opt(0.0, "Adam weight decay")
+    max_voxels: int = opt(20000, "at most this many supervised voxels per batch enter the losses")
+    voxel_size: float = opt(0.02, "metres (2 cm indoor, 5 cm outdoor)")
+    augment: bool = opt(True, "OpenScene augmentation (elastic distortion, rotation, scale, flips)")
+    input_color: bool = opt(False, "network input RGB in [-1, 1] (OpenScene option) instead of all ones (SAS)")
+    tesd_alpha: float = opt(0.99, "EMA constant of the temporal ensemble (per visit of a scene)")
+    tesd_temperature: float = opt(0.07, "TESD logits = cos(f3d, text) / temperature")
+    tesd_weight: float = opt(1.0, "weight of the TESD cross-entropies")
+    seed: int = opt(0, "seeds initialisation, order, augmentation and sampling")
+    val_every: int = opt(1, "validate every N epochs (0: never)")
+    out_dir: str = opt("distill_output", "checkpoints and logs")
+    resume: bool = opt(True, "continue from <out_dir>/last.pt when it exists")
+    keep_epochs: bool = opt(False, "also keep <out_dir>/epoch_NNN.pt for every epoch")
+    device: str = opt("cpu", "cpu | cuda | cuda:N")
+    progress: bool = opt(True, "tqdm progress bars")
+    log_every: int = opt(1, "write a step line to log.jsonl every N steps")
+    threads: int = opt(0, "torch CPU threads for training (0: leave torch's setting)")
 
     def __post_init__(self):
         if self.mode not in MODES:
