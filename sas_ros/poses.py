@@ -28,7 +28,12 @@ from sas_core.data.msg_codec import pose_msg_to_matrix, stamp_to_seconds
 
 
 class PoseUnavailable(LookupError):
-    """No pose for a frame at a stamp; the message says why."""
+    """No pose for a frame at a stamp; the message says why, ``reason`` is a code: ``unknown_frame``
+    (no pose / transform ever known for the frame) or ``no_pose`` (none near the stamp)."""
+
+    def __init__(self, message: str, reason: str = "no_pose"):
+        super().__init__(message)
+        self.reason = reason
 
 
 class PoseBuffer:
@@ -146,10 +151,11 @@ class PoseSource:
                                                     Time(seconds=sec, nanoseconds=int(round((stamp - sec) * 1e9))),
                                                     timeout=Duration(seconds=0.0))
             except Exception as exc:  # tf2 raises several lookup exception types
-                raise PoseUnavailable(f"no transform {self.map_frame} <- {frame_id}: {exc}") from exc
+                reason = "no_pose" if self.tf_buffer.can_transform(self.map_frame, frame_id, Time()) else "unknown_frame"
+                raise PoseUnavailable(f"no transform {self.map_frame} <- {frame_id}: {exc}", reason) from exc
             return pose_msg_to_matrix(t.transform)
         buffer = self.buffers.get(frame_id)
         if buffer is None:
             known = ", ".join(sorted(self.buffers)) or "none yet"
-            raise PoseUnavailable(f"unknown frame {frame_id!r}: poses are known for {known}")
+            raise PoseUnavailable(f"unknown frame {frame_id!r}: poses are known for {known}", "unknown_frame")
         return buffer.lookup(stamp, self.tolerance)

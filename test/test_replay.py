@@ -64,7 +64,7 @@ def test_replay_with_checkpoint_labels_the_map(bag, tmp_path, capsys):
     save_checkpoint(ckpt, build_model("MinkUNet14A", in_channels=3, out_channels=32),
                     {"text_encoder": SyntheticTextEncoder(dim=32).config(), "voxel_size": 0.05})
     assert main(["replay", str(path), "--checkpoint", str(ckpt), "--out", str(tmp_path / "o"), "--no-lidar",
-                 "--stride", "4", "--frame-step", "3", "--voxel-size", "0.15"]) == 0
+                 "--pixel-stride", "4", "--frame-step", "3", "--voxel-size", "0.15"]) == 0
     assert json.loads(capsys.readouterr().out)["labelled"] is True
     with np.load(tmp_path / "o" / "synth_bag.npz") as z:
         assert z["features"].shape == (len(z["positions"]), 32) and z["features"].dtype == np.float16

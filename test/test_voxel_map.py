@@ -141,16 +141,42 @@ def test_stepwise_refit_keeps_queries_exact_and_encodes_every_voxel():
     np.testing.assert_allclose(np.linalg.norm(m._basis.T @ text.T, axis=0), 1.0, atol=1e-4)
 
 
-def test_accumulate_features_running_mean():
-    m = VoxelMap(VoxelMapConfig(voxel_size=1.0, query_rank=2))
-    s = m.integrate(np.array([[0.5, 0.5, 0.5], [3.5, 0.5, 0.5]]))
-    a = np.array([[1.0, 0, 0], [0, 1.0, 0]])
-    m.accumulate_features(np.array([s[0], s[0], s[1]]), np.array([a[0], a[1], a[1]]))
-    np.testing.assert_allclose(m.features[s[0]].astype(float), [np.sqrt(0.5), np.sqrt(0.5), 0], atol=1e-3)
-    assert m.feature_counts[s[0]] == 2
-    m.accumulate_features(np.array([s[0], s[0]]), np.array([a[0], a[0]]))
-    f = m.features[s[0]].astype(float)
-    assert f[0] > f[1] > 0
+def test_centers_and_feature_counts():
+    m = VoxelMap(VoxelMapConfig(voxel_size=0.5, query_rank=2))
+    s = m.integrate(np.array([[0.1, 0.2, 0.3], [0.2, 0.4, 0.1], [-0.1, 1.2, 0.7]]))
+    assert len(s) == 2
+    c = m.centers(m.lookup(np.array([[0.1, 0.2, 0.3], [-0.1, 1.2, 0.7]])))
+    np.testing.assert_allclose(c, [[0.25, 0.25, 0.25], [-0.25, 1.25, 0.75]])
+    # more points move the mean position, never the centre
+    m.integrate(np.array([[0.45, 0.45, 0.45]]))
+    np.testing.assert_allclose(m.centers(m.lookup(np.array([[0.1, 0.2, 0.3]]))), [[0.25, 0.25, 0.25]])
+    m.set_features(np.sort(s), np.array([[1.0, 0, 0], [0, 2.0, 0]]), counts=np.array([3, 0]))
+    assert m.feature_counts[np.sort(s)].tolist() == [3.0, 1.0]  # at least 1: the voxel has a feature
+    np.testing.assert_allclose(np.linalg.norm(m.features[np.sort(s)].astype(float), axis=1), 1.0, atol=1e-3)
+
+
+def test_load_reads_what_save_writes(tmp_path):
+    m, slots, gt, feats, text, _ = _feature_map(n=300)
+    m.integrate(np.random.default_rng(1).random((10, 3)), np.full((10, 3), 200, np.uint8))
+    m.set_features(slots, feats)
+    m.classify(text)
+    _, npz = m.save(tmp_path / "map", class_names=["a", "b"])
+    back, names = VoxelMap.load(npz, m.config)
+    assert names == ["a", "b"] and len(back) == len(m)
+    a, b = m.export(), back.export()
+    for key in ("positions", "colors", "labels", "scores", "counts", "coords", "features", "feature_counts"):
+        np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+    np.testing.assert_array_equal(back.lookup(a["positions"]), back.slots())  # the key index works
+    r0, r1 = m.query(text[2], threshold=0.3), back.query(text[2], threshold=0.3)
+    assert r0.count == r1.count > 0 and abs(r0.best_score - r1.best_score) < 1e-5
+    back.integrate(a["positions"][:5])  # a loaded map keeps integrating into the same voxels
+    assert len(back) == len(m)
+    with pytest.raises(ValueError, match="voxel size"):
+        VoxelMap.load(npz, VoxelMapConfig(voxel_size=0.2))
+    with pytest.raises(ValueError, match="max_points"):
+        VoxelMap.load(npz, VoxelMapConfig(voxel_size=m.config.voxel_size, max_points=10))
+    with pytest.raises(FileNotFoundError):
+        VoxelMap.load(tmp_path / "nothing")
 
 
 def test_save_and_reset(tmp_path):

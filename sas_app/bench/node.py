@@ -1,7 +1,7 @@
 """`sas bench node [--json] [--quick] [--duration S] [--points N]`: the mapping node's figures.
 
-1. RGB-D integration rate at 640x480: decode the Image messages (msg_codec) + back-project +
-   VoxelMap.integrate, per frame, at pixel stride 1 and 2 side by side (the node's default is 2).
+1. RGB-D integration rate at 640x480: decode the Image messages (msg_codec) +
+   ``Mapper.integrate_rgbd`` (back-projection + VoxelMap.integrate), per frame, at pixel stride 1 and 2 side by side (the node's default is 2).
 2. Query latency on an N-point map (default 1M voxels, 512-d fp16 features with the structure of
    distilled features: class text vector + per-object offset + noise): the reduced store with exact
    rescoring vs a naive full fp16 scan, for a vocabulary word and a free text; results checked equal.
@@ -35,29 +35,29 @@ def _rss_mb() -> float:
 def bench_integration(n_frames: int, strides=(1, 2)) -> dict:
     from sas_core.data import msg_codec as mc
     from sas_core.data.synthetic import SynthConfig, generate_scene
-    from sas_core.geometry.voxel_map import VoxelMap, VoxelMapConfig, rgbd_points
+    from sas_core.mapping import Mapper, MapperConfig
+    from sas_core.types import Frame
 
     scene = generate_scene(SynthConfig(seed=0, n_frames=n_frames, width=640, height=480, with_lidar=False))
     msgs = [(mc.image_fields(f.color, "rgb8"), mc.image_fields(f.depth, "16UC1"), f.pose) for f in scene.frames]
     intr = scene.intrinsics
     out = {}
     for stride in strides:
-        vmap = VoxelMap(VoxelMapConfig(voxel_size=0.05))
+        mapper = Mapper(MapperConfig(mode="none", pixel_stride=stride))  # the node's pipeline
         times, cpu = [], []
         for rep in range(2):  # second pass: the map already holds the room (steady state)
             for color_f, depth_f, pose in msgs:
                 t0, c0 = time.perf_counter(), time.process_time()
                 color = mc.image_to_numpy(type("M", (), color_f))
                 depth = mc.depth_to_metres(type("M", (), depth_f))
-                pts, cols, _ = rgbd_points(depth, color, intr, pose, stride, 0.1, 8.0)
-                vmap.integrate(pts, cols, sensor_origin=pose[:3, 3])
+                n = mapper.integrate_rgbd(Frame(color=color, depth=depth, intrinsics=intr, pose=pose))
                 times.append(time.perf_counter() - t0)
                 cpu.append(time.process_time() - c0)
         med, med_cpu = float(np.median(times)), float(np.median(cpu))
         out[f"stride{stride}"] = dict(ms_median=round(med * 1e3, 2), hz=round(1.0 / med, 1),
                                       cpu_ms_median=round(med_cpu * 1e3, 2), hz_from_cpu=round(1.0 / max(med_cpu, 1e-9), 1),
-                                      map_points=len(vmap),
-                                      points_per_frame=int(len(pts)))
+                                      map_points=len(mapper),
+                                      voxels_per_frame=int(n))
     out["resolution"] = "640x480"
     out["goal_hz"] = 30
     return out

@@ -11,9 +11,10 @@ the sensor first), always freeing a little more than needed (``evict_fraction``)
 not run on every frame. An optional ``max_radius`` drops voxels far from the robot. Memory is
 therefore flat once the map stops growing.
 
-Features and labels. Per voxel: a D-dim fp16 feature (the network's output, or the running mean
-of 2D-teacher features in fusion mode), a label (255 = none) and a score for the current
-vocabulary.
+Features and labels. Per voxel: a D-dim fp16 feature (the network's output, or the multi-view
+mean of 2D-teacher features in fusion mode, see :mod:`sas_core.mapping`), a label (255 = none)
+and a score for the current vocabulary. :meth:`VoxelMap.save` writes PLY + NPZ,
+:meth:`VoxelMap.load` reads the NPZ back.
 
 Query design. A free-text query is a cosine score ``f . t`` per voxel. Scanning 1M x 512 fp16
 features is ~1 GB of memory traffic (~100 ms here), too slow for interactive queries. So the map
@@ -219,6 +220,13 @@ class VoxelMap:
         """(M,) voxel coordinates (M, 3) int64 of ``slots`` (from the stored mean positions)."""
         return np.floor(self.positions[slots] * np.float32(1.0 / self.config.voxel_size)).astype(np.int64)
 
+    def centers(self, slots: np.ndarray) -> np.ndarray:
+        """(M, 3) float32 centres of the voxels of ``slots`` (fixed for a voxel's lifetime, unlike
+        the running-mean ``positions``; live fusion tests visibility at these)."""
+        slots = np.asarray(slots, np.int64)
+        coords = np.floor(self.positions[slots] * np.float32(1.0 / self.config.voxel_size))
+        return ((coords + 0.5) * self.config.voxel_size).astype(np.float32)
+
     def lookup(self, points: np.ndarray) -> np.ndarray:
         """(N, 3) world points -> (N,) slot of the voxel containing each point, -1 where unmapped."""
         pts = np.asarray(points).reshape(-1, 3).astype(np.float32)  # same arithmetic as integrate()
@@ -398,12 +406,14 @@ class VoxelMap:
 
     # ------------------------------------------------------------------ features and labels
     def set_features(self, slots: np.ndarray, features, labels: Optional[np.ndarray] = None,
-                     scores: Optional[np.ndarray] = None) -> None:
+                     scores: Optional[np.ndarray] = None, counts: Optional[np.ndarray] = None) -> None:
         """Overwrite the features (and optionally labels/scores) of ``slots``.
 
         Args:
             slots: (M,) int slots.
             features: (M, D) array or torch tensor; stored L2-normalised in fp16.
+            counts: optional (M,) observation counts behind each feature (``feature_counts``;
+                default 1, e.g. the number of views a fused mean comes from).
         """
         feats = _to_numpy(features).astype(np.float32)
         slots = np.asarray(slots, np.int64)
@@ -413,39 +423,12 @@ class VoxelMap:
             self._alloc_features(feats.shape[1])
         feats /= np.maximum(np.linalg.norm(feats, axis=1, keepdims=True), 1e-12)
         self.features[slots] = feats.astype(np.float16)
-        self.feature_counts[slots] = 1.0
+        self.feature_counts[slots] = 1.0 if counts is None else np.maximum(np.asarray(counts, np.float32), 1.0)
         if labels is not None:
             self.labels[slots] = labels
         if scores is not None:
             self.scores[slots] = scores
         self._update_codes(slots)
-
-    def accumulate_features(self, slots: np.ndarray, features, weights: Optional[np.ndarray] = None) -> None:
-        """Running mean of observed features per voxel (live 2D-teacher fusion mode).
-
-        ``features`` (M, D) are added to ``slots`` (repeats allowed: they are summed first).
-        The stored mean is kept L2-normalised for queries; the raw count is ``feature_counts``.
-        """
-        feats = _to_numpy(features).astype(np.float32)
-        slots = np.asarray(slots, np.int64)
-        if len(slots) == 0:
-            return
-        if self.features is None or self.features.shape[1] != feats.shape[1]:
-            self._alloc_features(feats.shape[1])
-        w = np.ones(len(slots), np.float32) if weights is None else np.asarray(weights, np.float32)
-        from scipy.sparse import csr_matrix
-
-        us, inv = np.unique(slots, return_inverse=True)
-        inv = inv.reshape(-1)
-        scatter = csr_matrix((w, (inv, np.arange(len(slots)))), shape=(len(us), len(slots)))
-        sums = np.asarray(scatter @ feats, dtype=np.float32)  # (U, D) per-voxel sums, one sparse GEMM
-        wsum = np.bincount(inv.reshape(-1), w, len(us)).astype(np.float32)
-        old_n = self.feature_counts[us]
-        mean = (self.features[us].astype(np.float32) * old_n[:, None] + sums) / np.maximum(old_n + wsum, 1e-12)[:, None]
-        mean /= np.maximum(np.linalg.norm(mean, axis=1, keepdims=True), 1e-12)
-        self.features[us] = mean.astype(np.float16)
-        self.feature_counts[us] = old_n + wsum
-        self._update_codes(us)
 
     def classify(self, text: np.ndarray, slots: Optional[np.ndarray] = None) -> None:
         """Labels and scores of ``slots`` (default: all with features) = argmax / max of f . text_k.
@@ -653,12 +636,76 @@ class VoxelMap:
     # ------------------------------------------------------------------ export
     def export(self) -> dict:
         """Arrays of the live voxels in key order: positions (N,3) f32, colors (N,3) u8, labels (N,) i64,
-        scores (N,) f32, counts (N,) u32, features (N,D) f16 or None."""
+        scores (N,) f32, counts (N,) u32, coords (N,3) i32 voxel coordinates, feature_counts (N,) f32,
+        features (N,D) f16 or None."""
         s = self._key_slot
         return dict(positions=self.positions[s].copy(),
                     colors=np.clip(np.round(self.colors[s] * 255), 0, 255).astype(np.uint8),
                     labels=self.labels[s].copy(), scores=self.scores[s].copy(), counts=self.counts[s].copy(),
+                    coords=unpack_keys(self._keys).astype(np.int32), feature_counts=self.feature_counts[s].copy(),
                     features=None if self.features is None else self.features[s].copy())
+
+    @classmethod
+    def load(cls, path, config: Optional[VoxelMapConfig] = None) -> tuple:
+        """Read the ``.npz`` that :meth:`save` writes. Returns ``(map, class_names or None)``.
+
+        ``config`` (default VoxelMapConfig()) gives capacity, eviction and query rank; its voxel
+        size must equal the saved one. Colours come back at the saved 8-bit precision; eviction
+        ages start again from zero. No pickle is ever read (``allow_pickle=False``).
+
+        Raises:
+            ValueError: other voxel size, more voxels than ``max_points``, inconsistent arrays.
+            FileNotFoundError: no such file.
+        """
+        from pathlib import Path
+
+        base = Path(path)
+        npz = base if base.suffix == ".npz" else base.with_suffix(".npz")
+        if not npz.is_file():
+            raise FileNotFoundError(f"map file {npz} not found")
+        config = config or VoxelMapConfig()
+        with np.load(npz, allow_pickle=False) as z:
+            data = {k: z[k] for k in z.files}
+        for key in ("positions", "colors", "labels", "scores", "counts", "voxel_size"):
+            if key not in data:
+                raise ValueError(f"{npz}: not a saved voxel map (no {key!r} array)")
+        vs = float(data["voxel_size"])
+        if not np.isclose(vs, config.voxel_size, rtol=1e-6):
+            raise ValueError(f"{npz} has voxel size {vs} m, this map {config.voxel_size} m")
+        pos = np.asarray(data["positions"], np.float32)
+        n = len(pos)
+        if n > config.max_points:
+            raise ValueError(f"{npz} has {n} voxels, more than max_points {config.max_points}")
+        coords = data.get("coords")
+        if coords is None:
+            coords = np.floor(pos * np.float32(1.0 / config.voxel_size))
+        keys = pack_keys(np.asarray(coords, np.int64))
+        order = np.argsort(keys, kind="stable")
+        if n and np.any(np.diff(keys[order]) == 0):
+            raise ValueError(f"{npz}: two voxels share one voxel key")
+        for key in ("colors", "labels", "scores", "counts"):
+            if len(data[key]) != n:
+                raise ValueError(f"{npz}: {key} has {len(data[key])} rows for {n} positions")
+        m = cls(config)
+        m._grow(n)
+        m._keys, m._key_slot, m._top = keys[order], np.arange(n, dtype=np.int64)[order], n
+        m.valid[:n] = True
+        m.positions[:n] = pos
+        colors = np.asarray(data["colors"])
+        m.colors[:n] = colors.astype(np.float32) / (255.0 if colors.dtype == np.uint8 else 1.0)
+        m.labels[:n] = data["labels"]
+        m.scores[:n] = data["scores"]
+        m.counts[:n] = data["counts"]
+        if "features" in data and n:
+            feats = np.asarray(data["features"])
+            if feats.ndim != 2 or len(feats) != n:
+                raise ValueError(f"{npz}: features are {feats.shape} for {n} positions")
+            m._alloc_features(feats.shape[1])
+            m.features[:n] = feats.astype(np.float16)
+            fc = data.get("feature_counts")
+            m.feature_counts[:n] = fc if fc is not None else (np.abs(feats).sum(1) > 0)
+        names = [str(x) for x in data["class_names"]] if "class_names" in data else None
+        return m, names
 
     def save(self, path, class_names=None) -> tuple:
         """Write ``<path>.ply`` (labelled points) and ``<path>.npz`` (all arrays incl. fp16 features),

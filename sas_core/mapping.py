@@ -1,0 +1,618 @@
+"""The ROS-free mapping pipeline: one :class:`Mapper` for the live node and for `sas replay`.
+
+Layering (one pipeline, never two)::
+
+    sas_ros.mapping_node.MappingNode   decode messages, QoS, threads, timers, services, logging
+    sas_app.commands.replay            read a bag with rosbags, write the map
+            |  both drive
+            v
+    Mapper                              this module: frames/sweeps in, labels and queries out
+            |  owns
+            v
+    VoxelMap (sas_core.geometry.voxel_map)  + labeller + vocabulary + class texts + query store
+
+A :class:`Mapper` owns the :class:`~sas_core.geometry.voxel_map.VoxelMap`, the labeller
+(``mode``: ``segmenter`` = a distilled 3D network, paper Sec. 3.4 inference; ``fusion`` = live
+2D-teacher features fused onto the voxels with OpenScene's multi-view rule, paper Sec. 3.1;
+``none``), the vocabulary, its class text embeddings and the map's reduced query store. NumPy in,
+NumPy out. It holds its own lock (``threading.RLock``), so a node calls it from several threads:
+
+* :meth:`Mapper.integrate_rgbd` / :meth:`Mapper.integrate_sweep` add a frame / LiDAR sweep;
+* :meth:`Mapper.label_pass` labels what changed (the changed region + ``region_margin`` of
+  context for the network; the network's features are written back only to voxels that did not
+  move meanwhile), every ``full_update_every``-th pass the whole map;
+* :meth:`Mapper.set_vocabulary` relabels the map in slices of ``LOCK_SLICE`` voxels with the lock
+  released in between (a newer vocabulary wins over one still being applied);
+  :meth:`Mapper.refit_query_basis` refits the query store in slices as well;
+* :meth:`Mapper.query` answers free-text queries (per text: slots, positions, scores, count,
+  best score, centroid, box);
+* :meth:`Mapper.save` / :meth:`Mapper.load`, :meth:`Mapper.reset`, :meth:`Mapper.stats`.
+
+Bad input raises :class:`Rejected`, a ``ValueError`` whose ``reason`` is a fixed code
+(:data:`REASONS`); callers count and log by the code, never by the message text.
+
+Live fusion (``mode: fusion``) uses :class:`sas_core.geometry.multiview.FeatureAccumulator` with
+one row per map slot: every frame is tested against the centre of every voxel of the map with
+OpenScene's visibility rule (in front of the camera, ``fusion_border`` pixels from the edges,
+``|depth(u, v) - z| <= fusion_depth_ratio * depth(u, v)``), and a voxel's feature is the plain
+mean of the teacher features over the frames where it was visible. That is what
+``sas fuse`` (:func:`sas_core.geometry.multiview.fuse_views`) computes for the same points and
+frames, so live fusion and ``sas fuse`` agree per voxel (to fp16 rounding) for every voxel that
+existed when the first frame came; a voxel created later has the mean over the frames since.
+Memory: ``capacity x dim`` float32 sums (1M voxels x 512: 2 GB) next to the fp16 features.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from dataclasses import dataclass
+from typing import Callable, List, Optional, Sequence, Union
+
+import numpy as np
+
+from sas_core.config import opt
+from sas_core.geometry.voxel_map import LOCK_SLICE, VoxelMap, VoxelMapConfig, rgbd_points
+from sas_core.infer import PRECISIONS, parse_vocabulary
+from sas_core.types import CameraIntrinsics, Frame
+
+__all__ = ["MODES", "REASONS", "Mapper", "MapperConfig", "QueryAnswer", "Rejected", "check_device",
+           "strided_frame"]
+
+#: Labelling modes.
+MODES = ("segmenter", "fusion", "none")
+
+#: Reason codes of :class:`Rejected` (the node counts drops by these; callers may add their own
+#: decoding reasons such as ``no_camera_info`` / ``bad_image`` with the same class).
+REASONS = {
+    "nan_depth": "the depth image has no valid measurement",
+    "size_mismatch": "image sizes disagree with each other or with the camera model",
+    "no_camera_info": "no camera model for the frame",
+    "bad_pose": "the pose is not a finite 4x4 matrix",
+    "no_ground_truth": "fusion with the simulated teacher needs semantic images",
+    "empty_cloud": "the LiDAR sweep has no finite point",
+    "unknown_word": "a vocabulary name or query word the text encoder does not know",
+    "bad_template": "the prompt template has no '{}'",
+    "empty_query": "no query text",
+    "bad_query": "the query cannot be encoded",
+    "no_encoder": "this mapper has no text encoder (mode none)",
+    "no_features": "the map has no features yet",
+    "bad_map": "a saved map that cannot be loaded",
+}
+
+
+class Rejected(ValueError):
+    """Input the mapper refuses; ``reason`` is one code of :data:`REASONS`.
+
+    Attributes:
+        reason: the code (``nan_depth``, ``size_mismatch``, ``unknown_word``, ...).
+        words: the offending words for ``unknown_word`` / ``bad_query`` (else empty).
+    """
+
+    def __init__(self, reason: str, message: str, words: Sequence[str] = ()):
+        super().__init__(message)
+        self.reason = str(reason)
+        self.words = tuple(words)
+
+
+@dataclass
+class MapperConfig:
+    """One set of defaults for the mapping node (ROS parameters) and `sas replay` (flags)."""
+
+    voxel_size: float = opt(0.05, "voxel edge in metres (one map point per voxel)")
+    max_points: int = opt(1_000_000, "map capacity in voxels; older/farther voxels are evicted beyond it")
+    eviction: str = opt("oldest", "eviction policy when full: oldest (least recently seen) or farthest",
+                        choices=("oldest", "farthest"))
+    max_radius: float = opt(0.0, "drop voxels farther than this from the sensor, metres (0 = keep all)")
+    query_rank: int = opt(64, "rank of the reduced query store (see sas_core.geometry.voxel_map)")
+    pixel_stride: int = opt(2, "integrate every n-th pixel in both directions")
+    min_depth: float = opt(0.1, "ignore depth at or below this (m)")
+    max_depth: float = opt(8.0, "ignore depth beyond this (m)")
+    mode: str = opt("segmenter", "labelling: segmenter (distilled 3D network), fusion (live 2D teachers) or none",
+                    choices=MODES)
+    checkpoint: str = opt("", "distilled checkpoint for mode segmenter (sas distill output)")
+    device: str = opt("cpu", "torch device of the network and of live fusion (cpu, cuda, cuda:1)")
+    precision: str = opt("fp32", "network arithmetic: fp32, bf16 (CPU or CUDA) or fp16 (CUDA)", choices=PRECISIONS)
+    vocabulary: str = opt("scannet20", "vocabulary name (scannet20, matterport21, ...), a file with one name a "
+                                       "line, or comma-separated class names")
+    prompt_template: str = opt("a {} in a scene", "prompt template for class names")
+    teacher: str = opt("simulated", "fusion mode teacher: simulated (synthetic world ground truth topics)",
+                       choices=("simulated",))
+    teacher_stride: int = opt(2, "fusion mode: teacher features are taken at every n-th pixel")
+    text_dim: int = opt(512, "fusion mode: dimension of the synthetic text space")
+    fusion_depth_ratio: float = opt(0.25, "fusion mode: a voxel is visible when |depth - z| <= ratio * depth "
+                                          "(OpenScene: 0.25)")
+    fusion_border: int = opt(10, "fusion mode: full-resolution pixels ignored along every image edge "
+                                 "(OpenScene: 10)")
+    region_margin: float = opt(1.0, "metres of context around the changed region given to the network")
+    full_update_every: int = opt(10, "every n-th labelling pass covers the whole map (0 = never)")
+    query_threshold: float = opt(0.5, "default relevance threshold of a query")
+    query_max_points: int = opt(5000, "default max returned points of a query")
+
+
+@dataclass
+class QueryAnswer:
+    """Answer of :meth:`Mapper.query` for one text.
+
+    Attributes:
+        text: the query text.
+        slots: (M,) int64 map slots, best first (at most ``max_points``).
+        positions: (M, 3) float32 their positions (map frame).
+        scores: (M,) float32 exact cosine scores.
+        count: voxels scoring >= threshold (before ``max_points``).
+        best: best score anywhere in the map (-inf for an empty map).
+        centroid, bbox_min, bbox_max: (3,) float32 of ``positions`` (NaN when M = 0).
+    """
+
+    text: str
+    slots: np.ndarray
+    positions: np.ndarray
+    scores: np.ndarray
+    count: int
+    best: float
+    centroid: np.ndarray
+    bbox_min: np.ndarray
+    bbox_max: np.ndarray
+
+
+def check_device(device: str) -> str:
+    """``device`` if torch can use it, else ValueError with one clear line (e.g. ``cuda`` on a
+    machine without CUDA)."""
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ValueError(f"device {device!r} is not a torch device ({exc}); use cpu, cuda or cuda:N") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            why = "torch was built without CUDA" if torch.version.cuda is None else "no CUDA GPU is visible"
+            raise ValueError(f"device {device!r} requested but CUDA is not available here ({why}); "
+                             "set device to cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"device {device!r}: only {torch.cuda.device_count()} CUDA device(s) here")
+    elif dev.type != "cpu":
+        raise ValueError(f"device {device!r} is not supported; use cpu or cuda[:N]")
+    return device
+
+
+def strided_frame(frame: Frame, stride: int) -> Frame:
+    """Every ``stride``-th pixel of a frame (colour, depth, ground truth) with the matching camera:
+    pixel (v, u) of the result is pixel (v * stride, u * stride) of ``frame``."""
+    t = max(1, int(stride))
+    if t == 1:
+        return frame
+    sl = (slice(None, None, t), slice(None, None, t))
+    depth = np.ascontiguousarray(frame.depth[sl])
+    i = frame.intrinsics
+    intr = CameraIntrinsics(i.fx / t, i.fy / t, i.cx / t, i.cy / t, depth.shape[1], depth.shape[0])
+    pick = lambda a: None if a is None else np.ascontiguousarray(a[sl])  # noqa: E731
+    return Frame(color=pick(frame.color), depth=depth, intrinsics=intr, pose=frame.pose, stamp=frame.stamp,
+                 semantic=pick(frame.semantic), instance=pick(frame.instance), frame_id=frame.frame_id)
+
+
+def _numpy(x) -> np.ndarray:
+    if hasattr(x, "detach"):
+        return x.detach().cpu().float().numpy()
+    return np.asarray(x, np.float32)
+
+
+class Mapper:
+    """Voxel map + labeller + vocabulary + queries (see the module docstring).
+
+    Args:
+        config: a :class:`MapperConfig`.
+        segmenter: a ready :class:`sas_core.infer.Segmenter` (default: loaded from ``checkpoint``
+            in mode ``segmenter``).
+        teacher: a 2D teacher with ``features(frame) -> ((H, W, C), (H, W) valid)`` for mode
+            ``fusion`` (default: the simulated teacher of the synthetic world).
+        text_encoder: overrides the text encoder (default: the segmenter's, or the synthetic
+            text space of ``text_dim`` in mode ``fusion``).
+
+    Raises:
+        ValueError: a bad setting (mode, device without CUDA, missing checkpoint, unknown
+            vocabulary name), with one clear line.
+    """
+
+    def __init__(self, config: Optional[MapperConfig] = None, *, segmenter=None, teacher=None, text_encoder=None):
+        # state first: every attribute exists before anything below can raise
+        self.config = cfg = config or MapperConfig()
+        self.lock = threading.RLock()
+        self.segmenter = segmenter
+        self.teacher = teacher
+        self.encoder = text_encoder
+        self.vocabulary: List[str] = []
+        self.template = str(cfg.prompt_template)
+        self.class_text: Optional[np.ndarray] = None
+        self.n_frames = self.n_sweeps = self.n_passes = 0
+        self._acc = None                # FeatureAccumulator of mode fusion (rows = map slots)
+        self._teacher_needs_gt = False  # the built-in simulated teacher reads frame.semantic
+        self.fusion_config = None
+        if cfg.mode not in MODES:
+            raise ValueError(f"mode must be one of {', '.join(MODES)}, got {cfg.mode!r}")
+        if cfg.pixel_stride < 1 or cfg.teacher_stride < 1:
+            raise ValueError(f"pixel_stride and teacher_stride must be >= 1, got {cfg.pixel_stride}, "
+                             f"{cfg.teacher_stride}")
+        if "{}" not in self.template:
+            raise ValueError(f"prompt_template {self.template!r} has no '{{}}'")
+        self.map = VoxelMap(VoxelMapConfig(voxel_size=float(cfg.voxel_size), max_points=int(cfg.max_points),
+                                           eviction=str(cfg.eviction), max_radius=float(cfg.max_radius),
+                                           query_rank=int(cfg.query_rank)))
+        names = list(parse_vocabulary(cfg.vocabulary)) if cfg.mode != "none" or text_encoder is not None else []
+        if cfg.mode == "segmenter":
+            self._setup_segmenter()
+        elif cfg.mode == "fusion":
+            self._setup_fusion(names)
+        if self.encoder is not None and names:
+            self.set_vocabulary(names, self.template)
+
+    # ------------------------------------------------------------------ set-up
+    def _setup_segmenter(self) -> None:
+        cfg = self.config
+        if self.segmenter is None:
+            check_device(cfg.device)
+            if not cfg.checkpoint:
+                raise ValueError("mode 'segmenter' needs a checkpoint (a sas distill checkpoint)")
+            from sas_core.infer import InferenceConfig, Segmenter
+
+            self.segmenter = Segmenter.from_checkpoint(str(cfg.checkpoint), device=str(cfg.device),
+                                                       config=InferenceConfig(precision=str(cfg.precision)))
+        if self.encoder is None:
+            self.encoder = self.segmenter.text_encoder
+
+    def _setup_fusion(self, names: List[str]) -> None:
+        from sas_core.geometry.multiview import MultiViewFusionConfig
+
+        cfg = self.config
+        check_device(cfg.device)
+        if self.encoder is None:
+            from sas_core.text import SyntheticTextEncoder
+
+            self.encoder = SyntheticTextEncoder(names, dim=int(cfg.text_dim))
+        if self.teacher is None:
+            if cfg.teacher != "simulated":
+                raise ValueError(f"fusion mode supports teacher 'simulated', got {cfg.teacher!r}")
+            from sas_core.teachers.simulated import SimulatedTeacher, SimulatedTeacherConfig
+
+            self.teacher = SimulatedTeacher(SimulatedTeacherConfig(name="live_sim", vocabulary=tuple(names)),
+                                            self.encoder)
+            self._teacher_needs_gt = True
+        # the border is given in full-resolution pixels; the teacher sees every teacher_stride-th
+        self.fusion_config = MultiViewFusionConfig(
+            depth_ratio=float(cfg.fusion_depth_ratio),
+            border=int(math.ceil(int(cfg.fusion_border) / int(cfg.teacher_stride))),
+            min_depth=float(cfg.min_depth), max_depth=float(cfg.max_depth))
+
+    @property
+    def mode(self) -> str:
+        return self.config.mode
+
+    # ------------------------------------------------------------------ integration
+    def integrate_rgbd(self, frame: Frame, teacher_frame: Optional[Frame] = None) -> int:
+        """Add one RGB-D frame: every ``pixel_stride``-th pixel with ``min_depth < depth <=
+        max_depth`` is back-projected (camera-to-world ``frame.pose``) into the map; in mode
+        ``fusion`` the teacher's features of ``teacher_frame`` (default ``frame``, which then needs
+        ``semantic`` for the simulated teacher), taken at every ``teacher_stride``-th pixel, are
+        fused onto the map's voxels.
+
+        Args:
+            frame: colour (H, W, 3) uint8, depth (H, W) float32 metres, intrinsics of (H, W),
+                pose (4, 4) camera-to-world.
+            teacher_frame: optional frame for the teacher (same stamp, any resolution).
+        Returns:
+            the number of voxels the frame's points fell into.
+        Raises:
+            Rejected: ``size_mismatch``, ``bad_pose``, ``nan_depth``, ``no_ground_truth``.
+        """
+        cfg = self.config
+        depth = np.asarray(frame.depth)
+        intr = frame.intrinsics
+        if depth.shape != (intr.height, intr.width) or (frame.color is not None and frame.color.shape[:2] != depth.shape):
+            color_shape = None if frame.color is None else frame.color.shape[:2]
+            raise Rejected("size_mismatch", f"size mismatch: color {color_shape}, depth {depth.shape}, "
+                                            f"camera {intr.width}x{intr.height}")
+        pose = np.asarray(frame.pose, np.float64)
+        if pose.shape != (4, 4) or not np.isfinite(pose).all():
+            raise Rejected("bad_pose", "the frame's pose is not a finite 4x4 matrix")
+        pts, cols, _ = rgbd_points(depth, frame.color, intr, pose, int(cfg.pixel_stride), float(cfg.min_depth),
+                                   float(cfg.max_depth))
+        if len(pts) == 0:
+            raise Rejected("nan_depth", "depth image has no valid measurement (all 0/NaN/out of range)")
+        tf = None
+        if self.mode == "fusion":
+            tf = strided_frame(teacher_frame if teacher_frame is not None else frame, int(cfg.teacher_stride))
+            if tf.semantic is None and self._teacher_needs_gt:
+                raise Rejected("no_ground_truth", "fusion with the simulated teacher needs the frame's semantic "
+                                                  "image (the synthetic world's ground truth topics)")
+        with self.lock:
+            touched = self.map.integrate(pts, cols, sensor_origin=pose[:3, 3])
+            self.n_frames += 1
+        if tf is not None:
+            self._fuse(tf)
+        return int(len(touched))
+
+    def _fuse(self, frame: Frame) -> int:
+        """Fuse one teacher frame onto every voxel of the map (OpenScene rule, module docstring).
+        Returns the number of voxels that received a feature."""
+        import torch
+
+        from sas_core.geometry.multiview import FeatureAccumulator
+
+        feats, valid = self.teacher.features(frame)  # outside the lock: the teacher is the slow part
+        with self.lock:
+            m = self.map
+            slots = m.slots()
+            if len(slots) == 0:
+                return 0
+            if self._acc is None:
+                self._acc = FeatureAccumulator(m.capacity, None, config=self.fusion_config,
+                                               device=self.config.device)
+            acc = self._acc
+            if acc.n_points < m.capacity:
+                acc.grow(m.capacity)
+            # rows of slots that were freed and reused (eviction) start again from zero
+            stale = np.flatnonzero((m.feature_counts[: acc.n_points] == 0) & (acc.counts.cpu().numpy() > 0))
+            if len(stale):
+                st = torch.from_numpy(stale).to(acc.device)
+                acc.counts[st] = 0
+                if acc.sums is not None:
+                    acc.sums[st] = 0
+            rows = torch.from_numpy(slots).to(acc.device)
+            before = acc.counts[rows].clone()
+            acc.add(frame.depth, frame.pose, frame.intrinsics, feats, valid, points=m.centers(slots), index=slots)
+            after = acc.counts[rows]
+            seen_mask = (after > before).cpu().numpy()
+            seen = slots[seen_mask]
+            if len(seen):
+                mean = acc.mean(seen).cpu().numpy()
+                m.set_features(seen, mean, counts=after.cpu().numpy()[seen_mask].astype(np.float32))
+                m.dirty[seen] = True  # classified by the next label pass
+            return int(len(seen))
+
+    def integrate_sweep(self, points, pose, intensity=None, colors=None, stamp: Optional[float] = None) -> int:
+        """Add one LiDAR sweep.
+
+        Args:
+            points: (N, 3) sensor-frame points (non-finite rows are dropped).
+            pose: (4, 4) sensor-to-map.
+            intensity: optional (N,) intensities, drawn as grey levels scaled by the sweep's maximum.
+            colors: optional (N, 3) uint8 RGB (wins over ``intensity``).
+            stamp: seconds (informational).
+        Returns:
+            the number of voxels the sweep's points fell into.
+        Raises:
+            Rejected: ``empty_cloud``, ``bad_pose``, ``size_mismatch``.
+        """
+        xyz = np.asarray(points, np.float64).reshape(-1, 3)
+        pose = np.asarray(pose, np.float64)
+        if pose.shape != (4, 4) or not np.isfinite(pose).all():
+            raise Rejected("bad_pose", "the sweep's pose is not a finite 4x4 matrix")
+        for name, arr in (("intensity", intensity), ("colors", colors)):
+            if arr is not None and len(arr) != len(xyz):
+                raise Rejected("size_mismatch", f"{len(arr)} {name} values for {len(xyz)} points")
+        finite = np.isfinite(xyz).all(1)
+        if not finite.any():
+            raise Rejected("empty_cloud", "the sweep has no finite point")
+        world = (xyz[finite] @ pose[:3, :3].T + pose[:3, 3]).astype(np.float32)
+        cols = None
+        if colors is not None:
+            cols = np.asarray(colors)[finite][:, :3].astype(np.uint8)
+        elif intensity is not None:
+            inten = np.asarray(intensity, np.float32)[finite]
+            scale = max(float(np.max(inten)), 1e-6)
+            g = np.clip(inten / scale * 255, 0, 255).astype(np.uint8)
+            cols = np.repeat(g[:, None], 3, axis=1)
+        with self.lock:
+            touched = self.map.integrate(world, cols, sensor_origin=pose[:3, 3])
+            self.n_sweeps += 1
+        return int(len(touched))
+
+    # ------------------------------------------------------------------ labelling
+    def label_pass(self, full: bool = False) -> bool:
+        """Label what changed since the last pass; every ``full_update_every``-th pass (or with
+        ``full``) the whole map. Mode ``segmenter``: the network runs (lock released) on the
+        changed voxels plus ``region_margin`` metres of context, and its features are written back
+        only to voxels that are still there and did not move to another voxel meanwhile. Mode
+        ``fusion``: the fused means of the changed voxels are classified. Returns False when
+        there was nothing to do."""
+        cfg = self.config
+        with self.lock:
+            self.n_passes += 1
+            every = int(cfg.full_update_every)
+            full = bool(full) or (every > 0 and self.n_passes % every == 0)
+            dirty = self.map.take_dirty()
+            if self.mode == "fusion":
+                if self.class_text is None or (len(dirty) == 0 and not full):
+                    return False
+                self.map.classify(self.class_text, None if full else dirty)
+                return True
+            if self.mode != "segmenter" or (len(dirty) == 0 and not full):
+                return False
+            region = self.map.slots() if full else self.map.region_slots(dirty, float(cfg.region_margin))
+            if len(region) == 0:
+                return False
+            positions = self.map.positions[region].copy()
+            colors = self.map.colors[region].copy()
+        feats = _numpy(self.segmenter.features(positions, colors=colors))
+        vs = self.map.config.voxel_size
+        with self.lock:
+            keep = region < self.map.capacity  # (a reset shrinks the map)
+            region, feats, positions = region[keep], feats[keep], positions[keep]
+            still = self.map.valid[region] & (np.floor(self.map.positions[region] / vs) == np.floor(positions / vs)).all(1)
+            self.map.set_features(region[still], feats[still])
+            if self.class_text is not None:
+                self.map.classify(self.class_text, region[still])
+        return True
+
+    # ------------------------------------------------------------------ vocabulary
+    def _class_text(self, names: Sequence[str], template: str) -> np.ndarray:
+        from sas_core.text import class_embeddings
+
+        return _numpy(class_embeddings(self.encoder, list(names), template))
+
+    def _unknown(self, names: Sequence[str], template: str, exc: Exception) -> List[str]:
+        words = list(getattr(exc, "words", ()))
+        if words:
+            return words
+        bad = []
+        for n in names:  # find the offending names one by one
+            try:
+                self._class_text([n], template)
+            except ValueError:
+                bad.append(n)
+        return bad
+
+    def set_vocabulary(self, names: Union[str, Sequence[str]], template: Optional[str] = None) -> bool:
+        """Switch to a vocabulary and relabel the map in ``LOCK_SLICE``-voxel slices, releasing the
+        lock in between (seconds on 1M voxels); integration and queries go on meanwhile.
+
+        Args:
+            names: class names, or a vocabulary spec string (``sas_core.infer.parse_vocabulary``).
+            template: prompt template with ``{}`` (default: the current one).
+        Returns:
+            True when this vocabulary was applied to the whole map, False when a newer one took over.
+        Raises:
+            Rejected: ``no_encoder``, ``bad_template``, ``unknown_word`` (``.words``: the names);
+            the vocabulary is unchanged then.
+        """
+        if self.encoder is None:
+            raise Rejected("no_encoder", "this mapper has no text encoder (mode 'none')")
+        if isinstance(names, str):
+            try:
+                names = parse_vocabulary(names)
+            except (ValueError, FileNotFoundError) as exc:
+                raise Rejected("unknown_word", f"vocabulary unchanged: {exc}", words=[names]) from None
+        names = [str(n).strip() for n in names if str(n).strip()]
+        template = self.template if template is None else str(template)
+        if "{}" not in template:
+            raise Rejected("bad_template", f"prompt template {template!r} has no '{{}}'")
+        if not names:
+            raise Rejected("unknown_word", "vocabulary unchanged: no class names")
+        try:
+            text = self._class_text(names, template)
+            if self.segmenter is not None and hasattr(self.segmenter, "set_vocabulary"):
+                self.segmenter.set_vocabulary(list(names), [template])
+        except ValueError as exc:
+            raise Rejected("unknown_word", f"vocabulary unchanged: {exc}",
+                           words=self._unknown(names, template, exc)) from None
+        with self.lock:
+            self.vocabulary, self.template, self.class_text = list(names), template, text
+            self.map.set_anchor(text)
+            slots = self.map.slots()
+        for chunk in np.array_split(slots, max(1, len(slots) // LOCK_SLICE + 1)):
+            with self.lock:
+                if self.class_text is not text:  # a newer vocabulary took over
+                    return False
+                self.map.classify(text, chunk[chunk < self.map.capacity])
+        return True
+
+    def refit_query_basis(self, rows: int = LOCK_SLICE, running: Optional[Callable[[], bool]] = None) -> bool:
+        """Refit the map's query basis when it is due (no basis, new vocabulary, map doubled), in
+        steps of ``rows`` voxels with the lock released in between; queries keep the old basis,
+        exact, until the last step. ``running() -> False`` stops early (the refit stays pending and
+        the next call continues it). Returns True when a refit finished."""
+        with self.lock:
+            if not self.map.refit_pending:
+                if not self.map.needs_refit():
+                    return False
+                self.map.start_refit()
+        while running is None or running():
+            with self.lock:
+                if self.map.refit_step(rows):
+                    return True
+        return False
+
+    # ------------------------------------------------------------------ queries
+    def encode(self, texts: Sequence[str]) -> np.ndarray:
+        """(T, D) float32 unit text embeddings; raises Rejected ``no_encoder`` / ``bad_query``."""
+        if self.encoder is None:
+            raise Rejected("no_encoder", "this mapper has no text encoder (mode 'none')")
+        try:
+            return _numpy(self.encoder.encode(list(texts)))
+        except ValueError as exc:
+            raise Rejected("bad_query", f"cannot encode the query: {exc}", words=getattr(exc, "words", ())) from None
+
+    def query(self, texts: Sequence[str], threshold: Optional[float] = None,
+              max_points: Optional[int] = None) -> List[QueryAnswer]:
+        """Voxels relevant to each text: cosine score of the voxel feature with the text embedding
+        ``>= threshold`` (default ``query_threshold``), at most ``max_points`` (default
+        ``query_max_points``; 0 = all) per text, best first (exact scores, see VoxelMap.query).
+
+        Raises:
+            Rejected: ``empty_query``, ``no_encoder``, ``bad_query``, ``no_features``.
+        """
+        texts = [str(t) for t in texts]
+        if not texts or any(not t.strip() for t in texts):
+            raise Rejected("empty_query", "empty query text: give one or more non-empty texts")
+        emb = self.encode(texts)
+        threshold = float(self.config.query_threshold if threshold is None else threshold)
+        max_points = int(self.config.query_max_points if max_points is None else max_points)
+        out = []
+        with self.lock:
+            if self.map.feature_dim == 0:
+                raise Rejected("no_features", "the map has no features yet (no labelling pass has run)")
+            for text, t in zip(texts, emb):
+                res = self.map.query(t, threshold=threshold, max_points=max_points)
+                p = self.map.positions[res.slots].copy()
+                nan = np.full(3, np.nan, np.float32)
+                out.append(QueryAnswer(text, res.slots, p, res.scores, int(res.count), float(res.best_score),
+                                       p.mean(0) if len(p) else nan, p.min(0) if len(p) else nan,
+                                       p.max(0) if len(p) else nan.copy()))
+        return out
+
+    # ------------------------------------------------------------------ state
+    def export(self) -> dict:
+        """The live voxels' arrays (see VoxelMap.export), taken under the lock."""
+        with self.lock:
+            return self.map.export()
+
+    def save(self, path) -> tuple:
+        """Write ``<path>.ply`` + ``<path>.npz`` (atomically; with the class names). Returns both paths."""
+        with self.lock:
+            return self.map.save(path, class_names=self.vocabulary or None)
+
+    def load(self, path) -> int:
+        """Replace the map by one written by :meth:`save` (voxel size must match). The saved class
+        names become the vocabulary when this mapper's text encoder knows them; otherwise the map
+        is relabelled with the current vocabulary. Returns the number of voxels.
+
+        Raises:
+            Rejected: ``bad_map`` (unreadable, other voxel size, too many voxels).
+        """
+        try:
+            vmap, names = VoxelMap.load(path, self.map.config)
+        except (OSError, ValueError, KeyError) as exc:
+            raise Rejected("bad_map", f"cannot load map {path}: {exc}") from None
+        with self.lock:
+            self.map = vmap
+            if self._acc is not None:
+                self._acc.reset()
+                self._acc = None  # fused sums are not saved: a loaded voxel's feature is replaced by
+                # the mean over the frames fused after the load
+        if self.encoder is not None:
+            try:
+                self.set_vocabulary(names if names else self.vocabulary, self.template)
+            except Rejected:
+                if self.vocabulary:
+                    self.set_vocabulary(self.vocabulary, self.template)
+        return len(vmap)
+
+    def reset(self) -> None:
+        """Forget the map (and the fused sums); vocabulary and counters stay."""
+        with self.lock:
+            self.map.reset()
+            if self.class_text is not None:
+                self.map.set_anchor(self.class_text)
+            if self._acc is not None:
+                self._acc = None
+
+    def __len__(self) -> int:
+        return len(self.map)
+
+    def stats(self) -> dict:
+        """Plain-data counters: points, frames, sweeps, label passes, evicted, map bytes, mode, ..."""
+        with self.lock:
+            fused = 0 if self._acc is None else int(self._acc.sums.numel() * 4 if self._acc.sums is not None else 0)
+            return dict(points=len(self.map), frames=self.n_frames, sweeps=self.n_sweeps, passes=self.n_passes,
+                        evicted=int(self.map.n_evicted), map_bytes=int(self.map.memory_bytes()) + fused,
+                        feature_dim=int(self.map.feature_dim), mode=self.mode, vocabulary_size=len(self.vocabulary))

@@ -1,0 +1,95 @@
+"""ROS parameters generated from config dataclasses (``sas_core.config``): each default exists once.
+
+The mapping node declares one parameter per field of :class:`sas_core.mapping.MapperConfig` (the
+pipeline, shared with `sas replay`) and of :class:`NodeConfig` (ROS-only knobs: frames, topics,
+QoS, queues, timers), each with the field's help as its description::
+
+    mapper_cfg = declare_config(node, MapperConfig)   # -> MapperConfig built from the parameters
+
+This module imports no ROS package at import time (``rcl_interfaces`` is imported by
+:func:`declare_config`), so tests and tools can list the parameters without rclpy.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from sas_core.config import config_fields, opt
+
+
+@dataclass
+class NodeConfig:
+    """ROS-only settings of the mapping node (the pipeline's are in MapperConfig)."""
+
+    map_frame: str = opt("map", "fixed frame of the map and of every output")
+    use_rgbd: bool = opt(True, "subscribe to color/image_raw, depth/image_raw and camera_info")
+    use_lidar: bool = opt(False, "subscribe to points (LiDAR PointCloud2)")
+    pose_source: str = opt("auto", "auto | tf | pose | odometry (auto: tf when tf2_ros is importable, else pose)",
+                           choices=("auto", "tf", "pose", "odometry"))
+    pose_topic: str = opt("pose", "PoseStamped / Odometry topic of the sensor pose (pose/odometry modes)")
+    camera_frame: str = opt("camera_color_optical_frame",
+                            "sensor frame the pose topic describes; images in other frames are dropped")
+    lidar_pose_topic: str = opt("", "PoseStamped topic of the LiDAR pose (pose mode; empty = no LiDAR pose topic)")
+    lidar_frame: str = opt("lidar", "LiDAR sensor frame id")
+    pose_tolerance: float = opt(0.05, "max |stamp difference| in seconds between a frame and its pose")
+    reliable_inputs: bool = opt(False, "subscribe with reliable QoS (bag replay without loss) instead of "
+                                       "sensor-data best effort")
+    sync_slop: float = opt(0.05, "approximate-sync window in seconds for colour/depth (and ground truth)")
+    sync_queue: int = opt(10, "per-topic queue length of the synchroniser")
+    input_queue: int = opt(4, "frames waiting for integration; the oldest is dropped beyond it")
+    update_period: float = opt(1.0, "seconds between labelling passes (network / fusion classification)")
+    publish_map_cloud: bool = opt(True, "also publish ~/map_cloud (x, y, z, rgb)")
+    stats_period: float = opt(5.0, "seconds between ~/stats messages and the rate log line")
+    log_throttle: float = opt(2.0, "seconds between repeated warnings of the same kind")
+
+
+def node_config_classes() -> tuple:
+    """The dataclasses whose fields are the mapping node's parameters, in declaration order."""
+    from sas_core.mapping import MapperConfig
+
+    return (MapperConfig, NodeConfig)
+
+
+def parameter_fields() -> dict:
+    """``{name: ConfigField}`` of every mapping-node parameter (no rclpy needed)."""
+    out = {}
+    for cls in node_config_classes():
+        for f in config_fields(cls, target="ros"):
+            if f.name in out:
+                raise ValueError(f"parameter {f.name!r} is declared by two config classes")
+            out[f.name] = f
+    return out
+
+
+def _coerce(name: str, value, default, choices):
+    """The parameter value as the field's type (ints are accepted for floats), else ValueError."""
+    kind = type(default)
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise ValueError(f"parameter {name!r} must be a {kind.__name__} (default {default!r}), "
+                         f"got {type(value).__name__} {value!r}")
+    if choices and value not in choices:
+        raise ValueError(f"parameter {name!r} must be one of {', '.join(map(str, choices))}, got {value!r}")
+    return value
+
+
+def declare_config(node, cls):
+    """Declare one ROS parameter per documented field of dataclass ``cls`` (default and help from
+    the field; ``ParameterDescriptor.description`` = the help, plus the choices) and return a
+    ``cls`` instance built from the parameters' values (overrides, YAML, ``-p name:=value``).
+
+    Integers are accepted where the field is a float (``-p max_radius:=40``). Raises ValueError
+    with one clear line for a value of the wrong type or outside the choices.
+    """
+    from rcl_interfaces.msg import ParameterDescriptor
+
+    values = {}
+    for f in config_fields(cls, target="ros"):
+        if f.default is dataclasses.MISSING or f.default is None:
+            raise ValueError(f"{cls.__name__}.{f.name} has no default: cannot be a ROS parameter")
+        text = f.help + (f" (one of: {', '.join(map(str, f.choices))})" if f.choices else "")
+        node.declare_parameter(f.name, f.default, ParameterDescriptor(description=text, dynamic_typing=True))
+        values[f.name] = _coerce(f.name, node.get_parameter(f.name).value, f.default, f.choices)
+    return cls(**values)
