@@ -53,7 +53,8 @@ import numpy as np
 
 from sas_core.config import opt
 from sas_core.geometry.voxel_map import LOCK_SLICE, VoxelMap, VoxelMapConfig, rgbd_points
-from sas_core.infer import PRECISIONS, parse_vocabulary
+from sas_core.infer import PRECISIONS
+from sas_core.text import parse_vocabulary
 from sas_core.types import CameraIntrinsics, Frame
 
 __all__ = ["MODES", "REASONS", "Mapper", "MapperConfig", "QueryAnswer", "Rejected", "check_device",
@@ -467,7 +468,7 @@ class Mapper:
         lock in between (seconds on 1M voxels); integration and queries go on meanwhile.
 
         Args:
-            names: class names, or a vocabulary spec string (``sas_core.infer.parse_vocabulary``).
+            names: class names, or a vocabulary spec string (``sas_core.text.parse_vocabulary``).
             template: prompt template with ``{}`` (default: the current one).
         Returns:
             True when this vocabulary was applied to the whole map, False when a newer one took over.

@@ -441,10 +441,12 @@ class VoxelMap:
         self.set_anchor(text)
         slots = self._key_slot if slots is None else np.asarray(slots, np.int64)
         slots = slots[self.valid[slots] & (self.feature_counts[slots] > 0)]
+        from sas_core.text import text_labels  # the one argmax against text embeddings
+
         for chunk in np.array_split(slots, max(1, len(slots) // 65536 + 1)):
-            sims = self.features[chunk].astype(np.float32) @ text.T
-            self.labels[chunk] = sims.argmax(1)
-            self.scores[chunk] = sims.max(1)
+            labels, scores = text_labels(self.features[chunk], text)
+            self.labels[chunk] = labels.numpy()
+            self.scores[chunk] = scores.numpy()
 
     # ------------------------------------------------------------------ reduced query store
     def set_anchor(self, text: Optional[np.ndarray]) -> None:
