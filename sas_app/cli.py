@@ -68,7 +68,7 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    except (FileNotFoundError, ValueError) as exc:  # user-facing errors: one clear line
+    except (FileNotFoundError, ValueError, TimeoutError) as exc:  # user-facing errors: one clear line
         print(f"sas {args.command}: error: {exc}", file=sys.stderr)
         return 1
 

@@ -30,6 +30,7 @@ counted in ``~/stats``.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import threading
 import time
@@ -111,6 +112,12 @@ class MappingNode(Node):
     def _setup(self) -> None:
         self.cfg = cfg = declare_config(self, NodeConfig)
         self.mapper_config = declare_config(self, MapperConfig)
+        if self.mapper_config.mode == "segmenter" and not self.mapper_config.checkpoint:
+            from sas_core.models import load_model_paths  # models file: its default distilled checkpoint
+
+            default = load_model_paths(cfg.models_file or None).checkpoint
+            if default:
+                self.mapper_config = dataclasses.replace(self.mapper_config, checkpoint=str(default))
         self.mapper = Mapper(self.mapper_config)  # ValueError: bad setting / no CUDA / checkpoint
 
         # ---- interfaces

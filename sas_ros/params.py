@@ -42,6 +42,8 @@ class NodeConfig:
     publish_map_cloud: bool = opt(True, "also publish ~/map_cloud (x, y, z, rgb)")
     stats_period: float = opt(5.0, "seconds between ~/stats messages and the rate log line")
     log_throttle: float = opt(2.0, "seconds between repeated warnings of the same kind")
+    models_file: str = opt("", "models file (config/models.yaml layout; empty: $SAS_MODELS / $SAS_MODELS_DIR); "
+                               "its 'checkpoint' is used when the 'checkpoint' parameter is empty")
 
 
 def node_config_classes() -> tuple:

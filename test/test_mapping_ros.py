@@ -186,3 +186,16 @@ def test_device_cuda_without_cuda_fails_with_one_line():
     assert out.returncode == 1, text
     assert "CUDA is not available" in text and "Traceback" not in text and "AttributeError" not in text, text
     assert len([ln for ln in text.splitlines() if ln.strip()]) == 1, text
+
+
+def test_node_takes_its_checkpoint_from_the_models_file(tmp_path):
+    """mode segmenter without a 'checkpoint' parameter: the models file's 'checkpoint' is used (here a
+    file that does not exist, so the node stops with one line naming it)."""
+    (tmp_path / "models.yaml").write_text("checkpoint: nets/office.pt\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("SAS_MODELS", "SAS_MODELS_DIR")}
+    out = subprocess.run([sys.executable, "-m", "sas_ros.mapping_node", "--ros-args", "-p", "mode:=segmenter",
+                          "-p", f"models_file:={tmp_path / 'models.yaml'}"], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=120)
+    text = out.stdout + out.stderr
+    assert out.returncode == 1, text
+    assert str(tmp_path / "nets" / "office.pt") in text and "Traceback" not in text, text
