@@ -26,3 +26,16 @@ def _seed_and_threads():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def wait_until(cond, timeout: float, poll: float = 0.01) -> bool:
+    """Poll ``cond()`` until it is true (True) or ``timeout`` seconds pass (False). Callers assert
+    the result, so a wait that times out fails the test instead of passing silently."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return True
+        time.sleep(poll)
+    return False

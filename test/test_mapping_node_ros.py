@@ -10,6 +10,8 @@ import pytest
 rclpy = pytest.importorskip("rclpy")
 pytestmark = pytest.mark.ros
 
+from conftest import wait_until  # noqa: E402
+
 
 @pytest.fixture(scope="module")
 def scene():
@@ -67,12 +69,7 @@ class Live:
 
     @staticmethod
     def wait(cond, timeout):
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if cond():
-                return True
-            time.sleep(0.01)
-        return False
+        return wait_until(cond, timeout)
 
     def call(self, client, request, timeout=20.0):
         from sas_ros.live_demo import call_service

@@ -14,16 +14,9 @@ import pytest
 rclpy = pytest.importorskip("rclpy")
 pytestmark = pytest.mark.ros
 
+from conftest import wait_until  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _wait(cond, timeout):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return True
-        time.sleep(0.01)
-    return False
 
 
 class _Node:
@@ -105,7 +98,7 @@ def test_node_and_replay_build_the_same_map(tmp_path, capsys):
         helper.create_subscription(PointCloud2, "/sas_parity/labelled_cloud", clouds.append, 5)
         msgs = _bag_messages(bag)
         pubs = {topic: helper.create_publisher(_msg_class(kind), topic, 10) for _, topic, kind, _ in msgs}
-        assert _wait(lambda: all(p.get_subscription_count() > 0 for p in pubs.values()), 15.0)
+        assert wait_until(lambda: all(p.get_subscription_count() > 0 for p in pubs.values()), 15.0)
         order = {"/camera/pose": 0, "/camera/color/camera_info": 1, "/camera/depth/image_raw": 2,
                  "/camera/color/image_raw": 3}
         by_stamp = {}
@@ -114,15 +107,15 @@ def test_node_and_replay_build_the_same_map(tmp_path, capsys):
         for i, stamp in enumerate(sorted(by_stamp)):
             for _, topic, kind, raw in sorted(by_stamp[stamp]):  # pose and camera info before the images
                 pubs[topic].publish(deserialize_message(raw, _msg_class(kind)))
-            assert _wait(lambda: node.n_frames + sum(node.drops.values()) > i, 20.0), node.drops
+            assert wait_until(lambda: node.n_frames + sum(node.drops.values()) > i, 20.0), node.drops
         assert node.n_frames == len(scene.frames) and not node.drops, node.drops
         # a labelling pass that starts after the last frame, then its cloud
         u = node.n_updates
         node.update_event.set()
-        assert _wait(lambda: node.n_updates >= u + 2, 60.0)
+        assert wait_until(lambda: node.n_updates >= u + 2, 60.0)
         n = len(clouds)
         node.update_event.set()
-        assert _wait(lambda: len(clouds) > n, 60.0)
+        assert wait_until(lambda: len(clouds) > n, 60.0)
         arr = mc.pointcloud2_to_array(clouds[-1])
     finally:
         live.close()
