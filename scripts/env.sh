@@ -14,3 +14,13 @@ export AMENT_PREFIX_PATH="$SAS_MSG_PREFIX:$SAS_VENV${AMENT_PREFIX_PATH:+:$AMENT_
 export RMW_IMPLEMENTATION="${RMW_IMPLEMENTATION:-rmw_fastrtps_cpp}"
 # Discovery stays on this machine unless the user says otherwise.
 export ROS_AUTOMATIC_DISCOVERY_RANGE="${ROS_AUTOMATIC_DISCOVERY_RANGE:-LOCALHOST}"
+# tf2_msgs (TFMessage only, scripts/tf2_msgs/) is built by setup_env.sh only where no tf2_msgs is
+# importable; its paths go AFTER everything else, so a sourced ROS install's own tf2_msgs wins.
+SAS_TF2_HASH="$(cat "$SAS_ROOT"/scripts/tf2_msgs/CMakeLists.txt "$SAS_ROOT"/scripts/tf2_msgs/package.xml "$SAS_ROOT"/scripts/tf2_msgs/msg/* 2>/dev/null | sha256sum | cut -c1-12)"
+SAS_TF2_PREFIX="$SAS_VENV/tf2_msgs/$SAS_TF2_HASH/install"
+export SAS_TF2_PREFIX
+if [ -f "$SAS_TF2_PREFIX/.built" ]; then
+  export PYTHONPATH="$PYTHONPATH:$SAS_TF2_PREFIX/lib/python3.11/site-packages:$SAS_TF2_PREFIX/local/lib/python3.11/dist-packages"
+  export LD_LIBRARY_PATH="$LD_LIBRARY_PATH:$SAS_TF2_PREFIX/lib"
+  export AMENT_PREFIX_PATH="$AMENT_PREFIX_PATH:$SAS_TF2_PREFIX"
+fi

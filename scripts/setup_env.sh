@@ -4,7 +4,9 @@
 #   2. a Python 3.11 virtual environment outside the clone with requirements.txt (pinned),
 #      reinstalled only when requirements.txt changes;
 #   3. the sas_interfaces package (msg/) built with cmake from the rosidl wheels, once per
-#      content of msg/.
+#      content of msg/;
+#   4. a tf2_msgs package (TFMessage only, scripts/tf2_msgs/) the same way, once per content,
+#      and ONLY when `import tf2_msgs` fails (a full ROS install keeps its own).
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
 say() { printf '[setup] %s\n' "$*" >&2; }
@@ -43,15 +45,27 @@ if [ "$(cat "$STAMP" 2>/dev/null)" != "$REQ_HASH" ]; then
   say "requirements installed in $(( $(date +%s) - start )) s"
 fi
 
-if [ ! -f "$SAS_MSG_PREFIX/.built" ]; then
-  say "building sas_interfaces (msg/) into $SAS_MSG_PREFIX"
+# build_interfaces NAME SOURCE PREFIX: one rosidl interface package with cmake (the rosidl wheels)
+build_interfaces() {
+  local name="$1" src="$2" prefix="$3" build
+  say "building $name ($src) into $prefix"
   build="$(mktemp -d)"
-  trap 'rm -rf "$build"' EXIT
-  export CMAKE_PREFIX_PATH="$SAS_VENV:$SAS_SITE${CMAKE_PREFIX_PATH:+:$CMAKE_PREFIX_PATH}"
-  cmake -S "$SAS_ROOT/msg" -B "$build" -DCMAKE_INSTALL_PREFIX="$SAS_MSG_PREFIX" \
+  cmake -S "$src" -B "$build" -DCMAKE_INSTALL_PREFIX="$prefix" \
     -DPython3_EXECUTABLE="$SAS_VENV/bin/python" -DBUILD_TESTING=OFF >"$build/cmake.log" 2>&1 \
-    || { cat "$build/cmake.log" >&2; exit 1; }
-  cmake --build "$build" -j 2 >"$build/build.log" 2>&1 || { tail -50 "$build/build.log" >&2; exit 1; }
+    || { cat "$build/cmake.log" >&2; rm -rf "$build"; exit 1; }
+  cmake --build "$build" -j 2 >"$build/build.log" 2>&1 || { tail -50 "$build/build.log" >&2; rm -rf "$build"; exit 1; }
   cmake --install "$build" >/dev/null
-  touch "$SAS_MSG_PREFIX/.built"
+  rm -rf "$build"
+  touch "$prefix/.built"
+}
+export CMAKE_PREFIX_PATH="$SAS_VENV:$SAS_SITE${CMAKE_PREFIX_PATH:+:$CMAKE_PREFIX_PATH}"
+
+if [ ! -f "$SAS_MSG_PREFIX/.built" ]; then
+  build_interfaces sas_interfaces "$SAS_ROOT/msg" "$SAS_MSG_PREFIX"
+fi
+
+# tf2_msgs: env.sh puts our build on the paths only once built (after any sourced ROS install),
+# so this import finds a real tf2_msgs, or ours of this content, or nothing (then: build it).
+if [ ! -f "$SAS_TF2_PREFIX/.built" ] && ! "$SAS_VENV/bin/python" -c "import tf2_msgs.msg" >/dev/null 2>&1; then
+  build_interfaces tf2_msgs "$SAS_ROOT/scripts/tf2_msgs" "$SAS_TF2_PREFIX"
 fi
