@@ -57,11 +57,16 @@ from sas_core.infer import PRECISIONS
 from sas_core.text import parse_vocabulary
 from sas_core.types import CameraIntrinsics, Frame
 
-__all__ = ["MODES", "REASONS", "Mapper", "MapperConfig", "QueryAnswer", "Rejected", "check_device",
+__all__ = ["LIVE_TEACHERS", "MODES", "REASONS", "Mapper", "MapperConfig", "QueryAnswer", "Rejected", "check_device",
            "strided_frame"]
 
 #: Labelling modes.
 MODES = ("segmenter", "fusion", "none")
+
+#: Teachers of mode ``fusion``: the simulated one of the synthetic world, or the real ones of
+#: :mod:`sas_core.teachers.registry` (``several`` = dense_clip + mask_clip, capability-guided).
+LIVE_TEACHERS = ("simulated", "dense_clip", "mask_clip", "several")
+_REGISTRY_NAMES = {"dense_clip": ("dense_clip",), "mask_clip": ("mask_clip",), "several": ("dense_clip", "mask_clip")}
 
 #: Reason codes of :class:`Rejected` (the node counts drops by these; callers may add their own
 #: decoding reasons such as ``no_camera_info`` / ``bad_image`` with the same class).
@@ -117,9 +122,20 @@ class MapperConfig:
     vocabulary: str = opt("scannet20", "vocabulary name (scannet20, matterport21, ...), a file with one name a "
                                        "line, or comma-separated class names")
     prompt_template: str = opt("a {} in a scene", "prompt template for class names")
-    teacher: str = opt("simulated", "fusion mode teacher: simulated (synthetic world ground truth topics)",
-                       choices=("simulated",))
+    teacher: str = opt("simulated", "fusion mode teacher: simulated (synthetic world ground truth topics), "
+                                    "dense_clip, mask_clip, or several (dense_clip + mask_clip, capability-guided "
+                                    "fusion); CLIP / SAM weights come from the models file", choices=LIVE_TEACHERS)
     teacher_stride: int = opt(2, "fusion mode: teacher features are taken at every n-th pixel")
+    # ---- live teachers (sas_core.teachers.registry names; the node runs them on their own worker)
+    clip_recipe: str = opt("sclip", "dense_clip teacher: last-block recipe (maskclip, sclip, clearclip, naclip)",
+                           choices=("maskclip", "sclip", "clearclip", "naclip", "vanilla"))
+    capability_table: str = opt("", "teacher several: capability table JSON (sas capability) with a row per "
+                                    "teacher (dense_clip, mask_clip); classes it lacks get the teacher's mean")
+    teacher_min_period: float = opt(0.0, "fusion mode: min seconds (frame stamps) between teacher frames "
+                                         "(0 = every frame)")
+    teacher_min_translation: float = opt(0.0, "fusion mode: a teacher frame also needs this camera motion (m) "
+                                              "since the last one, or teacher_min_rotation (0 and 0 = no motion test)")
+    teacher_min_rotation: float = opt(0.0, "fusion mode: ... or this camera rotation (degrees) since the last one")
     text_dim: int = opt(512, "fusion mode: dimension of the synthetic text space")
     fusion_depth_ratio: float = opt(0.25, "fusion mode: a voxel is visible when |depth - z| <= ratio * depth "
                                           "(OpenScene: 0.25)")
@@ -206,31 +222,56 @@ class Mapper:
         segmenter: a ready :class:`sas_core.infer.Segmenter` (default: loaded from ``checkpoint``
             in mode ``segmenter``).
         teacher: a 2D teacher with ``features(frame) -> ((H, W, C), (H, W) valid)`` for mode
-            ``fusion`` (default: the simulated teacher of the synthetic world).
-        text_encoder: overrides the text encoder (default: the segmenter's, or the synthetic
-            text space of ``text_dim`` in mode ``fusion``).
+            ``fusion``, or a list of them (capability-guided fusion with ``capability_table``)
+            (default: built from ``config.teacher``: the simulated teacher of the synthetic world,
+            or the registry's CLIP teachers with the weights of ``models``).
+        text_encoder: overrides the text encoder (default: the segmenter's, the CLIP teachers'
+            one, or the synthetic text space of ``text_dim`` in mode ``fusion``).
+        models: :class:`sas_core.models.ModelPaths` of the CLIP / SAM weights for the real
+            teachers (default: :func:`sas_core.models.load_model_paths`: $SAS_MODELS /
+            $SAS_MODELS_DIR).
+
+    Live teachers (mode ``fusion``): :meth:`integrate_rgbd` fuses the frames that
+    :meth:`select_teacher_frame` picks (``teacher_min_period`` / ``teacher_min_translation`` /
+    ``teacher_min_rotation``) synchronously; a node integrates with ``fuse=False`` and hands the
+    picked frames (:meth:`teacher_input`) to a worker thread that calls :meth:`fuse_frame`.
+    With several teachers every teacher keeps its own multi-view mean per voxel (SAS fuses each
+    teacher into 3D first) and a voxel's feature is their capability-guided fusion (eq. 6-8,
+    :func:`sas_core.fusion.capability_fusion`, ``tau`` 0.05) with the capability of the current
+    vocabulary's classes; memory grows by ``capacity x dim x 4`` bytes per teacher.
 
     Raises:
         ValueError: a bad setting (mode, device without CUDA, missing checkpoint, unknown
             vocabulary name), with one clear line.
     """
 
-    def __init__(self, config: Optional[MapperConfig] = None, *, segmenter=None, teacher=None, text_encoder=None):
+    def __init__(self, config: Optional[MapperConfig] = None, *, segmenter=None, teacher=None, text_encoder=None,
+                 models=None):
         # state first: every attribute exists before anything below can raise
         self.config = cfg = config or MapperConfig()
         self.lock = threading.RLock()
         self.segmenter = segmenter
-        self.teacher = teacher
+        self.teachers: List[object] = list(teacher) if isinstance(teacher, (list, tuple)) else \
+            ([] if teacher is None else [teacher])
+        self.teacher = self.teachers[0] if self.teachers else None
+        self.models = models
+        self.n_teacher_frames = 0
+        self._accs: List[object] = []   # one FeatureAccumulator per teacher (rows = map slots)
+        self._capability_table = None   # CapabilityTable of several teachers
+        self._capability = None         # (T, K) float32 capability of the current vocabulary
+        self._teacher_lock = threading.Lock()  # one teacher forward at a time (and vocabulary changes)
+        self._last_teacher_frame = None  # (stamp, pose) of the last frame picked for the teacher
         self.encoder = text_encoder
         self.vocabulary: List[str] = []
         self.template = str(cfg.prompt_template)
         self.class_text: Optional[np.ndarray] = None
         self.n_frames = self.n_sweeps = self.n_passes = 0
-        self._acc = None                # FeatureAccumulator of mode fusion (rows = map slots)
         self._teacher_needs_gt = False  # the built-in simulated teacher reads frame.semantic
         self.fusion_config = None
         if cfg.mode not in MODES:
             raise ValueError(f"mode must be one of {', '.join(MODES)}, got {cfg.mode!r}")
+        if min(cfg.teacher_min_period, cfg.teacher_min_translation, cfg.teacher_min_rotation) < 0:
+            raise ValueError("teacher_min_period, teacher_min_translation and teacher_min_rotation must be >= 0")
         if cfg.pixel_stride < 1 or cfg.teacher_stride < 1:
             raise ValueError(f"pixel_stride and teacher_stride must be >= 1, got {cfg.pixel_stride}, "
                              f"{cfg.teacher_stride}")
@@ -266,40 +307,101 @@ class Mapper:
 
         cfg = self.config
         check_device(cfg.device)
+        if not self.teachers and cfg.teacher != "simulated":
+            self._build_real_teachers(names)
         if self.encoder is None:
             from sas_core.text import SyntheticTextEncoder
 
             self.encoder = SyntheticTextEncoder(names, dim=int(cfg.text_dim))
-        if self.teacher is None:
-            if cfg.teacher != "simulated":
-                raise ValueError(f"fusion mode supports teacher 'simulated', got {cfg.teacher!r}")
+        if not self.teachers:
+            if cfg.teacher not in LIVE_TEACHERS:
+                raise ValueError(f"fusion mode teacher must be one of {', '.join(LIVE_TEACHERS)}, got {cfg.teacher!r}")
             from sas_core.teachers.simulated import SimulatedTeacher, SimulatedTeacherConfig
 
-            self.teacher = SimulatedTeacher(SimulatedTeacherConfig(name="live_sim", vocabulary=tuple(names)),
-                                            self.encoder)
+            self.teachers = [SimulatedTeacher(SimulatedTeacherConfig(name="live_sim", vocabulary=tuple(names)),
+                                              self.encoder)]
             self._teacher_needs_gt = True
+        self.teacher = self.teachers[0]
+        if len(self.teachers) > 1:
+            self._load_capability_table()
         # the border is given in full-resolution pixels; the teacher sees every teacher_stride-th
         self.fusion_config = MultiViewFusionConfig(
             depth_ratio=float(cfg.fusion_depth_ratio),
             border=int(math.ceil(int(cfg.fusion_border) / int(cfg.teacher_stride))),
             min_depth=float(cfg.min_depth), max_depth=float(cfg.max_depth))
 
+    def _build_real_teachers(self, names: List[str]) -> None:
+        """The registry's CLIP teachers of ``config.teacher`` with the weights of the models file."""
+        cfg = self.config
+        if cfg.teacher not in _REGISTRY_NAMES:
+            raise ValueError(f"fusion mode teacher must be one of {', '.join(LIVE_TEACHERS)}, got {cfg.teacher!r}")
+        from sas_core.models import DEFAULT_CLIP_MODEL, load_model_paths
+        from sas_core.teachers.registry import build_teachers
+
+        paths = self.models if self.models is not None else load_model_paths()
+        wanted = _REGISTRY_NAMES[cfg.teacher]
+        where = f"(models file: {paths.source or 'none configured: set models_file, $SAS_MODELS or $SAS_MODELS_DIR'})"
+        if not paths.clip_weights():
+            raise ValueError(f"teacher {cfg.teacher!r} needs open_clip weights: set clip_checkpoint in the models "
+                             f"file {where}; `sas models` says what to download")
+        if "mask_clip" in wanted and not paths.sam_checkpoint:
+            raise ValueError(f"teacher {cfg.teacher!r} needs segment-anything weights: set sam_checkpoint in the "
+                             f"models file {where}; `sas models` says what to download")
+        built = build_teachers(wanted, names, clip_model=paths.clip_model or DEFAULT_CLIP_MODEL,
+                               clip_checkpoint=paths.clip_weights(), recipe=cfg.clip_recipe,
+                               sam_model=paths.sam_model_type or "vit_b", sam_checkpoint=paths.sam_checkpoint,
+                               device=cfg.device)
+        self.teachers = [t for t, _ in built]
+        if self.encoder is None:
+            self.encoder = built[0][1]  # the CLIP teachers share one text encoder (one text space)
+
+    def _load_capability_table(self) -> None:
+        from sas_core.capability.tables import CapabilityTable
+
+        names = [t.name for t in self.teachers]
+        path = self.config.capability_table
+        if not path:
+            raise ValueError(f"several teachers ({', '.join(names)}) are fused by capability: set capability_table "
+                             "to a table written by `sas capability` with a row for each of them")
+        table = CapabilityTable.load(path)
+        missing = [n for n in names if n not in table.teachers]
+        if missing:
+            raise ValueError(f"capability table {path} has no row for teacher(s) {', '.join(missing)} "
+                             f"(it has {', '.join(table.teachers)})")
+        self._capability_table = table
+
+    def _capability_for(self, names: Sequence[str]) -> Optional[np.ndarray]:
+        """(T, K) capability of the teachers for class ``names``; a class the table lacks gets the
+        teacher's mean over the table's classes (a neutral prior). None with one teacher."""
+        table = self._capability_table
+        if table is None:
+            return None
+        full = table.matrix(fill=None)  # (T_table, K_table), classes without evidence: the row mean
+        rows = [table.teachers.index(t.name) for t in self.teachers]
+        out = np.empty((len(rows), len(names)), np.float32)
+        for k, name in enumerate(names):
+            out[:, k] = full[rows, table.vocabulary.index(name)] if name in table.vocabulary else full[rows].mean(1)
+        return out
+
     @property
     def mode(self) -> str:
         return self.config.mode
 
     # ------------------------------------------------------------------ integration
-    def integrate_rgbd(self, frame: Frame, teacher_frame: Optional[Frame] = None) -> int:
+    def integrate_rgbd(self, frame: Frame, teacher_frame: Optional[Frame] = None, fuse: bool = True) -> int:
         """Add one RGB-D frame: every ``pixel_stride``-th pixel with ``min_depth < depth <=
         max_depth`` is back-projected (camera-to-world ``frame.pose``) into the map; in mode
-        ``fusion`` the teacher's features of ``teacher_frame`` (default ``frame``, which then needs
-        ``semantic`` for the simulated teacher), taken at every ``teacher_stride``-th pixel, are
-        fused onto the map's voxels.
+        ``fusion`` (with ``fuse``) the teacher's features of ``teacher_frame`` (default ``frame``,
+        which then needs ``semantic`` for the simulated teacher), taken at every
+        ``teacher_stride``-th pixel, are fused onto the map's voxels when
+        :meth:`select_teacher_frame` picks the frame.
 
         Args:
             frame: colour (H, W, 3) uint8, depth (H, W) float32 metres, intrinsics of (H, W),
                 pose (4, 4) camera-to-world.
             teacher_frame: optional frame for the teacher (same stamp, any resolution).
+            fuse: False: geometry only (a node runs the teacher on its own worker, see
+                :meth:`teacher_input` and :meth:`fuse_frame`).
         Returns:
             the number of voxels the frame's points fell into.
         Raises:
@@ -319,56 +421,113 @@ class Mapper:
                                    float(cfg.max_depth))
         if len(pts) == 0:
             raise Rejected("nan_depth", "depth image has no valid measurement (all 0/NaN/out of range)")
-        tf = None
-        if self.mode == "fusion":
-            tf = strided_frame(teacher_frame if teacher_frame is not None else frame, int(cfg.teacher_stride))
-            if tf.semantic is None and self._teacher_needs_gt:
-                raise Rejected("no_ground_truth", "fusion with the simulated teacher needs the frame's semantic "
-                                                  "image (the synthetic world's ground truth topics)")
+        tf = self.teacher_input(frame, teacher_frame) if fuse else None
         with self.lock:
             touched = self.map.integrate(pts, cols, sensor_origin=pose[:3, 3])
             self.n_frames += 1
-        if tf is not None:
-            self._fuse(tf)
+        if tf is not None and self.select_teacher_frame(tf.stamp, tf.pose):
+            self.fuse_frame(tf)
         return int(len(touched))
 
+    def teacher_input(self, frame: Frame, teacher_frame: Optional[Frame] = None) -> Optional[Frame]:
+        """The frame the teacher sees (every ``teacher_stride``-th pixel of ``teacher_frame`` or
+        ``frame``); None outside mode ``fusion``. Raises Rejected ``no_ground_truth`` when the
+        simulated teacher has no semantic image."""
+        if self.mode != "fusion":
+            return None
+        tf = strided_frame(teacher_frame if teacher_frame is not None else frame, int(self.config.teacher_stride))
+        if tf.semantic is None and self._teacher_needs_gt:
+            raise Rejected("no_ground_truth", "fusion with the simulated teacher needs the frame's semantic "
+                                              "image (the synthetic world's ground truth topics)")
+        return tf
+
+    def select_teacher_frame(self, stamp: Optional[float], pose: np.ndarray) -> bool:
+        """Whether a frame goes to the teacher (and, if so, it becomes the last teacher frame):
+        the first frame does; later ones need ``teacher_min_period`` seconds of stamps since the
+        last teacher frame and, when ``teacher_min_translation`` or ``teacher_min_rotation`` is
+        set, that much camera motion (metres / degrees) since it. A stamp going backwards (a
+        bag restarting) starts over."""
+        cfg = self.config
+        pose = np.asarray(pose, np.float64)
+        with self.lock:
+            last = self._last_teacher_frame
+            if last is not None and not (stamp is not None and last[0] is not None and stamp < last[0]):
+                if stamp is not None and last[0] is not None and stamp - last[0] < float(cfg.teacher_min_period):
+                    return False
+                min_t, min_r = float(cfg.teacher_min_translation), float(cfg.teacher_min_rotation)
+                if min_t > 0 or min_r > 0:
+                    moved = float(np.linalg.norm(pose[:3, 3] - last[1][:3, 3]))
+                    cos = (np.trace(last[1][:3, :3].T @ pose[:3, :3]) - 1.0) / 2.0
+                    turned = math.degrees(math.acos(float(np.clip(cos, -1.0, 1.0))))
+                    if not ((min_t > 0 and moved >= min_t) or (min_r > 0 and turned >= min_r)):
+                        return False
+            self._last_teacher_frame = (stamp, pose.copy())
+            return True
+
+    def fuse_frame(self, frame: Frame) -> int:
+        """Run the teacher(s) on a :meth:`teacher_input` frame and fuse the features onto the map
+        (:meth:`_fuse`); safe to call from a worker thread while frames are integrated. Returns
+        the number of voxels that received a feature."""
+        n = self._fuse(frame)
+        with self.lock:
+            self.n_teacher_frames += 1
+        return n
+
     def _fuse(self, frame: Frame) -> int:
-        """Fuse one teacher frame onto every voxel of the map (OpenScene rule, module docstring).
+        """Fuse one teacher frame onto every voxel of the map (OpenScene rule, module docstring):
+        one accumulator per teacher; several teachers are combined per voxel by capability.
         Returns the number of voxels that received a feature."""
         import torch
 
         from sas_core.geometry.multiview import FeatureAccumulator
 
-        feats, valid = self.teacher.features(frame)  # outside the lock: the teacher is the slow part
+        with self._teacher_lock:  # outside the map lock: the teacher is the slow part
+            outputs = [t.features(frame) for t in self.teachers]
         with self.lock:
             m = self.map
             slots = m.slots()
             if len(slots) == 0:
                 return 0
-            if self._acc is None:
-                self._acc = FeatureAccumulator(m.capacity, None, config=self.fusion_config,
-                                               device=self.config.device)
-            acc = self._acc
-            if acc.n_points < m.capacity:
-                acc.grow(m.capacity)
-            # rows of slots that were freed and reused (eviction) start again from zero
-            stale = np.flatnonzero((m.feature_counts[: acc.n_points] == 0) & (acc.counts.cpu().numpy() > 0))
-            if len(stale):
-                st = torch.from_numpy(stale).to(acc.device)
-                acc.counts[st] = 0
-                if acc.sums is not None:
-                    acc.sums[st] = 0
-            rows = torch.from_numpy(slots).to(acc.device)
-            before = acc.counts[rows].clone()
-            acc.add(frame.depth, frame.pose, frame.intrinsics, feats, valid, points=m.centers(slots), index=slots)
-            after = acc.counts[rows]
-            seen_mask = (after > before).cpu().numpy()
+            while len(self._accs) < len(self.teachers):
+                self._accs.append(FeatureAccumulator(m.capacity, None, config=self.fusion_config,
+                                                     device=self.config.device))
+            rows = None
+            seen_mask = np.zeros(len(slots), bool)
+            for acc, (feats, valid) in zip(self._accs, outputs):
+                if acc.n_points < m.capacity:
+                    acc.grow(m.capacity)
+                # rows of slots that were freed and reused (eviction) start again from zero
+                stale = np.flatnonzero((m.feature_counts[: acc.n_points] == 0) & (acc.counts.cpu().numpy() > 0))
+                if len(stale):
+                    st = torch.from_numpy(stale).to(acc.device)
+                    acc.counts[st] = 0
+                    if acc.sums is not None:
+                        acc.sums[st] = 0
+                rows = torch.from_numpy(slots).to(acc.device)
+                before = acc.counts[rows].clone()
+                acc.add(frame.depth, frame.pose, frame.intrinsics, feats, valid, points=m.centers(slots), index=slots)
+                seen_mask |= (acc.counts[rows] > before).cpu().numpy()
             seen = slots[seen_mask]
             if len(seen):
-                mean = acc.mean(seen).cpu().numpy()
-                m.set_features(seen, mean, counts=after.cpu().numpy()[seen_mask].astype(np.float32))
+                counts = [acc.counts[torch.from_numpy(seen).to(acc.device)] for acc in self._accs]
+                if len(self._accs) == 1:
+                    mean = self._accs[0].mean(seen).cpu().numpy()
+                else:
+                    mean = self._fused_mean(seen, counts)
+                total = torch.stack([c.cpu() for c in counts]).sum(0).numpy().astype(np.float32)
+                m.set_features(seen, mean, counts=total)
                 m.dirty[seen] = True  # classified by the next label pass
             return int(len(seen))
+
+    def _fused_mean(self, seen: np.ndarray, counts) -> np.ndarray:
+        """Capability-guided fusion (SAS eq. 6-8) of the teachers' multi-view means at ``seen``."""
+        from sas_core.fusion import FusionConfig, capability_fusion
+
+        if self.class_text is None or self._capability is None:
+            raise Rejected("no_features", "several teachers need a vocabulary before fusing")
+        means = [acc.mean(seen).cpu() for acc in self._accs]
+        return capability_fusion(means, self.class_text, self._capability, FusionConfig().tau,
+                                 masks=[c.cpu() > 0 for c in counts]).numpy()
 
     def integrate_sweep(self, points, pose, intensity=None, colors=None, stamp: Optional[float] = None) -> int:
         """Add one LiDAR sweep.
@@ -496,7 +655,14 @@ class Mapper:
         except ValueError as exc:
             raise Rejected("unknown_word", f"vocabulary unchanged: {exc}",
                            words=self._unknown(names, template, exc)) from None
+        capability = self._capability_for(names)
+        labelled = [t for t in self.teachers if hasattr(t, "set_vocabulary") and not self._teacher_needs_gt]
+        if labelled:
+            with self._teacher_lock:  # the mask teacher labels its masks with the map's vocabulary
+                for t in labelled:
+                    t.set_vocabulary(list(names))
         with self.lock:
+            self._capability = capability
             self.vocabulary, self.template, self.class_text = list(names), template, text
             self.map.set_anchor(text)
             slots = self.map.slots()
@@ -586,10 +752,10 @@ class Mapper:
             raise Rejected("bad_map", f"cannot load map {path}: {exc}") from None
         with self.lock:
             self.map = vmap
-            if self._acc is not None:
-                self._acc.reset()
-                self._acc = None  # fused sums are not saved: a loaded voxel's feature is replaced by
-                # the mean over the frames fused after the load
+            for acc in self._accs:
+                acc.reset()
+            self._accs = []  # fused sums are not saved: a loaded voxel's feature is replaced by
+            # the mean over the frames fused after the load
         if self.encoder is not None:
             try:
                 self.set_vocabulary(names if names else self.vocabulary, self.template)
@@ -604,8 +770,7 @@ class Mapper:
             self.map.reset()
             if self.class_text is not None:
                 self.map.set_anchor(self.class_text)
-            if self._acc is not None:
-                self._acc = None
+            self._accs = []
 
     def __len__(self) -> int:
         return len(self.map)
@@ -613,7 +778,8 @@ class Mapper:
     def stats(self) -> dict:
         """Plain-data counters: points, frames, sweeps, label passes, evicted, map bytes, mode, ..."""
         with self.lock:
-            fused = 0 if self._acc is None else int(self._acc.sums.numel() * 4 if self._acc.sums is not None else 0)
+            fused = sum(int(a.sums.numel() * 4) for a in self._accs if a.sums is not None)
             return dict(points=len(self.map), frames=self.n_frames, sweeps=self.n_sweeps, passes=self.n_passes,
+                        teacher_frames=self.n_teacher_frames,
                         evicted=int(self.map.n_evicted), map_bytes=int(self.map.memory_bytes()) + fused,
                         feature_dim=int(self.map.feature_dim), mode=self.mode, vocabulary_size=len(self.vocabulary))

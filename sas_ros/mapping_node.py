@@ -4,11 +4,14 @@ Thin ROS glue around :class:`sas_core.mapping.Mapper` (the same pipeline `sas re
 this node decodes messages (``sas_core.data.msg_codec``), looks poses up, owns the QoS, the
 threads, timers and services, and logs; every computation is the Mapper's.
 
-Inputs (relative names, remap them; sensor-data QoS):
-  ``color/image_raw`` + ``depth/image_raw`` (approximately synchronised, ``camera_info`` cached),
-  ``points`` (LiDAR PointCloud2), poses from TF or a ``pose`` topic (see :mod:`sas_ros.poses`),
-  and in fusion mode with the simulated teacher also ``semantic/image_raw`` and
-  ``instance/image_raw`` (16UC1 ground truth of the synthetic world; instance + 1, 0 = none).
+Inputs (relative names, remap them; sensor-data QoS, or reliable keep-all with ``reliable_inputs``):
+  ``color/image_raw`` (or, with ``color_transport: compressed``, ``<color/image_raw>/compressed``:
+  sensor_msgs/CompressedImage, image_transport's naming after remapping) + ``depth/image_raw``
+  (approximately synchronised, ``camera_info`` cached), ``points`` (LiDAR PointCloud2), poses
+  from TF (``/tf`` + ``/tf_static``: tf2_ros, or the node's own listener into sas_core's
+  TransformBuffer), a ``pose`` topic or odometry (see :mod:`sas_ros.poses`), and in fusion mode
+  with the simulated teacher also ``semantic/image_raw`` and ``instance/image_raw`` (16UC1 ground
+  truth of the synthetic world; instance + 1, 0 = none).
 Outputs: ``~/labelled_cloud`` (x, y, z, rgb, label, score), ``~/map_cloud`` (x, y, z, rgb),
   ``~/label_map`` (transient local), ``~/stats`` (std_msgs/String JSON: rates, latencies, drops).
 Services: ``~/query`` (TextQuery), ``~/set_vocabulary``, ``~/save_map``, ``~/reset`` (Trigger).
@@ -18,9 +21,15 @@ Parameters: one per field of :class:`sas_core.mapping.MapperConfig` (pipeline) a
 with the field's help as description; ``config/*.yaml`` list them.
 
 Threads: subscription callbacks only push onto a bounded keep-latest queue (oldest dropped,
-counted); an integration worker decodes and hands frames to the Mapper; a labelling worker, woken
-by a timer, runs :meth:`Mapper.label_pass` and :meth:`Mapper.refit_query_basis`, then publishes
-the clouds. The Mapper's lock guards the map; long passes take it in slices.
+counted; with ``reliable_inputs`` a full queue makes the callback wait instead, so DDS holds the
+messages and the publisher slows down: no frame lost); an integration worker decodes, waits up to
+``pose_wait`` for the frame's pose, and hands frames to the Mapper; in fusion mode a teacher
+worker runs the teacher(s) at its own rate on the frames :meth:`Mapper.select_teacher_frame`
+picks (by time and viewpoint change; keep-latest ``teacher_queue``) and fuses them
+(:meth:`Mapper.fuse_frame`); a labelling worker, woken by a timer, runs
+:meth:`Mapper.label_pass` and :meth:`Mapper.refit_query_basis`, then publishes the clouds. The
+Mapper's lock guards the map; long passes take it in slices. Shutdown (SIGINT / SIGTERM): the
+workers stop quietly and are joined before the node is destroyed.
 
 Bad input never raises out of a callback: each reason code (``nan_depth``, ``size_mismatch``,
 ``no_camera_info``, ``unknown_frame``, ``empty_cloud``, ...; :class:`sas_core.mapping.Rejected`
@@ -36,17 +45,19 @@ import threading
 import time
 import traceback
 from collections import deque
+from typing import Optional
 
 import numpy as np
 import rclpy
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup, ReentrantCallbackGroup
 from rclpy.node import Node
-from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy, qos_profile_sensor_data
-from sensor_msgs.msg import CameraInfo, Image, PointCloud2
+from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy, qos_profile_sensor_data
+from sensor_msgs.msg import CameraInfo, CompressedImage, Image, PointCloud2
 from std_msgs.msg import ColorRGBA, String
 from std_srvs.srv import Trigger
 
 from sas_core.data import msg_codec as codec
+from sas_core.data.compressed_color import compressed_to_rgb
 from sas_core.mapping import Mapper, MapperConfig, Rejected
 from sas_core.types import IGNORE_LABEL, Frame
 from sas_core.viz import label_palette
@@ -102,6 +113,15 @@ class MappingNode(Node):
         self.e2e_ms: deque = deque(maxlen=200)
         self._pending_recv: list = []   # receive times of frames integrated since the last publish
         self._recv_lock = threading.Lock()
+        self.poses = None
+        self.teacher_worker = None
+        self.teacher_queue: deque = deque()    # (teacher frame, receive time) for the teacher worker
+        self.teacher_cv = threading.Condition()
+        self._teacher_busy = False
+        self.teacher_skipped = 0
+        self.teacher_rate = _Rate(30.0)
+        self.teacher_ms: deque = deque(maxlen=50)          # teacher forward + fusion per frame
+        self.teacher_latency_ms: deque = deque(maxlen=50)  # frame arrival -> its features in the map
         super().__init__(node_name, **kwargs)
         try:
             self._setup()
@@ -118,12 +138,18 @@ class MappingNode(Node):
             default = load_model_paths(cfg.models_file or None).checkpoint
             if default:
                 self.mapper_config = dataclasses.replace(self.mapper_config, checkpoint=str(default))
-        self.mapper = Mapper(self.mapper_config)  # ValueError: bad setting / no CUDA / checkpoint
+        models = None
+        if self.mapper_config.mode == "fusion" and self.mapper_config.teacher != "simulated":
+            from sas_core.models import load_model_paths  # the CLIP / SAM weights of the real teachers
+
+            models = load_model_paths(cfg.models_file or None)
+        self.mapper = Mapper(self.mapper_config, models=models)  # ValueError: bad setting / no CUDA / weights
 
         # ---- interfaces
         sensor_qos = qos_profile_sensor_data
-        if cfg.reliable_inputs:
-            sensor_qos = QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE)
+        if cfg.reliable_inputs:  # lossless replay: DDS keeps every sample while the callbacks wait
+            sensor_qos = QoSProfile(depth=max(10, cfg.input_queue), history=HistoryPolicy.KEEP_ALL,
+                                    reliability=ReliabilityPolicy.RELIABLE)
         latched = QoSProfile(depth=1, durability=DurabilityPolicy.TRANSIENT_LOCAL,
                              reliability=ReliabilityPolicy.RELIABLE)
         self.pub_labelled = self.create_publisher(PointCloud2, "~/labelled_cloud", 2)
@@ -131,7 +157,8 @@ class MappingNode(Node):
         self.pub_label_map = self.create_publisher(LabelMap, "~/label_map", latched)
         self.pub_stats = self.create_publisher(String, "~/stats", 10)
         self.poses = PoseSource(self, cfg.pose_source, cfg.map_frame, cfg.pose_topic,
-                                sensor_frame=cfg.camera_frame, tolerance=cfg.pose_tolerance)
+                                sensor_frame=cfg.camera_frame, tolerance=cfg.pose_tolerance,
+                                tf_backend=cfg.tf_backend, tf_cache_time=cfg.tf_cache_time, drop=self._drop)
         self._lidar_pose_sub = None
         if cfg.use_lidar and self.poses.mode == "pose" and cfg.lidar_pose_topic:
             from geometry_msgs.msg import PoseStamped
@@ -143,7 +170,10 @@ class MappingNode(Node):
         self._sync = None
         if cfg.use_rgbd:
             self.create_subscription(CameraInfo, "color/camera_info", self._on_camera_info, sensor_qos)
-            topics = [(Image, "color/image_raw", sensor_qos), (Image, "depth/image_raw", sensor_qos)]
+            color = (Image, "color/image_raw", sensor_qos)
+            if cfg.color_transport == "compressed":  # image_transport: the base topic (remapped) + /compressed
+                color = (CompressedImage, self.resolve_topic_name("color/image_raw") + "/compressed", sensor_qos)
+            topics = [color, (Image, "depth/image_raw", sensor_qos)]
             if self.mapper.mode == "fusion":
                 topics += [(Image, "semantic/image_raw", sensor_qos), (Image, "instance/image_raw", sensor_qos)]
             self._sync = make_synchronizer(self, topics, self._on_rgbd, cfg.sync_queue, cfg.sync_slop)
@@ -163,9 +193,13 @@ class MappingNode(Node):
         self.worker.start()
         self.labeller.start()
         mc = self.mapper_config
+        if mc.mode == "fusion":
+            self.teacher_worker = threading.Thread(target=self._teacher_loop, name="sas-teacher", daemon=True)
+            self.teacher_worker.start()
+        teacher = f", teacher {'+'.join(t.name for t in self.mapper.teachers)}" if mc.mode == "fusion" else ""
         self.get_logger().info(
-            f"SAS mapping node: mode={mc.mode}, poses from {self.poses.mode}, voxel {mc.voxel_size} m, "
-            f"max {mc.max_points} points, vocabulary of {len(self.mapper.vocabulary)} classes")
+            f"SAS mapping node: mode={mc.mode}{teacher}, poses from {self.poses.source}, colour {cfg.color_transport}, "
+            f"voxel {mc.voxel_size} m, max {mc.max_points} points, vocabulary of {len(self.mapper.vocabulary)} classes")
 
     # ------------------------------------------------------------------ views of the mapper
     @property
@@ -208,11 +242,37 @@ class MappingNode(Node):
 
     def _push(self, item) -> None:
         with self.queue_cv:
-            if len(self.queue) >= max(1, self.cfg.input_queue):
+            limit = max(1, self.cfg.input_queue)
+            if self.cfg.reliable_inputs:  # backpressure: wait for room (the subscriptions stop taking)
+                while self.running and len(self.queue) >= limit:
+                    self.queue_cv.wait(timeout=0.1)
+            elif len(self.queue) >= limit:
                 self.queue.popleft()
                 self.drops["queue_full"] = self.drops.get("queue_full", 0) + 1
             self.queue.append(item)
-            self.queue_cv.notify()
+            self.queue_cv.notify_all()
+
+    def _push_teacher(self, frame: Frame, recv: float) -> None:
+        """Hand a picked frame to the teacher worker (keep-latest; waits with reliable_inputs)."""
+        with self.teacher_cv:
+            limit = max(1, self.cfg.teacher_queue)
+            if self.cfg.reliable_inputs:
+                while self.running and len(self.teacher_queue) >= limit:
+                    self.teacher_cv.wait(timeout=0.1)
+            elif len(self.teacher_queue) >= limit:
+                self.teacher_queue.popleft()
+                self.teacher_skipped += 1
+            self.teacher_queue.append((frame, recv))
+            self.teacher_cv.notify_all()
+
+    @property
+    def teacher_pending(self) -> int:
+        """Teacher frames queued or being fused."""
+        return len(self.teacher_queue) + int(self._teacher_busy)
+
+    def _stopping(self) -> bool:
+        """The node is shutting down (destroy_node, or the context went with SIGINT / SIGTERM)."""
+        return not self.running or not self.context.ok()
 
     # ------------------------------------------------------------------ callbacks (never block)
     def _on_camera_info(self, msg: CameraInfo) -> None:
@@ -235,9 +295,10 @@ class MappingNode(Node):
                     self.queue_cv.wait(timeout=0.1)
                     continue
                 kind, msgs, recv = self.queue.popleft()
+                self.queue_cv.notify_all()  # room for a waiting (reliable_inputs) callback
             try:
                 t0 = time.perf_counter()
-                ok = self.integrate_rgbd(*msgs) if kind == "rgbd" else self.integrate_cloud(*msgs)
+                ok = self.integrate_rgbd(*msgs, recv=recv) if kind == "rgbd" else self.integrate_cloud(*msgs, recv=recv)
                 if ok:
                     now = time.monotonic()
                     self.integrate_ms.append((time.perf_counter() - t0) * 1e3)
@@ -245,16 +306,26 @@ class MappingNode(Node):
                     with self._recv_lock:
                         self._pending_recv.append(recv)
             except Exception as exc:  # never let bad input kill the worker
+                if self._stopping():
+                    break
                 self._drop("error", f"{kind} frame failed: {exc!r}\n{traceback.format_exc(limit=3)}")
 
-    def decode_rgbd(self, color_msg, depth_msg, semantic_msg=None, instance_msg=None) -> Frame:
-        """Messages -> a :class:`Frame` in the map frame. Raises Rejected / PoseUnavailable."""
+    def _pose_timeout(self, recv: Optional[float]) -> float:
+        """Seconds a frame received at ``recv`` may still wait for its pose."""
+        if recv is None:
+            return 0.0
+        return max(0.0, float(self.cfg.pose_wait) - (time.monotonic() - recv)) if self.running else 0.0
+
+    def decode_rgbd(self, color_msg, depth_msg, semantic_msg=None, instance_msg=None, recv=None) -> Frame:
+        """Messages -> a :class:`Frame` in the map frame (colour: Image or CompressedImage). Waits
+        for the pose until ``pose_wait`` after ``recv`` (monotonic receive time). Raises Rejected /
+        PoseUnavailable."""
         intr = self.camera_info
         if intr is None:
             raise Rejected("no_camera_info", "no camera info received on 'color/camera_info' yet")
         try:
             depth = codec.depth_to_metres(depth_msg)
-            color = codec.image_to_numpy(color_msg)
+            color = compressed_to_rgb(color_msg) if hasattr(color_msg, "format") else codec.image_to_numpy(color_msg)
             semantic = instance = None
             if semantic_msg is not None:
                 semantic = codec.image_to_numpy(semantic_msg).astype(np.int64)
@@ -271,15 +342,18 @@ class MappingNode(Node):
                                             + ("" if semantic is None else f", ground truth {semantic.shape[::-1]}"))
         frame_id = depth_msg.header.frame_id or color_msg.header.frame_id
         stamp = codec.stamp_to_seconds(depth_msg.header.stamp)
-        pose = self.poses.lookup(frame_id, stamp)
+        pose = self.poses.lookup(frame_id, stamp, timeout=self._pose_timeout(recv))
         return Frame(color=color, depth=depth, intrinsics=intr, pose=pose, stamp=stamp, semantic=semantic,
                      instance=instance, frame_id=frame_id)
 
-    def integrate_rgbd(self, color_msg, depth_msg, semantic_msg=None, instance_msg=None) -> bool:
-        """Decode, check and integrate one RGB-D frame. Returns False (logged) when dropped."""
+    def integrate_rgbd(self, color_msg, depth_msg, semantic_msg=None, instance_msg=None, recv=None) -> bool:
+        """Decode, check and integrate one RGB-D frame; in fusion mode a frame the Mapper picks for
+        the teacher goes to the teacher worker. Returns False (logged) when dropped."""
+        recv = time.monotonic() if recv is None else recv
         try:
-            frame = self.decode_rgbd(color_msg, depth_msg, semantic_msg, instance_msg)
-            self.mapper.integrate_rgbd(frame)
+            frame = self.decode_rgbd(color_msg, depth_msg, semantic_msg, instance_msg, recv=recv)
+            teacher_frame = self.mapper.teacher_input(frame)
+            self.mapper.integrate_rgbd(frame, fuse=False)
         except Rejected as exc:
             self._drop(exc.reason, f"{exc}; frame dropped")
             return False
@@ -287,9 +361,37 @@ class MappingNode(Node):
             self._drop(exc.reason, f"frame {depth_msg.header.frame_id!r} at "
                                    f"{codec.stamp_to_seconds(depth_msg.header.stamp):.3f}: {exc}; frame dropped")
             return False
+        if teacher_frame is not None and self.mapper.select_teacher_frame(teacher_frame.stamp, teacher_frame.pose):
+            self._push_teacher(teacher_frame, recv)
         return True
 
-    def integrate_cloud(self, msg) -> bool:
+    # ------------------------------------------------------------------ teacher worker
+    def _teacher_loop(self) -> None:
+        """Runs the teacher(s) on the picked frames and fuses them into the map, at its own rate."""
+        while self.running:
+            with self.teacher_cv:
+                if not self.teacher_queue:
+                    self.teacher_cv.wait(timeout=0.1)
+                    continue
+                frame, recv = self.teacher_queue.popleft()
+                self._teacher_busy = True
+                self.teacher_cv.notify_all()
+            try:
+                t0 = time.perf_counter()
+                self.mapper.fuse_frame(frame)
+                now = time.monotonic()
+                self.teacher_ms.append((time.perf_counter() - t0) * 1e3)
+                self.teacher_latency_ms.append((now - recv) * 1e3)
+                self.teacher_rate.tick(now)
+            except Exception as exc:  # a failing teacher never kills the worker
+                if self._stopping():
+                    break
+                self._drop("teacher_error", f"teacher failed on the frame at {frame.stamp}: {exc!r}\n"
+                                            f"{traceback.format_exc(limit=3)}")
+            finally:
+                self._teacher_busy = False
+
+    def integrate_cloud(self, msg, recv=None) -> bool:
         """Decode, check and integrate one LiDAR cloud (points in ``msg.header.frame_id``)."""
         try:
             arr = conv.cloud_to_array(msg)
@@ -305,7 +407,8 @@ class MappingNode(Node):
         try:
             if not np.isfinite(xyz).all(1).any():
                 raise Rejected("empty_cloud", f"empty point cloud on 'points' (frame {frame_id!r})")
-            pose = np.eye(4) if frame_id == self.cfg.map_frame else self.poses.lookup(frame_id, stamp)
+            pose = np.eye(4) if frame_id == self.cfg.map_frame else \
+                self.poses.lookup(frame_id, stamp, timeout=self._pose_timeout(recv))
             self.mapper.integrate_sweep(xyz, pose, intensity=intensity, colors=colors, stamp=stamp)
         except Rejected as exc:
             self._drop(exc.reason, f"{exc}; ignored")
@@ -323,8 +426,12 @@ class MappingNode(Node):
             self.update_event.clear()
             try:
                 self.update_labels()
+                if self._stopping():
+                    break
                 self.publish_clouds()
             except Exception as exc:
+                if self._stopping():  # the context went (SIGINT) while publishing: not an error
+                    break
                 self._drop("error", f"labelling pass failed: {exc!r}\n{traceback.format_exc(limit=3)}")
 
     def update_labels(self) -> None:
@@ -371,11 +478,24 @@ class MappingNode(Node):
                     update_ms_median=med(self.update_ms), query_ms_median=med(self.query_ms),
                     frame_to_cloud_ms_median=med(self.e2e_ms), queue=len(self.queue), drops=dict(self.drops),
                     evicted=s["evicted"], map_bytes=s["map_bytes"], mode=s["mode"],
-                    vocabulary_size=s["vocabulary_size"])
+                    vocabulary_size=s["vocabulary_size"],
+                    teacher=("+".join(t.name for t in self.mapper.teachers) if s["mode"] == "fusion" else None),
+                    teacher_frames=s["teacher_frames"], teacher_hz=round(self.teacher_rate.hz(now), 3),
+                    teacher_ms_median=med(self.teacher_ms), teacher_latency_ms_median=med(self.teacher_latency_ms),
+                    teacher_queue=len(self.teacher_queue), teacher_skipped=self.teacher_skipped,
+                    poses=self.poses.source if self.poses is not None else None,
+                    tf_transforms=self.poses.n_tf if self.poses is not None else 0)
 
     def _publish_stats(self) -> None:
+        if self._stopping():
+            return
         s = self.stats()
-        self.pub_stats.publish(String(data=json.dumps(s)))
+        try:
+            self.pub_stats.publish(String(data=json.dumps(s)))
+        except Exception:  # the context went between the check and the publish (SIGINT)
+            if self._stopping():
+                return
+            raise
         self.get_logger().info(
             f"map {s['points']} points, {s['integrate_hz']} Hz integration "
             f"({s['integrate_ms_median'] or 0:.1f} ms/frame), frame->cloud "
@@ -451,17 +571,27 @@ class MappingNode(Node):
     def destroy_node(self):
         self.running = False
         self.update_event.set()
-        for t in (self.worker, self.labeller):
+        if self.poses is not None:
+            self.poses.close()  # wakes a worker waiting for a pose
+        for cv in (self.queue_cv, self.teacher_cv):
+            with cv:
+                cv.notify_all()
+        for t in (self.worker, self.labeller, self.teacher_worker):
             if t is not None and t.is_alive() and t is not threading.current_thread():
-                t.join(timeout=2.0)
+                t.join(timeout=10.0 if t is self.teacher_worker else 2.0)  # a teacher forward may take seconds
         return super().destroy_node()
 
 
 def main(args=None) -> int:
+    """Run the node until SIGINT / SIGTERM; returns 0 after a clean stop, 1 for bad parameters.
+
+    rclpy's signal handlers shut the context down at once (waking the executor); then the workers
+    are stopped and joined, the executor and the node destroyed, in that order, so no thread
+    publishes into the gone context (they check it, and stop quietly)."""
     from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
 
     rclpy.init(args=args)
-    node = None
+    node = executor = None
     try:
         try:
             node = MappingNode()
@@ -474,6 +604,13 @@ def main(args=None) -> int:
     except (KeyboardInterrupt, ExternalShutdownException):
         pass
     finally:
+        if node is not None:
+            node.running = False  # the workers stop first
+        if executor is not None:
+            try:
+                executor.shutdown(timeout_sec=5.0)
+            except Exception:  # pragma: no cover - an executor of a context already gone
+                pass
         if node is not None:
             node.destroy_node()
         if rclpy.ok():

@@ -25,16 +25,17 @@ class NodeConfig:
     map_frame: str = opt("map", "fixed frame of the map and of every output")
     use_rgbd: bool = opt(True, "subscribe to color/image_raw, depth/image_raw and camera_info")
     use_lidar: bool = opt(False, "subscribe to points (LiDAR PointCloud2)")
-    pose_source: str = opt("auto", "auto | tf | pose | odometry (auto: tf when tf2_ros is importable, else pose)",
-                           choices=("auto", "tf", "pose", "odometry"))
+    pose_source: str = opt("auto", "auto | tf | pose | odometry (auto: the pose topic once it has spoken, "
+                                   "TF until then)", choices=("auto", "tf", "pose", "odometry"))
     pose_topic: str = opt("pose", "PoseStamped / Odometry topic of the sensor pose (pose/odometry modes)")
     camera_frame: str = opt("camera_color_optical_frame",
                             "sensor frame the pose topic describes; images in other frames are dropped")
     lidar_pose_topic: str = opt("", "PoseStamped topic of the LiDAR pose (pose mode; empty = no LiDAR pose topic)")
     lidar_frame: str = opt("lidar", "LiDAR sensor frame id")
     pose_tolerance: float = opt(0.05, "max |stamp difference| in seconds between a frame and its pose")
-    reliable_inputs: bool = opt(False, "subscribe with reliable QoS (bag replay without loss) instead of "
-                                       "sensor-data best effort")
+    reliable_inputs: bool = opt(False, "lossless inputs (bag replay): reliable keep-all QoS, and a full queue "
+                                       "(input_queue, teacher_queue) waits instead of dropping, which backs "
+                                       "pressure up to the publisher; default: sensor-data best effort, keep-latest")
     sync_slop: float = opt(0.05, "approximate-sync window in seconds for colour/depth (and ground truth)")
     sync_queue: int = opt(10, "per-topic queue length of the synchroniser")
     input_queue: int = opt(4, "frames waiting for integration; the oldest is dropped beyond it")
@@ -44,6 +45,18 @@ class NodeConfig:
     log_throttle: float = opt(2.0, "seconds between repeated warnings of the same kind")
     models_file: str = opt("", "models file (config/models.yaml layout; empty: $SAS_MODELS / $SAS_MODELS_DIR); "
                                "its 'checkpoint' is used when the 'checkpoint' parameter is empty")
+    # ---- live inputs on a robot: TF, compressed colour, teacher worker (issue 13)
+    tf_backend: str = opt("auto", "TF for pose_source tf/auto: tf2_ros (a full ROS install), sas (the node reads "
+                                  "/tf + /tf_static into sas_core's TransformBuffer) or auto (tf2_ros when "
+                                  "importable)", choices=("auto", "tf2_ros", "sas"))
+    tf_cache_time: float = opt(10.0, "seconds of /tf history kept (tf_backend sas; tf2's default 10)")
+    pose_wait: float = opt(0.5, "seconds a frame waits for its pose / transform (frames often come before TF); "
+                                "then it is dropped and counted by reason")
+    color_transport: str = opt("raw", "colour input: raw (color/image_raw, sensor_msgs/Image) or compressed "
+                                      "(<color/image_raw>/compressed, sensor_msgs/CompressedImage, jpeg / png)",
+                               choices=("raw", "compressed"))
+    teacher_queue: int = opt(1, "fusion mode: teacher frames waiting for the teacher worker; beyond it the "
+                                "oldest is skipped (counted), or with reliable_inputs the integration waits")
 
 
 def node_config_classes() -> tuple:
