@@ -387,6 +387,11 @@ class Mapper:
     def mode(self) -> str:
         return self.config.mode
 
+    @property
+    def needs_ground_truth(self) -> bool:
+        """Whether frames must carry ``semantic`` (the simulated teacher of mode fusion)."""
+        return self.mode == "fusion" and self._teacher_needs_gt
+
     # ------------------------------------------------------------------ integration
     def integrate_rgbd(self, frame: Frame, teacher_frame: Optional[Frame] = None, fuse: bool = True) -> int:
         """Add one RGB-D frame: every ``pixel_stride``-th pixel with ``min_depth < depth <=

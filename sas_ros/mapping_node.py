@@ -174,7 +174,7 @@ class MappingNode(Node):
             if cfg.color_transport == "compressed":  # image_transport: the base topic (remapped) + /compressed
                 color = (CompressedImage, self.resolve_topic_name("color/image_raw") + "/compressed", sensor_qos)
             topics = [color, (Image, "depth/image_raw", sensor_qos)]
-            if self.mapper.mode == "fusion":
+            if self.mapper.needs_ground_truth:  # the simulated teacher reads the synthetic world's labels
                 topics += [(Image, "semantic/image_raw", sensor_qos), (Image, "instance/image_raw", sensor_qos)]
             self._sync = make_synchronizer(self, topics, self._on_rgbd, cfg.sync_queue, cfg.sync_slop)
         if cfg.use_lidar:
