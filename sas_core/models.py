@@ -81,10 +81,16 @@ class ModelPaths:
 
     def clip_weights(self, model: Optional[str] = None) -> Optional[str]:
         """The weights file of open_clip architecture ``model`` (None: :attr:`clip_model`), or None."""
+        from sas_core.clip import split_clip_name
+
         own = self.clip_model or DEFAULT_CLIP_MODEL
-        if model is None or model == own:
+        if model is None or split_clip_name(model)[0] == split_clip_name(own)[0]:
             return self.clip_checkpoint or self.clip_checkpoints.get(own)
-        return self.clip_checkpoints.get(model)
+        if model in self.clip_checkpoints:
+            return self.clip_checkpoints[model]
+        # keys may declare the activation (ViT-B-32-quickgelu) where the caller names the architecture
+        base = split_clip_name(model)[0]
+        return next((path for key, path in self.clip_checkpoints.items() if split_clip_name(key)[0] == base), None)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
