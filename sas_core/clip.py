@@ -46,8 +46,8 @@ def open_clip_tokenizer(model_name: str):
 
 
 #: model-name suffixes that declare the activation of the weights: open_clip's own ``-quickgelu``
-#: (OpenAI's CLIP weights were trained with QuickGELU) and ours, ``-gelu`` (LAION, DataComp, DFN,
-#: MetaCLIP, ... weights: plain GELU).
+#: (OpenAI's CLIP weights were trained with QuickGELU, as DFN's and MetaCLIP's) and ours, ``-gelu``
+#: (LAION, DataComp weights: plain GELU).
 ACTIVATION_SUFFIXES = {"-quickgelu": True, "-gelu": False}
 
 #: keys that OpenAI's CLIP releases (TorchScript archives) carry in their state dict
@@ -149,7 +149,7 @@ def published_activations(arch: str) -> dict:
 def resolve_activation(model_name: str, checkpoint_path) -> Tuple[str, bool, str]:
     """Which activation to build ``model_name`` with for the weights at ``checkpoint_path``.
 
-    OpenAI's CLIP weights need QuickGELU; LAION / DataComp / DFN / MetaCLIP weights need GELU.
+    OpenAI's CLIP weights (and DFN's, MetaCLIP's) need QuickGELU; LAION / DataComp weights need GELU.
     Loading either into the other builds a model that runs but whose features are wrong. The
     choice, in order: what the weights say (:func:`weights_activation`), the name's suffix
     (``-quickgelu`` / ``-gelu``; a contradiction with the weights is an error), then open_clip's
@@ -185,10 +185,10 @@ def resolve_activation(model_name: str, checkpoint_path) -> Tuple[str, bool, str
     quick_tags = [t for t, q in published.items() if q]
     gelu_tags = [t for t, q in published.items() if not q]
     raise ValueError(
-        f"cannot tell which activation the weights {checkpoint_path} need: {why}, and {arch} is published both "
-        f"with QuickGELU ({', '.join(quick_tags)}) and GELU ({', '.join(gelu_tags[:4])}"
-        f"{', ...' if len(gelu_tags) > 4 else ''}). Name the model {arch}-quickgelu for OpenAI's weights or "
-        f"{arch}-gelu for the others (or put the weights' open_clip_config.json beside the file)")
+        f"cannot tell whether {checkpoint_path} needs QuickGELU or GELU: {arch} is published with both "
+        f"(QuickGELU: {', '.join(quick_tags[:4])}; GELU: {', '.join(gelu_tags[:3])}{', ...' if len(gelu_tags) > 3 else ''})"
+        f" and the file does not say. Name the model {arch}-quickgelu (OpenAI, DFN, MetaCLIP weights) or "
+        f"{arch}-gelu (LAION, DataComp weights), or keep the weights' open_clip_config.json beside the file")
 
 
 def load_open_clip(model_name: str, checkpoint_path: Optional[str], device: str = "cpu"):
