@@ -10,6 +10,13 @@
 4. Resident memory while a synthetic stream loops through the live node for ``--duration`` seconds
    (default 600); each loop is shifted by 2 m so the map would grow without bound but for the
    ``max_points`` cap: RSS must be flat once the cap is reached.
+5. The live teacher (``teacher``): (a) the dense CLIP teacher on a 320x240 frame against the ViT
+   forwards it is made of (its six 224 px windows through ``encode_image``), measured side by side
+   (interleaved), with a full-size ViT-B/16 of random weights (the released weights cannot be
+   downloaded here; same FLOPs); goal: within 1.3x. (b) The node's teacher worker with
+   ``teacher: dense_clip`` loaded from a models file: teacher rate (frames/s), forward+fusion time
+   and arrival-to-map latency from ``~/stats``, while frames stream at 15 Hz and the keep-latest
+   teacher queue skips what the teacher cannot take (tiny ViT with ``--quick``, ViT-B/16 else).
 
 Timings are medians; the machine's load shows in them, so re-run on a quiet machine.
 """
@@ -266,6 +273,113 @@ def bench_live(n_frames: int, duration: float, max_points: int) -> dict:
         rclpy.shutdown(context=ctx)
 
 
+def bench_dense_clip(repeats: int = 3, model_name: str = "ViT-B-16") -> dict:
+    """Dense CLIP teacher vs its ViT forwards on a 320x240 frame, interleaved (random weights)."""
+    import logging
+
+    import open_clip
+    import torch
+
+    from sas_core.teachers.dense_clip import DenseClipConfig, DenseClipTeacher
+
+    logging.disable(logging.WARNING)  # open_clip: "no pretrained weights" (random init on purpose)
+    try:
+        torch.manual_seed(0)
+        model = open_clip.create_model(model_name, pretrained=None).eval()
+    finally:
+        logging.disable(logging.NOTSET)
+    teacher = DenseClipTeacher(DenseClipConfig(), model=model)  # the defaults: sclip, short side 336, 224/112
+    rgb = (np.random.default_rng(0).random((240, 320, 3)) * 255).astype(np.uint8)
+    scale = teacher.config.short_side / 240
+    ch, cw, boxes = teacher._windows(round(240 * scale), round(320 * scale))
+    windows = torch.randn(len(boxes), 3, ch, cw)
+    enc, tea = [], []
+    for _ in range(repeats):
+        with torch.inference_mode():
+            t0 = time.perf_counter()
+            model.encode_image(windows)
+            enc.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        teacher.image_features(rgb)
+        tea.append(time.perf_counter() - t0)
+    return dict(model=f"{model_name} (random init: the FLOPs of the released weights)", frame="320x240",
+                windows=len(boxes), window_px=ch, torch_threads=torch.get_num_threads(),
+                encode_image_s_median=round(float(np.median(enc)), 3), teacher_s_median=round(float(np.median(tea)), 3),
+                encode_image_s_min=round(min(enc), 3), teacher_s_min=round(min(tea), 3),
+                ratio_median=round(float(np.median(tea) / np.median(enc)), 3), ratio_min=round(min(tea) / min(enc), 3),
+                goal_ratio=1.3)
+
+
+def bench_teacher_live(n_frames: int, quick: bool) -> dict:
+    """The node's teacher worker (dense_clip from a models file) on a 15 Hz stream: ~/stats figures."""
+    import tempfile
+    import threading
+
+    import rclpy
+    import torch
+    from rclpy.executors import MultiThreadedExecutor
+    from rclpy.parameter import Parameter
+
+    from sas_core.data.synthetic import SynthConfig, generate_scene
+    from sas_ros.live_demo import FramePlayer, remap_args
+    from sas_ros.mapping_node import MappingNode
+
+    scene = generate_scene(SynthConfig(seed=2, n_frames=n_frames, with_lidar=False))
+    with tempfile.TemporaryDirectory(prefix="sas-bench-teacher-") as folder:
+        if quick:
+            from sas_core.clip import TINY_CLIP_NAME, save_tiny_clip
+
+            name, ckpt = TINY_CLIP_NAME, save_tiny_clip(f"{folder}/clip.pt")
+        else:  # a full-size ViT-B/16 of random weights, saved like downloaded weights (fp16 halves the file)
+            import logging
+
+            import open_clip
+
+            logging.disable(logging.WARNING)
+            try:
+                model = open_clip.create_model("ViT-B-16", pretrained=None)
+            finally:
+                logging.disable(logging.NOTSET)
+            name, ckpt = "ViT-B-16-gelu", f"{folder}/clip.pt"
+            torch.save({k: v.half() for k, v in model.state_dict().items()}, ckpt)
+            del model
+        with open(f"{folder}/models.yaml", "w") as f:
+            f.write(f"clip_model: {name}\nclip_checkpoint: {ckpt}\n")
+        ctx = rclpy.Context()
+        rclpy.init(context=ctx)
+        params = dict(mode="fusion", teacher="dense_clip", models_file=f"{folder}/models.yaml", pose_source="pose",
+                      update_period=0.5, stats_period=1.0, teacher_queue=1)
+        node = MappingNode("sas_bench_teacher", context=ctx, cli_args=remap_args(),
+                           parameter_overrides=[Parameter(k, value=v) for k, v in params.items()])
+        helper = rclpy.create_node("sas_bench_teacher_player", context=ctx)
+        player = FramePlayer(helper)
+        ex = MultiThreadedExecutor(num_threads=4, context=ctx)
+        ex.add_node(node)
+        ex.add_node(helper)
+        threading.Thread(target=ex.spin, daemon=True).start()
+        try:
+            player.wait_for_subscribers(15.0)
+            t_start = time.monotonic()
+            for i, f in enumerate(scene.frames):
+                player.publish(f)
+                time.sleep(max(0.0, t_start + (i + 1) / 15.0 - time.monotonic()))
+            deadline = time.monotonic() + 300.0
+            while time.monotonic() < deadline and (node.teacher_pending or node.queue):
+                time.sleep(0.05)
+            wall = time.monotonic() - t_start
+            s = node.stats()
+            return dict(model=name, stream_hz=15, frames_sent=len(scene.frames), frames_integrated=s["frames"],
+                        teacher_frames=s["teacher_frames"], teacher_skipped=s["teacher_skipped"],
+                        teacher_hz=s["teacher_hz"], teacher_frames_per_s_overall=round(s["teacher_frames"] / wall, 3),
+                        teacher_ms_median=s["teacher_ms_median"], teacher_latency_ms_median=s["teacher_latency_ms_median"],
+                        integrate_ms_median=s["integrate_ms_median"], drops=s["drops"], torch_threads=torch.get_num_threads())
+        finally:
+            ex.shutdown()
+            node.destroy_node()
+            helper.destroy_node()
+            rclpy.shutdown(context=ctx)
+
+
 def main(argv: list[str]) -> dict:
     parser = argparse.ArgumentParser(prog="sas bench node")
     parser.add_argument("--quick", action="store_true", help="small sizes, 20 s memory loop")
@@ -275,15 +389,24 @@ def main(argv: list[str]) -> dict:
     parser.add_argument("--max-points", type=int, default=None,
                         help="map cap during the memory loop (default 150,000; 30,000 with --quick)")
     parser.add_argument("--json", action="store_true", help=argparse.SUPPRESS)  # when given after NAME
-    parser.add_argument("--skip-live", action="store_true", help="skip the rclpy parts (3 and 4)")
+    parser.add_argument("--skip-live", action="store_true", help="skip the rclpy parts (3, 4 and 5b)")
+    parser.add_argument("--only-teacher", action="store_true", help="only part 5 (the live teacher)")
     args = parser.parse_args(argv)
     duration = args.duration if args.duration is not None else (20.0 if args.quick else 600.0)
     points = args.points or (200_000 if args.quick else 1_000_000)
     frames = args.frames or (6 if args.quick else 20)
     result = dict(cpu_count=os.cpu_count(), quick=bool(args.quick))
+    if args.only_teacher:
+        result["teacher"] = dict(dense_clip=bench_dense_clip(2 if args.quick else 5))
+        if not args.skip_live:
+            result["teacher"]["live"] = bench_teacher_live(12 if args.quick else 20, args.quick)
+        return result
     result["integration"] = bench_integration(frames)
     result["query"] = bench_query(points)
     if not args.skip_live:
         cap = args.max_points or (30_000 if args.quick else 150_000)
         result.update(bench_live(12 if args.quick else 30, duration, cap))
+    result["teacher"] = dict(dense_clip=bench_dense_clip(2 if args.quick else 5))
+    if not args.skip_live:
+        result["teacher"]["live"] = bench_teacher_live(12 if args.quick else 20, args.quick)
     return result
