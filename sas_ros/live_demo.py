@@ -174,8 +174,8 @@ def replay_and_query(source, texts: Sequence[str], checkpoint: Optional[str] = N
                 while time.monotonic() < min(deadline, t0 + 10.0) and _handled(node) < i + 1:
                     time.sleep(0.005)
             time.sleep(max(0.0, period - (time.monotonic() - t0)))
-        while time.monotonic() < deadline and (node.queue or _handled(node) < len(frames)) \
-                and time.monotonic() < t0 + 10.0:
+        while time.monotonic() < deadline and (node.queue or _handled(node) < len(frames) or node.teacher_pending) \
+                and time.monotonic() < t0 + 10.0:  # (fusion mode: the teacher worker has fused the last frames)
             time.sleep(0.05)
         # one more labelling pass after the last frame, then wait for its cloud
         n_before = len(clouds)
