@@ -521,7 +521,9 @@ class Mapper:
                     mean = self._fused_mean(seen, counts)
                 total = torch.stack([c.cpu() for c in counts]).sum(0).numpy().astype(np.float32)
                 m.set_features(seen, mean, counts=total)
-                m.dirty[seen] = True  # classified by the next label pass
+                if self.class_text is not None:  # labels follow at once (a teacher worker may finish a frame
+                    m.classify(self.class_text, seen)  # after a vocabulary change): never a stale label
+                m.dirty[seen] = True  # and the next label pass sees them
             return int(len(seen))
 
     def _fused_mean(self, seen: np.ndarray, counts) -> np.ndarray:

@@ -101,6 +101,7 @@ class MappingNode(Node):
         self.worker = self.labeller = None
         self.mapper = None
         self.camera_info = None
+        self._info_cv = threading.Condition()  # frames that came before the first camera info wait on it
         self.queue: deque = deque()
         self.queue_cv = threading.Condition()
         self._last_warn: dict = {}
@@ -169,7 +170,8 @@ class MappingNode(Node):
                                          codec.stamp_to_seconds(m.header.stamp), m.pose), 50)
         self._sync = None
         if cfg.use_rgbd:
-            self.create_subscription(CameraInfo, "color/camera_info", self._on_camera_info, sensor_qos)
+            self.create_subscription(CameraInfo, "color/camera_info", self._on_camera_info, sensor_qos,
+                                     callback_group=MutuallyExclusiveCallbackGroup())  # never behind a waiting image
             color = (Image, "color/image_raw", sensor_qos)
             if cfg.color_transport == "compressed":  # image_transport: the base topic (remapped) + /compressed
                 color = (CompressedImage, self.resolve_topic_name("color/image_raw") + "/compressed", sensor_qos)
@@ -280,6 +282,9 @@ class MappingNode(Node):
             self.camera_info = codec.camera_info_to_intrinsics(msg)
         except ValueError as exc:
             self._drop("bad_camera_info", f"camera info rejected: {exc}")
+            return
+        with self._info_cv:
+            self._info_cv.notify_all()
 
     def _on_rgbd(self, *msgs) -> None:
         self._push(("rgbd", msgs, time.monotonic()))
@@ -311,16 +316,25 @@ class MappingNode(Node):
                 self._drop("error", f"{kind} frame failed: {exc!r}\n{traceback.format_exc(limit=3)}")
 
     def _pose_timeout(self, recv: Optional[float]) -> float:
-        """Seconds a frame received at ``recv`` may still wait for its pose."""
-        if recv is None:
+        """Seconds a frame received at ``recv`` may still wait for its pose: ``pose_wait`` from its
+        arrival (live), or from now with ``reliable_inputs`` (lossless replay: the time a frame
+        spent in our own queue under backpressure does not count against it)."""
+        if recv is None or not self.running:
             return 0.0
-        return max(0.0, float(self.cfg.pose_wait) - (time.monotonic() - recv)) if self.running else 0.0
+        if self.cfg.reliable_inputs:
+            return float(self.cfg.pose_wait)
+        return max(0.0, float(self.cfg.pose_wait) - (time.monotonic() - recv))
 
     def decode_rgbd(self, color_msg, depth_msg, semantic_msg=None, instance_msg=None, recv=None) -> Frame:
         """Messages -> a :class:`Frame` in the map frame (colour: Image or CompressedImage). Waits
         for the pose until ``pose_wait`` after ``recv`` (monotonic receive time). Raises Rejected /
         PoseUnavailable."""
         intr = self.camera_info
+        if intr is None:  # the first frames may come before the first camera info: wait as for a pose
+            with self._info_cv:
+                self._info_cv.wait_for(lambda: self.camera_info is not None or not self.running,
+                                       timeout=self._pose_timeout(recv))
+            intr = self.camera_info
         if intr is None:
             raise Rejected("no_camera_info", "no camera info received on 'color/camera_info' yet")
         try:
@@ -573,7 +587,7 @@ class MappingNode(Node):
         self.update_event.set()
         if self.poses is not None:
             self.poses.close()  # wakes a worker waiting for a pose
-        for cv in (self.queue_cv, self.teacher_cv):
+        for cv in (self.queue_cv, self.teacher_cv, self._info_cv):
             with cv:
                 cv.notify_all()
         for t in (self.worker, self.labeller, self.teacher_worker):

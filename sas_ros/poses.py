@@ -187,14 +187,20 @@ class PoseSource:
                                          callback_group=group),
                 node.create_subscription(TFMessage, "/tf_static", lambda m: self._on_tf(m, True), static,
                                          callback_group=group)]
+        # poses in their own callback group: they must never wait behind an image callback that
+        # waits for room in the node's queue (reliable_inputs), or the frames would wait for them
+        from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
+
         if mode in ("pose", "auto"):
             from geometry_msgs.msg import PoseStamped
 
-            self.subscription = node.create_subscription(PoseStamped, topic, self._on_pose, qos)
+            self.subscription = node.create_subscription(PoseStamped, topic, self._on_pose, qos,
+                                                         callback_group=MutuallyExclusiveCallbackGroup())
         elif mode == "odometry":
             from nav_msgs.msg import Odometry
 
-            self.subscription = node.create_subscription(Odometry, topic, self._on_odometry, qos)
+            self.subscription = node.create_subscription(Odometry, topic, self._on_odometry, qos,
+                                                         callback_group=MutuallyExclusiveCallbackGroup())
 
     @property
     def source(self) -> str:
@@ -218,11 +224,14 @@ class PoseSource:
         from sas_core.geometry.transforms import TransformError
 
         try:
-            self.n_tf += self.tf_buffer.add_tf_message(msg, static=static)
+            n = self.tf_buffer.add_tf_message(msg, static=static)
         except TransformError as exc:  # the good transforms before the bad one were added
+            n = 0
             self.rejected += 1
             self._warn(f"{'/tf_static' if static else '/tf'} transform ignored: {exc}", "bad_tf")
-        self._notify()
+        with self._cv:  # the TF callbacks run concurrently (reentrant group)
+            self.n_tf += n
+            self._cv.notify_all()
 
     def _on_pose(self, msg) -> None:
         self.add(msg.header.frame_id, self.sensor_frame, stamp_to_seconds(msg.header.stamp), msg.pose)
