@@ -72,3 +72,14 @@ def test_real_process_prints_one_line(tmp_path):
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 1 and "Traceback" not in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_output_suffix_and_folder_are_checked_first(capsys, tmp_path):
+    rc, err = _run(capsys, ["query", "a chair", "--checkpoint", "x.pt", "--cloud", "y.ply", "--out",
+                            str(tmp_path / "q.png")])
+    assert rc == 1 and "give a .ply name" in _one_line(err)
+    folder = tmp_path / "out.ply"
+    folder.mkdir()
+    rc, err = _run(capsys, ["query", "a chair", "--checkpoint", "x.pt", "--cloud", "y.ply", "--out", str(folder)])
+    assert rc == 1 and "is a folder" in _one_line(err)
+    assert not (tmp_path / "q.png").exists()
