@@ -250,6 +250,7 @@ class Mapper:
         self.template = str(cfg.prompt_template)
         self.class_text: Optional[np.ndarray] = None
         self.n_frames = self.n_sweeps = self.n_passes = 0
+        self.n_changes = 0              # bumped by every change of the map's content (autosave compares it)
         self._acc = None                # FeatureAccumulator of mode fusion (rows = map slots)
         self._teacher_needs_gt = False  # the built-in simulated teacher reads frame.semantic
         self.fusion_config = None
@@ -357,6 +358,7 @@ class Mapper:
         with self.lock:
             touched = self.map.integrate(pts, cols, sensor_origin=pose[:3, 3])
             self.n_frames += 1
+            self.n_changes += 1
         if tf is not None:
             self._fuse(tf)
         return int(len(touched))
@@ -435,6 +437,7 @@ class Mapper:
         with self.lock:
             touched = self.map.integrate(world, cols, sensor_origin=pose[:3, 3])
             self.n_sweeps += 1
+            self.n_changes += 1
         return int(len(touched))
 
     # ------------------------------------------------------------------ labelling
@@ -455,6 +458,7 @@ class Mapper:
                 if self.class_text is None or (len(dirty) == 0 and not full):
                     return False
                 self.map.classify(self.class_text, None if full else dirty)
+                self.n_changes += 1
                 return True
             if self.mode != "segmenter" or (len(dirty) == 0 and not full):
                 return False
@@ -472,6 +476,7 @@ class Mapper:
             self.map.set_features(region[still], feats[still])
             if self.class_text is not None:
                 self.map.classify(self.class_text, region[still])
+            self.n_changes += 1
         return True
 
     # ------------------------------------------------------------------ vocabulary
@@ -535,6 +540,7 @@ class Mapper:
                            words=[clip_text(n) for n in bad]) from None
         with self.lock:
             self.vocabulary, self.template, self.class_text = list(names), template, text
+            self.n_changes += 1
             self.map.set_anchor(text)
             slots = self.map.slots()
         for chunk in np.array_split(slots, max(1, len(slots) // LOCK_SLICE + 1)):
@@ -664,6 +670,7 @@ class Mapper:
             raise Rejected("bad_map", f"cannot load map {path}: {exc}") from None
         with self.lock:
             self.map = vmap
+            self.n_changes += 1
             if self._acc is not None:
                 self._acc.reset()
                 self._acc = None  # fused sums are not saved: a loaded voxel's feature is replaced by
@@ -680,6 +687,7 @@ class Mapper:
         """Forget the map (and the fused sums); vocabulary and counters stay."""
         with self.lock:
             self.map.reset()
+            self.n_changes += 1
             if self.class_text is not None:
                 self.map.set_anchor(self.class_text)
             if self._acc is not None:
