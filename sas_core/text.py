@@ -257,16 +257,17 @@ def check_vocabulary(names, max_names: int = 0, max_length: int = 0) -> Tuple[st
         raise ValueError(f"{len(long)} class name(s) longer than the limit of {max_length} characters "
                          f"(max_text_length): {', '.join(repr(clip_text(n)) for n in long[:5])}"
                          + (f" and {len(long) - 5} more" if len(long) > 5 else ""))
-    seen, dup = {}, []
+    counts: Dict[str, int] = {}
+    first: Dict[str, str] = {}
     for n in out:
         k = n.casefold()
-        if k in seen and seen[k] == 1:
-            dup.append(n)
-        seen[k] = seen.get(k, 0) + 1
+        counts[k] = counts.get(k, 0) + 1
+        first.setdefault(k, n)
+    dup = [(first[k], c) for k, c in counts.items() if c > 1]
     if dup:
-        raise ValueError(f"{len(dup)} duplicate class name(s) (case-insensitive): "
-                         f"{', '.join(repr(clip_text(n)) for n in dup[:10])}" + (f" and {len(dup) - 10} more"
-                                                                                 if len(dup) > 10 else ""))
+        shown = ", ".join(f"{clip_text(n)!r} x{c}" for n, c in dup[:10])
+        raise ValueError(f"{sum(c - 1 for _, c in dup)} duplicate class name(s) (case-insensitive): {shown}"
+                         + (f" and {len(dup) - 10} more" if len(dup) > 10 else ""))
     return out
 
 
