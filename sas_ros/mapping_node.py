@@ -541,7 +541,8 @@ class MappingNode(Node):
         if not path.exists():
             raise ValueError(f"no map {str(name)[:80]!r} in {self.map_dir}")
         n = self.mapper.load(path)
-        self._publish_label_map()
+        if hasattr(self, "pub_label_map"):  # (at start the publishers come after the map_file)
+            self._publish_label_map()
         self.update_event.set()
         return n
 
