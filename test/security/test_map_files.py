@@ -183,3 +183,19 @@ def test_kill_9_during_saves_never_leaves_a_broken_or_mixed_map(tmp_path):
         mid_save += bool(clean_temp_dirs(tmp_path))
         assert sorted(p.name for p in tmp_path.iterdir()) == ["robot"]
     assert mid_save >= 1, f"no kill out of {kills} hit a save in progress"
+
+
+def test_sas_segment_reads_a_saved_map_folder(tmp_path):
+    """`sas segment` / `sas query` read point clouds with load_point_cloud: a map folder (what
+    `sas replay` and ~/save_map write) is read through its checked PLY."""
+    from sas_core.infer import load_point_cloud
+
+    m = _map(400)
+    folder = m.save(tmp_path / "replayed")
+    cloud = load_point_cloud(folder)
+    np.testing.assert_array_equal(cloud.positions, m.export()["positions"])
+    np.testing.assert_allclose(cloud.colors, 100 / 255, atol=1e-6)
+    ply = folder / "map.ply"
+    ply.write_bytes(ply.read_bytes()[:-8] + b"\0" * 8)
+    with pytest.raises(ValueError, match="sha256"):
+        load_point_cloud(folder)
