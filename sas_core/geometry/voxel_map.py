@@ -822,16 +822,15 @@ def read_map_manifest(path) -> dict:
 
 def map_arrays_path(path):
     """The checked ``map.npz`` of the map folder ``path`` (:func:`read_map_manifest`), or, for the
-    older two-file format, ``path`` itself when it is an ``.npz`` (or ``<path>.npz``)."""
+    older two-file format, ``path`` itself when it is an ``.npz`` (else ``<path>.npz``: ``run.1``
+    reads ``run.1.npz``, never ``run.npz``)."""
     from pathlib import Path
 
     base = Path(path)
     if base.is_dir():
         read_map_manifest(base)
         return base / MAP_NPZ
-    npz = base if base.suffix == ".npz" else base.with_name(base.name + ".npz")
-    if not npz.is_file() and base.suffix != ".npz":
-        npz = base.with_suffix(".npz")
+    npz = base if base.suffix == ".npz" else base.with_name(base.name + ".npz")  # never a swapped suffix
     if not npz.is_file():
         raise FileNotFoundError(f"map {base} not found")
     return npz
