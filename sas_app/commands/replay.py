@@ -4,7 +4,9 @@ Reads the bag with rosbags (sqlite3 or mcap; topics of ``sas_core.data.rosbag_io
 the very same :class:`sas_core.mapping.Mapper` as the live node (same defaults: the pipeline
 flags are generated from :class:`~sas_core.mapping.MapperConfig`): every RGB-D frame (and LiDAR
 sweep) is integrated, then one labelling pass over the whole map runs (a distilled checkpoint:
-``--checkpoint``), and ``<out>/<name>.ply`` + ``.npz`` are written. With ``--export DIR`` it
+``--checkpoint``), and the map folder ``<out>/<name>/`` is written (``map.npz``, ``map.ply``,
+``manifest.json``: the node's ``~/save_map`` format, read back by ``~/load_map``, ``map_file`` and
+``sas segment``; an existing one is replaced atomically). With ``--export DIR`` it
 also writes the recording in the OpenScene layout (``DIR/<split>/<name>.pth`` and
 ``DIR/2d/<name>/{color,depth,pose}``), so ``sas distill`` can train on a robot's own bags.
 """
@@ -23,7 +25,8 @@ def add_arguments(parser):
     from sas_core.mapping import MapperConfig
 
     parser.add_argument("bag", help="bag folder or file (sqlite3 or mcap)")
-    parser.add_argument("--out", default="replay_output", help="folder for the labelled map (PLY + NPZ)")
+    parser.add_argument("--out", default="replay_output", help="folder for the labelled map (the map folder "
+                                                               "<out>/<name>/: map.npz, map.ply, manifest.json)")
     parser.add_argument("--name", default=None, help="scene / map name (default: the bag's name)")
     parser.add_argument("--export", default=None, metavar="DIR", help="also write the OpenScene layout here")
     parser.add_argument("--split", default="train", help="OpenScene split of the export")
@@ -84,8 +87,11 @@ def run(args) -> int:
     if mapper.n_frames == 0 and mapper.n_sweeps == 0:
         raise ValueError(f"bag {bag} has no usable RGB-D frame or LiDAR sweep (poses and camera info present?)")
     labelled = mapper.label_pass(full=True)
-    ply, npz = mapper.save(Path(args.out) / name)
-    summary = dict(bag=str(bag), points=len(mapper), ply=str(ply), npz=str(npz), labelled=bool(labelled),
+    from sas_core.geometry.voxel_map import MAP_NPZ, MAP_PLY
+
+    folder = mapper.save(Path(args.out) / name, overwrite=True)
+    summary = dict(bag=str(bag), points=len(mapper), map=str(folder), ply=str(folder / MAP_PLY),
+                   npz=str(folder / MAP_NPZ), labelled=bool(labelled),
                    mode=config.mode, frames=mapper.n_frames, sweeps=mapper.n_sweeps, skipped=skipped)
     if args.export:
         from types import SimpleNamespace
