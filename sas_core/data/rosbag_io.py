@@ -9,6 +9,8 @@ Topics (fixed by the project contract)::
     /lidar/points               sensor_msgs/PointCloud2 x,y,z,intensity f32 + ring u16, frame "lidar"
     /lidar/pose                 geometry_msgs/PoseStamped, frame "map": pose of the "lidar" frame
 
+This is our own synthetic layout, one case among the layouts robots record: reading goes through
+:mod:`sas_core.data.bag_streams`, which discovers any layout (these topics included).
 Header stamps equal the bag's log times. The camera runs at 15 Hz from 1_700_000_000 s.
 Messages are encoded and decoded through :mod:`sas_core.data.msg_codec`.
 """
@@ -18,7 +20,6 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-from bisect import bisect_left
 from pathlib import Path
 from typing import Iterator, Optional, Union
 
@@ -181,19 +182,9 @@ def write_bag(scene, path, storage: str = "sqlite3", progress: bool = False) -> 
 # Reading
 
 def _open_reader(path):
-    from rosbags.rosbag2 import Reader
+    from sas_core.data.bag_streams import open_reader
 
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"bag not found: {path}")
-    if not (path / "metadata.yaml").is_file():
-        raise ValueError(f"{path} is not a ROS 2 bag folder (no metadata.yaml)")
-    try:
-        reader = Reader(path)
-        reader.open()
-    except Exception as exc:
-        raise ValueError(f"cannot open bag {path}: {exc}") from exc
-    return reader
+    return open_reader(path)
 
 
 def bag_topics(path) -> dict:
@@ -209,110 +200,25 @@ def bag_topics(path) -> dict:
         reader.close()
 
 
-def _nearest(stamps: list, values: list, t: float, max_dt: float):
-    if not stamps:
-        return None
-    i = bisect_left(stamps, t)
-    best = min((j for j in (i - 1, i) if 0 <= j < len(stamps)), key=lambda j: abs(stamps[j] - t))
-    return values[best] if abs(stamps[best] - t) <= max_dt else None
+def iter_bag_frames(path, color_topic: Optional[str] = None, depth_topic: Optional[str] = None,
+                    info_topic: Optional[str] = None, pose_topic: Optional[str] = None,
+                    lidar_topic: Optional[str] = None, with_lidar: bool = True,
+                    stats=None, **options) -> Iterator[Union[Frame, "object"]]:
+    """Read a bag back: yields :class:`Frame` and LidarSweep objects in time order.
 
-
-def iter_bag_frames(path, color_topic: str = COLOR_TOPIC, depth_topic: str = DEPTH_TOPIC,
-                    info_topic: str = INFO_TOPIC, pose_topic: str = POSE_TOPIC,
-                    lidar_topic: Optional[str] = LIDAR_TOPIC, lidar_pose_topic: str = LIDAR_POSE_TOPIC,
-                    max_pose_dt: float = 0.05, max_pair_dt: float = 0.001,
-                    with_lidar: bool = True) -> Iterator[Union[Frame, "object"]]:
-    """Read a bag back: yields :class:`Frame` (color + depth paired by stamp, the nearest pose
-    within ``max_pose_dt`` s, intrinsics from the latest CameraInfo) and LidarSweep objects (with
-    the nearest /lidar/pose; labels/instances are None), in time order.
-
-    Frames without a pose or camera info within reach are skipped. Raises ValueError when the
-    bag lacks the color or depth topic, or its messages cannot be decoded.
+    Any topic layout: the streams are discovered (or named here) and timed by
+    :func:`sas_core.data.bag_streams.iter_frames` (poses from /tf + /tf_static or a pose topic;
+    frames without a pose are skipped and counted in ``stats``, a
+    :class:`~sas_core.data.bag_streams.ReplayStats`). ``options`` are further
+    :class:`~sas_core.data.bag_streams.StreamOptions` fields. Raises ValueError when a named
+    topic is missing or the streams cannot be chosen.
     """
-    from sas_core.data.synthetic import LidarSweep
+    from sas_core.data.bag_streams import StreamOptions, iter_frames
 
-    store = typestore()
-    reader = _open_reader(path)
-    try:
-        by_topic = {}
-        for c in reader.connections:
-            by_topic.setdefault(c.topic, []).append(c)
-        missing = [t for t in (color_topic, depth_topic) if t not in by_topic]
-        if missing:
-            raise ValueError(f"bag {path} has no topic {', '.join(missing)}; topics: {', '.join(sorted(by_topic))}")
-
-        def small(topic):
-            """(stamps, values) of a small topic, decoded in one pass."""
-            stamps, values = [], []
-            if topic not in by_topic:  # (an empty connection list would read every topic)
-                return stamps, values
-            for conn, _, raw in reader.messages(connections=by_topic[topic]):
-                msg = store.deserialize_cdr(raw, conn.msgtype)
-                stamps.append(msg_codec.stamp_to_seconds(msg.header.stamp))
-                values.append(msg)
-            order = np.argsort(stamps, kind="stable")
-            return [stamps[i] for i in order], [values[i] for i in order]
-
-        pose_t, pose_v = small(pose_topic)
-        pose_m = [msg_codec.pose_msg_to_matrix(p) for p in pose_v]
-        info_t, info_v = small(info_topic)
-        info_i = [msg_codec.camera_info_to_intrinsics(i) for i in info_v]
-        want_lidar = with_lidar and lidar_topic is not None and lidar_topic in by_topic
-        if want_lidar:
-            lpose_t, lpose_v = small(lidar_pose_topic)
-            lpose_m = [msg_codec.pose_msg_to_matrix(p) for p in lpose_v]
-        conns = by_topic[color_topic] + by_topic[depth_topic] + (by_topic[lidar_topic] if want_lidar else [])
-        pending = {color_topic: {}, depth_topic: {}}
-        for conn, _, raw in reader.messages(connections=conns):
-            try:
-                msg = store.deserialize_cdr(raw, conn.msgtype)
-            except Exception as exc:
-                raise ValueError(f"bag {path}: cannot decode a {conn.msgtype} on {conn.topic}: {exc}") from exc
-            stamp = msg_codec.stamp_to_seconds(msg.header.stamp)
-            if want_lidar and conn.topic == lidar_topic:
-                pose = _nearest(lpose_t, lpose_m, stamp, max_pose_dt)
-                if pose is None:
-                    continue
-                cloud = msg_codec.pointcloud2_to_array(msg)
-                names = cloud.dtype.names
-                yield LidarSweep(
-                    stamp=stamp, points=msg_codec.cloud_xyz(cloud, remove_nans=False),
-                    intensity=(cloud["intensity"].astype(np.float32) if "intensity" in names
-                               else np.zeros(len(cloud), np.float32)),
-                    ring=cloud["ring"].astype(np.uint16) if "ring" in names else np.zeros(len(cloud), np.uint16),
-                    pose=pose, labels=None, instances=None, frame_id=msg.header.frame_id)
-                continue
-            other = depth_topic if conn.topic == color_topic else color_topic
-            match = None
-            for t in pending[other]:
-                if abs(t - stamp) <= max_pair_dt:
-                    match = t
-                    break
-            if match is None:
-                pending[conn.topic][stamp] = msg
-                continue
-            other_msg = pending[other].pop(match)
-            color_msg, depth_msg = (msg, other_msg) if conn.topic == color_topic else (other_msg, msg)
-            # drop stale unmatched messages older than this pair
-            for d in pending.values():
-                for t in [t for t in d if t < stamp - 1.0]:
-                    del d[t]
-            pose = _nearest(pose_t, pose_m, stamp, max_pose_dt)
-            intr = _nearest(info_t, info_i, stamp, float("inf"))
-            if pose is None or intr is None:
-                continue
-            color = msg_codec.image_to_numpy(color_msg)
-            if color.ndim == 2:
-                color = np.repeat(color[:, :, None], 3, axis=2)
-            depth = msg_codec.depth_to_metres(depth_msg)
-            if depth.shape != color.shape[:2]:
-                raise ValueError(f"bag {path}: depth {depth.shape} is not aligned to color {color.shape[:2]}")
-            if (intr.height, intr.width) != depth.shape:
-                intr = intr.scaled(depth.shape[1], depth.shape[0])
-            yield Frame(color=color, depth=depth, intrinsics=intr, pose=pose, stamp=stamp,
-                        frame_id=color_msg.header.frame_id)
-    finally:
-        reader.close()
+    opts = StreamOptions(color_topic=color_topic or "", depth_topic=depth_topic or "", info_topic=info_topic or "",
+                         pose_topic=pose_topic or "", lidar_topic=lidar_topic or "", use_lidar=with_lidar,
+                         **options)
+    yield from iter_frames(path, opts, stats=stats)
 
 
 def read_bag(path, **kwargs) -> tuple[list, list]:
