@@ -60,7 +60,7 @@ def typestore():
     raise RuntimeError("rosbags has no ROS 2 typestore")  # pragma: no cover
 
 
-class _Msgs:
+class MessageBuilder:
     """Builders of rosbags message objects from msg_codec field dicts."""
 
     def __init__(self, store):
@@ -72,6 +72,9 @@ class _Msgs:
         self.PointCloud2 = t["sensor_msgs/msg/PointCloud2"]
         self.PoseStamped, self.Pose = t["geometry_msgs/msg/PoseStamped"], t["geometry_msgs/msg/Pose"]
         self.Point, self.Quaternion = t["geometry_msgs/msg/Point"], t["geometry_msgs/msg/Quaternion"]
+        self.CompressedImage = t["sensor_msgs/msg/CompressedImage"]
+        self.Vector3, self.Transform = t["geometry_msgs/msg/Vector3"], t["geometry_msgs/msg/Transform"]
+        self.TransformStamped, self.TFMessage = t["geometry_msgs/msg/TransformStamped"], t["tf2_msgs/msg/TFMessage"]
 
     def header(self, stamp: float, frame_id: str):
         sec, nsec = msg_codec.seconds_to_stamp(stamp)
@@ -96,6 +99,21 @@ class _Msgs:
         return self.PoseStamped(header=self.header(stamp, frame_id), pose=self.Pose(
             position=self.Point(x=float(xyz[0]), y=float(xyz[1]), z=float(xyz[2])),
             orientation=self.Quaternion(x=float(q[0]), y=float(q[1]), z=float(q[2]), w=float(q[3]))))
+
+    def compressed(self, fields: dict, stamp, frame_id):
+        """A CompressedImage from ``image_codec.compress_color`` / ``compress_depth`` fields."""
+        return self.CompressedImage(header=self.header(stamp, frame_id), format=str(fields["format"]),
+                                    data=np.ascontiguousarray(fields["data"], np.uint8))
+
+    def transform(self, parent: str, child: str, stamp: float, T):
+        xyz, q = msg_codec.matrix_to_pose(T)
+        return self.TransformStamped(header=self.header(stamp, parent), child_frame_id=child, transform=self.Transform(
+            translation=self.Vector3(x=float(xyz[0]), y=float(xyz[1]), z=float(xyz[2])),
+            rotation=self.Quaternion(x=float(q[0]), y=float(q[1]), z=float(q[2]), w=float(q[3]))))
+
+    def tf(self, transforms):
+        """A TFMessage of ``(parent, child, stamp, T)`` tuples."""
+        return self.TFMessage(transforms=[self.transform(*t) for t in transforms])
 
     def cloud(self, structured, stamp, frame_id):
         f = msg_codec.pointcloud2_fields(structured)
@@ -132,40 +150,53 @@ def write_bag(scene, path, storage: str = "sqlite3", progress: bool = False) -> 
     Returns:
         ``path``.
     """
+    m = MessageBuilder(typestore())
+    events = []
+    for f in scene.frames:
+        events.append((f.stamp, 0, COLOR_TOPIC, lambda f=f: m.image(f.color, "rgb8", f.stamp, CAMERA_FRAME)))
+        events.append((f.stamp, 1, DEPTH_TOPIC, lambda f=f: m.image(f.depth, "16UC1", f.stamp, CAMERA_FRAME)))
+        events.append((f.stamp, 2, INFO_TOPIC, lambda f=f: m.camera_info(f.intrinsics, f.stamp, CAMERA_FRAME)))
+        events.append((f.stamp, 3, POSE_TOPIC, lambda f=f: m.pose(f.pose, f.stamp)))
+    for s in getattr(scene, "lidar", None) or []:
+        events.append((s.stamp, 4, LIDAR_TOPIC, lambda s=s: m.cloud(lidar_array(s), s.stamp, LIDAR_FRAME)))
+        events.append((s.stamp, 5, LIDAR_POSE_TOPIC, lambda s=s: m.pose(s.pose, s.stamp)))
+    return write_bag_events(path, [(t, o, topic, TOPIC_TYPES[topic], make) for t, o, topic, make in events],
+                            storage=storage, progress=progress, store=m.store)
+
+
+def write_bag_events(path, events, storage: str = "sqlite3", progress: bool = False, store=None) -> Path:
+    """Write a ROS 2 bag of any layout, atomically (see :func:`write_bag`).
+
+    Args:
+        events: ``(log time s, order, topic, msgtype, make)`` tuples; ``make()`` returns the rosbags
+            message (built with :class:`MessageBuilder`). Written sorted by (time, order).
+        storage: "sqlite3" or "mcap".
+    """
     from rosbags.rosbag2 import StoragePlugin, Writer
 
     if storage not in STORAGES:
         raise ValueError(f"storage must be one of {STORAGES}, got {storage!r}")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    store = typestore()
-    m = _Msgs(store)
-    # (stamp ns, order, topic, message) sorted by time
-    events = []
-    for f in scene.frames:
-        events.append((_ns(f.stamp), 0, COLOR_TOPIC, lambda f=f: m.image(f.color, "rgb8", f.stamp, CAMERA_FRAME)))
-        events.append((_ns(f.stamp), 1, DEPTH_TOPIC, lambda f=f: m.image(f.depth, "16UC1", f.stamp, CAMERA_FRAME)))
-        events.append((_ns(f.stamp), 2, INFO_TOPIC, lambda f=f: m.camera_info(f.intrinsics, f.stamp, CAMERA_FRAME)))
-        events.append((_ns(f.stamp), 3, POSE_TOPIC, lambda f=f: m.pose(f.pose, f.stamp)))
-    for s in getattr(scene, "lidar", None) or []:
-        events.append((_ns(s.stamp), 4, LIDAR_TOPIC, lambda s=s: m.cloud(lidar_array(s), s.stamp, LIDAR_FRAME)))
-        events.append((_ns(s.stamp), 5, LIDAR_POSE_TOPIC, lambda s=s: m.pose(s.pose, s.stamp)))
-    events.sort(key=lambda e: (e[0], e[1]))
+    store = store or typestore()
+    events = sorted(events, key=lambda e: (_ns(e[0]), e[1]))
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     bag_dir = tmp / path.name
     plugin = StoragePlugin.MCAP if storage == "mcap" else StoragePlugin.SQLITE3
     try:
         with Writer(bag_dir, version=9, storage_plugin=plugin) as writer:
             conns = {}
-            for topic in dict.fromkeys(e[2] for e in events):
-                conns[topic] = writer.add_connection(topic, TOPIC_TYPES[topic], typestore=store)
+            for topic, msgtype in dict.fromkeys((e[2], e[3]) for e in events):
+                if topic in conns:
+                    raise ValueError(f"topic {topic} is given two message types")
+                conns[topic] = writer.add_connection(topic, msgtype, typestore=store)
             it = events
             if progress:
                 from tqdm import tqdm
 
                 it = tqdm(events, desc=f"bag {path.name}", unit="msg", leave=False)
-            for ns, _, topic, make in it:
-                writer.write(conns[topic], ns, store.serialize_cdr(make(), TOPIC_TYPES[topic]))
+            for t, _, topic, msgtype, make in it:
+                writer.write(conns[topic], _ns(t), store.serialize_cdr(make(), msgtype))
         for p in bag_dir.iterdir():
             with open(p, "rb") as fh:
                 os.fsync(fh.fileno())
