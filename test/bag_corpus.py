@@ -225,7 +225,8 @@ def compressed(scene, w: Writer, codec="jpeg", depth_encoding="16UC1", corrupt=(
         f = _render(scene, pose, intr, s)
         cfields = compress_color(f.color, codec, encoding="rgb8" if codec == "jpeg" else "bgr8")
         if k in corrupt:
-            cfields = {"format": cfields["format"], "data": np.frombuffer(b"\xff\xd8\xff\xe0" + b"\x13" * 300, np.uint8)}
+            garbage = b"\xff\xd8\xff\xe0" + b"\x13" * 300  # a JPEG start, then nothing decodable
+            cfields = {"format": cfields["format"], "data": np.frombuffer(garbage, np.uint8)}
         w.compressed("/camera/color/image_raw/compressed", cfields, s, cf)
         if k in bad_info:  # an uncalibrated camera: all-zero K
             w.add(s, "/camera/color/camera_info", "sensor_msgs/msg/CameraInfo",

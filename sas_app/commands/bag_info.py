@@ -30,10 +30,11 @@ def describe(bag, options) -> dict:
     stats = ReplayStats()
     reader = open_reader(bag)
     try:
-        tf = load_tf(reader, store, index.topics, index.end - index.start, stats=stats)
+        tf = load_tf(reader, store, stats=stats)
         try:
             # an Odometry --pose-topic replaces TF edges: choose_streams then reads TF itself
-            choice, _ = choose_streams(reader, store, index, options, stats, tf=None if options.pose_topic else tf)
+            own_tf = None if options.pose_topic else tf
+            choice, _ = choose_streams(reader, store, index, options, stats, tf=own_tf)
             replay = choice.as_dict()
         except StreamError as exc:
             replay = {"error": str(exc)}

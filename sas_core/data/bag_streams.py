@@ -233,9 +233,10 @@ class TfTree:
         return out
 
 
-def load_tf(reader, store, topics: Dict[str, TopicInfo], duration: float, skip_children=(),
-            stats: Optional["ReplayStats"] = None) -> TfTree:
-    """Read ``/tf`` and ``/tf_static`` into a TransformBuffer whose cache spans the bag."""
+def load_tf(reader, store, skip_children=(), stats: Optional["ReplayStats"] = None) -> TfTree:
+    """Read ``/tf`` and ``/tf_static`` into a TransformBuffer whose cache spans the bag (a bad
+    transform is counted in ``stats`` as ``bad_tf`` and skipped; ``skip_children``: frames whose
+    edges come from an Odometry topic instead)."""
     from sas_core.geometry.transforms import TransformBuffer
 
     buf = TransformBuffer(cache_time=math.inf)  # offline: the whole bag's history
@@ -249,22 +250,29 @@ def load_tf(reader, store, topics: Dict[str, TopicInfo], duration: float, skip_c
             is_static = conn.topic == "/tf_static"
             try:
                 msg = store.deserialize_cdr(raw, conn.msgtype)
-                keep = [t for t in msg.transforms if frame_name(t.child_frame_id) not in skip_children]
-                for t in keep:
-                    buf.add_tf_message(_OneTransform(t), static=is_static)
-                    if not is_static:
-                        stamps.setdefault(frame_name(t.child_frame_id), []).append(
-                            msg_codec.stamp_to_seconds(t.header.stamp))
             except Exception as exc:
                 if stats is not None:
-                    stats.problem(conn.topic, i, "bad_tf", str(exc), frame=False)
+                    stats.problem(conn.topic, i, "bad_tf", f"cannot decode a TFMessage: {exc}", frame=False)
+                continue
+            for t in msg.transforms:
+                child = frame_name(t.child_frame_id)
+                if child in skip_children:
+                    continue
+                try:  # one bad transform costs only itself
+                    buf.add_tf_message(_OneTransform(t), static=is_static)
+                except Exception as exc:
+                    if stats is not None:
+                        stats.problem(conn.topic, i, "bad_tf", str(exc), frame=False)
+                    continue
+                if not is_static:
+                    stamps.setdefault(child, []).append(msg_codec.stamp_to_seconds(t.header.stamp))
     links = buf.frames()
     return TfTree(buf, {c: d["parent"] for c, d in links.items()}, {c for c, d in links.items() if d["static"]},
                   {k: np.sort(np.asarray(v)) for k, v in stamps.items()}, {k: len(v) for k, v in stamps.items()})
 
 
 class _OneTransform:
-    """A TFMessage of one TransformStamped (so one bad entry costs only itself)."""
+    """A TFMessage of one TransformStamped."""
 
     def __init__(self, t):
         self.transforms = [t]
@@ -362,7 +370,8 @@ def _pose_track_from_topic(reader, store, topic: str, msgtype: str, max_gap: flo
     sensor = "__sensor__"
     for s, p, _, T in msgs:
         buf.set_transform(p, sensor, s, T)
-    tree = TfTree(buf, {sensor: frame_name(parent)}, set(), {sensor: np.sort([m[0] for m in msgs])}, {sensor: len(msgs)})
+    tree = TfTree(buf, {sensor: frame_name(parent)}, set(), {sensor: np.sort([m[0] for m in msgs])},
+                  {sensor: len(msgs)})
     return PoseTrack(tree, frame_name(parent), "pose" if msgtype != "nav_msgs/msg/Odometry" else "odometry", topic,
                      sensor, max_gap)
 
@@ -407,18 +416,18 @@ def _color_score(topic: str, info: TopicInfo) -> int:
     if any(s.startswith(("infra", "ir", "fisheye", "confidence", "disparity", "depth")) or
            s in ("label", "labels", "semantic", "mask", "instance") for s in segs):
         return 0
-    enc = image_codec.message_encoding(_FakeMsg(info)) if info.msgtype == COMPRESSED else (info.encoding or "")
+    enc = info.encoding or ""
+    if info.msgtype == COMPRESSED:
+        try:
+            enc = image_codec.parse_compressed_format(enc).encoding
+        except image_codec.ImageDecodeError:
+            return 0
     score = 1
     if any(k in " ".join(segs) for k in ("color", "colour", "rgb")):
         score += 2
     if enc.startswith("mono") or enc == "8UC1":
         score -= 1
     return max(score, 0) + 1
-
-
-class _FakeMsg:
-    def __init__(self, info):
-        self.format = info.encoding or ""
 
 
 def _depth_score(topic: str) -> int:
@@ -566,8 +575,8 @@ def choose_topics(index: BagIndex, options: StreamOptions) -> StreamChoice:
     elif options.lidar_topic:
         ch.lidar, ch.reasons["lidar"] = options.lidar_topic, "--lidar-topic"
     else:
-        clouds = {t: (2 if _segments(t)[-1:] in (["points"], ["points_raw"], ["cloud"]) else 1)
-                  for t in index.of_type(CLOUD) if index.topics[t].count}
+        clouds = {t: (2 if _segments(t)[-1].endswith(("points", "points_raw", "cloud")) else 1)
+                  for t in index.of_type(CLOUD) if index.topics[t].count and _segments(t)}
         clouds = {t: s for t, s in clouds.items()
                   if not any(k in _segments(t) for k in ("depth", "color", "rgb", "map", "sas"))}
         ch.lidar, ch.reasons["lidar"] = _pick("LiDAR", clouds, False, "--lidar-topic (or --no-lidar)")
@@ -634,7 +643,7 @@ def choose_streams(reader, store, index: BagIndex, options: StreamOptions, stats
         skip = ()
         if options.pose_topic and index.topics[options.pose_topic].msgtype == "nav_msgs/msg/Odometry":
             skip = tuple(_odom_children(reader, store, options.pose_topic))
-        tf = load_tf(reader, store, index.topics, index.end - index.start, skip, stats)
+        tf = load_tf(reader, store, skip, stats)
     primary = ch.color if ch.rgbd else ch.lidar
     track, why = _sensor_track(reader, store, index, tf, primary, options, bool(options.pose_topic), stats)
     key = "camera_pose" if ch.rgbd else "lidar_pose"
