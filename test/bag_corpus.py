@@ -244,6 +244,29 @@ def compressed(scene, w: Writer, codec="jpeg", depth_encoding="16UC1", corrupt=(
     return truth
 
 
+def odometry(scene, w: Writer):
+    """TF holds only statics (map -> odom, base_link -> camera_link -> optical); odom -> base_link
+    comes from nav_msgs/Odometry on /odom at 50 Hz (a bag that did not record the odometry's TF)."""
+    stamps = _stamps(scene)
+    intr = scene.intrinsics
+    cf = "camera_color_optical_frame"
+    map_odom = rt(rz(0.3), (1.0, -0.5, 0.0))
+    base_opt = T_BASE_CAM @ T_CAM_COLOR
+    w.tf(stamps[0] - 0.5, [("map", "odom", map_odom), ("base_link", "camera_link", T_BASE_CAM),
+                           ("camera_link", cf, T_CAM_COLOR)], static=True)
+    for s in _tf_series(stamps[0] - 0.1, stamps[-1] + 0.1, 50.0):
+        T = inv(map_odom) @ scene.camera_pose(s) @ inv(base_opt)
+        w.add(s, "/odom", "nav_msgs/msg/Odometry", lambda s=s, T=T: w.m.odometry("odom", "base_link", s, T))
+    truth = {}
+    for s in stamps:
+        f = _render(scene, scene.camera_pose(s), intr, s)
+        w.image("/camera/color/image_raw", f.color, "rgb8", s, cf)
+        w.info("/camera/color/camera_info", intr, s, cf)
+        w.image("/camera/depth/image_raw", f.depth, "16UC1", s, cf)
+        truth[s] = f.pose
+    return truth
+
+
 def _zero_info(m, intr, stamp, frame):
     msg = m.camera_info(intr, stamp, frame)
     msg.k[:] = 0.0
@@ -258,7 +281,7 @@ OUSTER_DTYPE = np.dtype({"names": ["x", "y", "z", "intensity", "t", "reflectivit
                          "offsets": [0, 4, 8, 16, 20, 24, 26, 28, 32], "itemsize": 48})
 
 
-def lidar(scene, w: Writer):
+def lidar(scene, w: Writer, corrupt=()):
     from sas_core.data.synthetic import _lidar_pose, render_lidar
 
     stamps = _stamps(scene)
@@ -271,7 +294,7 @@ def lidar(scene, w: Writer):
         w.tf(s, [("odom", "base_link", inv(map_odom) @ L(s) @ inv(base_lidar))])
     truth = {}
     rng = np.random.default_rng(7)
-    for s in stamps:
+    for k, s in enumerate(stamps):
         sweep = render_lidar(scene, [L(s)], [s])[0]
         n = len(sweep.points)
         pts = np.zeros(n + n // 10, OUSTER_DTYPE)  # every 11th point: no return, at the origin
@@ -284,6 +307,9 @@ def lidar(scene, w: Writer):
         pts["reflectivity"][real] = np.clip(sweep.intensity, 0, 255).astype(np.uint16)
         pts["range"][real] = (np.linalg.norm(sweep.points, axis=1) * 1000).astype(np.uint32)
         pts["t"] = np.arange(len(pts), dtype=np.uint32) * 1000
+        if k in corrupt:  # data shorter than width x point_step says
+            w.add(s, "/ouster/points", "sensor_msgs/msg/PointCloud2", lambda s=s, pts=pts: _short_cloud(w.m, pts, s))
+            continue
         w.cloud("/ouster/points", pts, s, "os_lidar")
         truth[s] = L(s)
     return truth
@@ -302,6 +328,12 @@ def _small_rgbd(scene, w: Writer, static):
         w.image("/camera/color/image_raw", f.color, "rgb8", s, cf)
         w.info("/camera/color/camera_info", intr, s, cf)
         w.image("/camera/depth/image_raw", f.depth, "16UC1", s, cf)
+
+
+def _short_cloud(m, pts, stamp):
+    msg = m.cloud(pts, stamp, "os_lidar")
+    msg.data = msg.data[: len(msg.data) // 2]
+    return msg
 
 
 def tf_loop(scene, w: Writer):
@@ -335,8 +367,13 @@ LAYOUTS = {
     "unregistered": ("A", realsense, dict(aligned=False, raw_depth=True, tf_from_frame=0), ("sqlite3", "mcap"),
                      dict(frames_seen=10, frames_used=10, skipped={}, color="/camera/camera/color/image_raw",
                           depth="/camera/camera/depth/image_rect_raw", register=True)),
+    "odometry": ("B", odometry, {}, ("sqlite3",),
+                 dict(frames_seen=10, frames_used=10, skipped={}, color="/camera/color/image_raw",
+                      depth="/camera/depth/image_raw", register=False)),
     "lidar": ("B", lidar, {}, ("sqlite3", "mcap"),
               dict(sweeps_seen=10, sweeps_used=10, skipped={}, lidar="/ouster/points")),
+    "bad_cloud": ("B", lidar, dict(corrupt=(3,)), ("sqlite3",),
+                  dict(sweeps_seen=10, sweeps_used=9, skipped={"bad_cloud": 1}, lidar="/ouster/points")),
     "tf_loop": ("A", tf_loop, {}, ("sqlite3",), dict(error="no_pose:loop")),
     "disconnected": ("A", disconnected, {}, ("sqlite3",), dict(error="no_pose:disconnected")),
     "bad_messages": ("A", compressed, dict(codec="jpeg", corrupt=(1,), no_header=(2,), bad_info=(3,), n=6),
@@ -364,5 +401,5 @@ def build_corpus(root: Path) -> dict:
             key = name if storage == "sqlite3" else f"{name}_{storage}"
             path = w.write(root / key, storage)
             cases[key] = Case(key, path, rooms[room], truth or {}, dict(expect),
-                              "lidar" if name == "lidar" else "rgbd")
+                              "lidar" if "lidar" in expect else "rgbd")
     return cases

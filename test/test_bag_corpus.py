@@ -147,6 +147,22 @@ def test_replay_takes_the_bag_file_and_checks_arguments_first(corpus, tmp_path, 
         assert _on_surface(case.scene, z["positions"]) >= 0.95
 
 
+def test_odometry_gives_the_edge_tf_lacks(corpus, tmp_path, capsys):
+    """/odom (nav_msgs/Odometry) carries odom -> base_link, which the bag's TF does not: found by
+    itself, and as --pose-topic."""
+    case = corpus["odometry"]
+    for extra in ((), ("--pose-topic", "/odom")):
+        rc, summary, err = _replay(case.path, tmp_path, capsys, "--export", str(tmp_path / f"os{len(extra)}"),
+                                   *extra)
+        assert rc == 0 and summary["frames"] == 10, err
+        assert "/odom" in summary["streams"]["reasons"]["camera_pose"]
+        from sas_core.data.openscene import load_openscene_scene
+
+        _, frames = load_openscene_scene(tmp_path / f"os{len(extra)}", "robot")
+        for got, stamp in zip(frames, sorted(case.poses)):
+            np.testing.assert_allclose(got.pose, case.poses[stamp], atol=2e-3)
+
+
 def test_two_cameras_are_an_ambiguity_that_lists_them(corpus, tmp_path, capsys):
     """Two equally good colour streams: an error naming both; --color-topic (and its depth) settles it."""
     scene = corpus["realsense"].scene

@@ -586,6 +586,21 @@ def choose_topics(index: BagIndex, options: StreamOptions) -> StreamChoice:
     return ch
 
 
+def _tf_target(tf: TfTree, frame: str, options: StreamOptions) -> tuple:
+    """(map frame, why) for a sensor frame in the TF tree."""
+    if options.map_frame:
+        if options.map_frame not in tf.frames():
+            raise StreamError(f"--map-frame {options.map_frame!r} is not in the bag's TF tree; frames: "
+                              f"{', '.join(sorted(tf.frames()))}")
+        return options.map_frame, f"--map-frame {options.map_frame!r}"
+    if "map" in tf.frames():
+        return "map", "frame 'map' is in TF"
+    root = tf.root_of(frame)
+    if root is None:
+        return "map", "TF has a loop above the sensor frame (frames will be skipped)"
+    return root, f"no frame 'map' in TF: the root of {frame!r}'s tree"
+
+
 def _sensor_track(reader, store, index: BagIndex, tf: TfTree, sensor_topic: str, options: StreamOptions,
                   explicit: bool, stats: "ReplayStats") -> tuple:
     """(PoseTrack or None, reason) for the sensor publishing ``sensor_topic``."""
@@ -594,25 +609,24 @@ def _sensor_track(reader, store, index: BagIndex, tf: TfTree, sensor_topic: str,
         msgtype = index.topics[options.pose_topic].msgtype
         track = _pose_track_from_topic(reader, store, options.pose_topic, msgtype, options.max_pose_gap,
                                        tf if tf.parents else None, stats)
-        if options.map_frame and track.kind == "odometry" and track.tree is tf:
-            track.target = options.map_frame
+        if track.tree is tf:  # Odometry edges in the TF tree: the map frame as for TF
+            track.target, why = _tf_target(tf, frame, options)
+            return track, f"--pose-topic: Odometry {options.pose_topic} edges in the TF tree; {why}"
         return track, "--pose-topic"
     if frame and frame in tf.frames():
-        if options.map_frame:
-            if options.map_frame not in tf.frames():
-                raise StreamError(f"--map-frame {options.map_frame!r} is not in the bag's TF tree; frames: "
-                                  f"{', '.join(sorted(tf.frames()))}")
-            target, why = options.map_frame, f"--map-frame {options.map_frame!r}"
-        elif "map" in tf.frames():
-            target, why = "map", "frame 'map' is in TF"
-        else:
-            root = tf.root_of(frame)
-            if root is None:
-                target, why = "map", "TF has a loop above the sensor frame (frames will be skipped)"
-            else:
-                target, why = root, f"no frame 'map' in TF: the root of {frame!r}'s tree"
+        root = tf.root_of(frame)
+        odom_why = ""
+        if root is not None and root != "map" and tf.root_of(options.map_frame or "map") != root:
+            # the sensor's tree stops at e.g. base_link: an Odometry topic may carry the missing edge
+            odoms = [t for t in index.of_type("nav_msgs/msg/Odometry") if index.topics[t].count
+                     and root in _odom_children(reader, store, t)]
+            if len(odoms) == 1:
+                _pose_track_from_topic(reader, store, odoms[0], "nav_msgs/msg/Odometry", options.max_pose_gap, tf,
+                                       stats)
+                odom_why = f"; the edge above {root!r} from Odometry {odoms[0]}"
+        target, why = _tf_target(tf, frame, options)
         return PoseTrack(tf, target, "tf", "/tf", None, options.max_pose_gap), \
-            f"sensor frame {frame!r} is in /tf + /tf_static; {why}"
+            f"sensor frame {frame!r} is in /tf + /tf_static; {why}{odom_why}"
     poses = [t for t in index.of_type(*POSE_TYPES) if index.topics[t].count]
     if poses:
         scored = sorted(poses, key=lambda t: -_common_prefix(t, sensor_topic))

@@ -75,6 +75,9 @@ class MessageBuilder:
         self.CompressedImage = t["sensor_msgs/msg/CompressedImage"]
         self.Vector3, self.Transform = t["geometry_msgs/msg/Vector3"], t["geometry_msgs/msg/Transform"]
         self.TransformStamped, self.TFMessage = t["geometry_msgs/msg/TransformStamped"], t["tf2_msgs/msg/TFMessage"]
+        self.Odometry, self.Twist = t["nav_msgs/msg/Odometry"], t["geometry_msgs/msg/Twist"]
+        self.PoseCov = t["geometry_msgs/msg/PoseWithCovariance"]
+        self.TwistCov = t["geometry_msgs/msg/TwistWithCovariance"]
 
     def header(self, stamp: float, frame_id: str):
         sec, nsec = msg_codec.seconds_to_stamp(stamp)
@@ -114,6 +117,14 @@ class MessageBuilder:
     def tf(self, transforms):
         """A TFMessage of ``(parent, child, stamp, T)`` tuples."""
         return self.TFMessage(transforms=[self.transform(*t) for t in transforms])
+
+    def odometry(self, parent: str, child: str, stamp: float, T):
+        """nav_msgs/Odometry: the pose of ``child`` in ``parent`` (zero twist and covariances)."""
+        pose = self.pose(T, stamp, parent).pose
+        zero = self.Vector3(x=0.0, y=0.0, z=0.0)
+        return self.Odometry(header=self.header(stamp, parent), child_frame_id=child,
+                             pose=self.PoseCov(pose=pose, covariance=np.zeros(36)),
+                             twist=self.TwistCov(twist=self.Twist(linear=zero, angular=zero), covariance=np.zeros(36)))
 
     def cloud(self, structured, stamp, frame_id):
         f = msg_codec.pointcloud2_fields(structured)
