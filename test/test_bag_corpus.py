@@ -109,6 +109,18 @@ def test_bad_trees_and_sizes_are_clear_errors(corpus, key, tmp_path, capsys):
     assert "Traceback" not in err
 
 
+@pytest.mark.parametrize("key,words", [("tf_loop", "has a loop"), ("disconnected", "hangs under 'rig'")])
+def test_bag_info_warns_about_broken_trees(corpus, key, words, capsys):
+    from sas_app.cli import main
+
+    assert main(["bag-info", str(corpus[key].path), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert words in info["replay"]["reasons"]["camera_pose"]
+    assert main(["bag-info", str(corpus[key].path)]) == 0
+    text = capsys.readouterr().out
+    assert ("in a loop (no root): camera_color_optical_frame, mount, rig" in text) == (key == "tf_loop")
+
+
 def test_bad_messages_are_counted_skips(corpus, tmp_path, capsys):
     case = corpus["bad_messages"]
     rc, summary, err = _replay(case.path, tmp_path, capsys)

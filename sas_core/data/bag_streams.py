@@ -59,17 +59,15 @@ MAX_PROBLEMS = 50  # problems kept with their messages (all are counted)
 class StreamOptions:
     """Which streams of a bag to replay and how to time them (``sas replay`` / ``sas bag-info``)."""
 
-    color_topic: str = opt("", "colour image topic (Image or CompressedImage; default: discovered)")
-    depth_topic: str = opt("", "depth image topic (Image, or CompressedImage /compressedDepth; default: "
-                               "discovered)")
-    info_topic: str = opt("", "CameraInfo of the colour camera (default: camera_info beside the colour image)")
-    depth_info_topic: str = opt("", "CameraInfo of the depth camera, for depth not registered to colour "
-                                    "(default: camera_info beside the depth image)")
-    lidar_topic: str = opt("", "PointCloud2 topic of a LiDAR (default: discovered)")
-    pose_topic: str = opt("", "PoseStamped (pose of the sensor) or Odometry topic instead of /tf "
-                              "(default: /tf + /tf_static when they hold the sensor's frame)")
-    map_frame: str = opt("", "fixed frame of the map (default: 'map' if in TF, else the root of the "
-                             "sensor's TF tree)")
+    color_topic: str = opt("", "colour image topic (Image or CompressedImage); '' = discovered")
+    depth_topic: str = opt("", "depth image topic (Image, or CompressedImage .../compressedDepth); '' = discovered")
+    info_topic: str = opt("", "CameraInfo of the colour camera; '' = the camera_info beside the colour image")
+    depth_info_topic: str = opt("", "CameraInfo of a depth camera not registered to colour; '' = the "
+                                    "camera_info beside the depth image")
+    lidar_topic: str = opt("", "PointCloud2 topic of a LiDAR; '' = discovered")
+    pose_topic: str = opt("", "PoseStamped (the sensor's pose) or Odometry topic; '' = /tf + /tf_static when "
+                              "they hold the sensor's frame, else a pose topic beside the sensor")
+    map_frame: str = opt("", "fixed frame of the map; '' = 'map' if in TF, else the root of the sensor's TF tree")
     sync_tolerance: float = opt(0.02, "colour and depth stamps closer than this (s) form one frame")
     max_pose_gap: float = opt(0.5, "no pose is interpolated across a gap between transforms longer than "
                                    "this (s)")
@@ -625,6 +623,12 @@ def _sensor_track(reader, store, index: BagIndex, tf: TfTree, sensor_topic: str,
                                        stats)
                 odom_why = f"; the edge above {root!r} from Odometry {odoms[0]}"
         target, why = _tf_target(tf, frame, options)
+        root = tf.root_of(frame)
+        if root is None:
+            why += "; warning: the sensor's TF chain has a loop (its frames will be skipped)"
+        elif root != tf.root_of(target):
+            why += f"; warning: {frame!r} hangs under {root!r}, not connected to {target!r} (its frames will be " \
+                   "skipped)"
         return PoseTrack(tf, target, "tf", "/tf", None, options.max_pose_gap), \
             f"sensor frame {frame!r} is in /tf + /tf_static; {why}{odom_why}"
     poses = [t for t in index.of_type(*POSE_TYPES) if index.topics[t].count]
