@@ -210,7 +210,7 @@ def tum(scene, w: Writer, gap_frames=(4, 5)):
 
 
 def compressed(scene, w: Writer, codec="jpeg", depth_encoding="16UC1", corrupt=(), no_header=(), bad_info=(),
-               n=None):
+               no_depth=(), n=None):
     from sas_core.data.image_codec import compress_color, compress_depth
 
     stamps = _stamps(scene)[:n]
@@ -235,11 +235,11 @@ def compressed(scene, w: Writer, codec="jpeg", depth_encoding="16UC1", corrupt=(
             w.info("/camera/color/camera_info", intr, s, cf)
         sd = s + 0.002
         d = _render(scene, scene.camera_pose(sd), intr, sd)
-        dfields = compress_depth(d.depth, depth_encoding)
+        dfields = compress_depth(d.depth * (0 if k in no_depth else 1), depth_encoding)
         if k in no_header:
             dfields = {"format": dfields["format"], "data": dfields["data"][12:]}
         w.compressed("/camera/depth/image_raw/compressedDepth", dfields, sd, cf)
-        if k not in corrupt and k not in no_header:
+        if k not in corrupt and k not in no_header and k not in no_depth:
             truth[s] = pose
     return truth
 
@@ -376,9 +376,10 @@ LAYOUTS = {
                   dict(sweeps_seen=10, sweeps_used=9, skipped={"bad_cloud": 1}, lidar="/ouster/points")),
     "tf_loop": ("A", tf_loop, {}, ("sqlite3",), dict(error="no_pose:loop")),
     "disconnected": ("A", disconnected, {}, ("sqlite3",), dict(error="no_pose:disconnected")),
-    "bad_messages": ("A", compressed, dict(codec="jpeg", corrupt=(1,), no_header=(2,), bad_info=(3,), n=6),
-                     ("sqlite3",), dict(frames_seen=6, frames_used=4,
-                                        skipped={"corrupt_image": 1, "no_depth_header": 1},
+    "bad_messages": ("A", compressed, dict(codec="jpeg", corrupt=(1,), no_header=(2,), bad_info=(3,), no_depth=(4,),
+                                           n=6),
+                     ("sqlite3",), dict(frames_seen=6, frames_used=3,
+                                        skipped={"corrupt_image": 1, "no_depth_header": 1, "nan_depth": 1},
                                         other={"bad_camera_info": 1})),
     "size_mismatch": ("A", realsense, dict(aligned=True, raw_depth=False, tf_from_frame=0, depth_size=(40, 30),
                                            depth_info=False, n=3), ("sqlite3",), dict(error="size_mismatch")),

@@ -130,7 +130,8 @@ def test_bad_messages_are_counted_skips(corpus, tmp_path, capsys):
     problems = {(p["topic"], p["index"], p["reason"]) for p in summary["problems"]}
     assert problems == {("/camera/color/image_raw/compressed", 1, "corrupt_image"),
                         ("/camera/depth/image_raw/compressedDepth", 2, "no_depth_header"),
-                        ("/camera/color/camera_info", 3, "bad_camera_info")}
+                        ("/camera/color/camera_info", 3, "bad_camera_info"),
+                        ("/camera/color/image_raw/compressed", 4, "nan_depth")}  # the mapper's own refusal
     with np.load(tmp_path / "out" / "robot.npz") as z:
         assert _on_surface(case.scene, z["positions"]) >= 0.95
 

@@ -104,6 +104,17 @@ def test_a_colour_frame_waits_until_depth_has_passed_it():
     assert d[2] == "d1"
 
 
+def test_a_stopped_depth_stream_does_not_hold_colour_back():
+    p = bs._Pairer(0.02, slack=1.0)
+    p.add("depth", 0.0, 0, "d")
+    for k in range(6):
+        p.add("color", float(k), k, k)
+    decided = [(c[0], d) for c, d in p.ready()]
+    # colour at t is decided once the bag's clock is past t + 0.02 + 1 s: 0..3 now, 4 and 5 at the end
+    assert [c for c, _ in decided] == [0.0, 1.0, 2.0, 3.0] and decided[0][1][2] == "d"
+    assert [c[0] for c, _ in p.ready(final=True)] == [4.0, 5.0]
+
+
 def test_pose_gaps_are_refused_not_interpolated():
     import math
 

@@ -108,7 +108,7 @@ def run(args) -> int:
     frames, used, stepped = [], 0, 0
     items = iter_frames(bag, options, stats=stats, index=index, choice_out=choice)
     for item in tqdm(items, desc="replay", unit="frame", file=sys.stderr):
-        topic = choice["choice"].color if isinstance(item, Frame) else choice["choice"].lidar
+        topic, index_in_topic = stats.where(item)
         try:
             if isinstance(item, Frame):
                 used += 1
@@ -123,8 +123,7 @@ def run(args) -> int:
                 mapper.integrate_sweep(item.points, item.pose, intensity=item.intensity, stamp=item.stamp)
                 stats.sweeps_used += 1
         except Rejected as exc:  # the node drops these too; count them by reason
-            stats.problem(topic, stats.frames_seen if isinstance(item, Frame) else stats.sweeps_seen,
-                          exc.reason, str(exc))
+            stats.problem(topic, index_in_topic, exc.reason, str(exc))
     if mapper.n_frames == 0 and mapper.n_sweeps == 0:
         raise ValueError(f"bag {bag} has no usable RGB-D frame or LiDAR sweep: {stats.why_nothing()}")
     labelled = mapper.label_pass(full=True)

@@ -706,6 +706,11 @@ class ReplayStats:
     skipped: Counter = field(default_factory=Counter)
     other: Counter = field(default_factory=Counter)  # messages that are not frames (bad TF, unpaired depth)
     problems: list = field(default_factory=list)
+    origin: dict = field(default_factory=dict, repr=False)  # id(yielded item) -> (topic, index), see where()
+
+    def where(self, item) -> tuple:
+        """(topic, message index) of an item :func:`iter_frames` yielded (forgotten once asked)."""
+        return self.origin.pop(id(item), ("?", -1))
 
     def problem(self, topic: str, index: int, reason: str, message: str, frame: bool = True) -> None:
         (self.skipped if frame else self.other)[reason] += 1
@@ -761,24 +766,35 @@ def _nearest_info(infos: List[_Info], stamps: List[float], t: float) -> Optional
 
 class _Pairer:
     """Nearest-stamp pairing of two streams in (roughly) time order, bounded memory: a colour
-    message is decided once depth has passed its stamp + tolerance (or the bag has ended)."""
+    message is decided once depth has passed its stamp + tolerance, or the bag's clock (the newest
+    stamp of any stream) has passed it by ``slack`` more seconds (a depth stream that stopped), or
+    the bag has ended."""
 
-    def __init__(self, tol: float):
-        self.tol = tol
+    def __init__(self, tol: float, slack: float = 1.0):
+        self.tol, self.slack = tol, slack
         self.colors: list = []  # (stamp, index, msg)
         self.depths: list = []
         self.latest_depth = -np.inf
+        self.latest = -np.inf
         self.unpaired_depth = 0
 
     def add(self, kind: str, stamp: float, index: int, msg) -> None:
+        self.latest = max(self.latest, stamp)
         if kind == "color":
             bisect.insort(self.colors, (stamp, index, msg), key=lambda e: (e[0], e[1]))
         else:
             bisect.insort(self.depths, (stamp, index, msg), key=lambda e: (e[0], e[1]))
             self.latest_depth = max(self.latest_depth, stamp)
 
+    def tick(self, stamp: float) -> None:
+        """Another stream's message at ``stamp`` moves the bag's clock."""
+        self.latest = max(self.latest, stamp)
+
+    def _due(self, stamp: float) -> bool:
+        return self.latest_depth > stamp + self.tol or self.latest > stamp + self.tol + self.slack
+
     def ready(self, final: bool = False) -> Iterator[tuple]:
-        while self.colors and (final or self.latest_depth > self.colors[0][0] + self.tol):
+        while self.colors and (final or self._due(self.colors[0][0])):
             c = self.colors.pop(0)
             best = None
             for j, d in enumerate(self.depths):
@@ -897,7 +913,9 @@ def iter_frames(path, options: Optional[StreamOptions] = None, stats: Optional[R
                               "differ in size and the bag has no depth CameraInfo to register it "
                               "(--depth-info-topic)")
                 return None
-            return Frame(color=color, depth=depth, intrinsics=intr, pose=pose, stamp=stamp, frame_id=frame_id)
+            frame = Frame(color=color, depth=depth, intrinsics=intr, pose=pose, stamp=stamp, frame_id=frame_id)
+            stats.origin[id(frame)] = (ch.color, ci)
+            return frame
 
         for conn, _, raw in reader.messages(connections=conns):
             r = role[conn.topic]
@@ -916,6 +934,7 @@ def iter_frames(path, options: Optional[StreamOptions] = None, stats: Optional[R
                 continue
             if r == "lidar":
                 stats.sweeps_seen += 1
+                pairer.tick(stamp)
                 try:
                     xyz, inten, ring = _cloud_points(msg)
                 except ValueError as exc:
@@ -929,10 +948,12 @@ def iter_frames(path, options: Optional[StreamOptions] = None, stats: Optional[R
                 except PoseUnavailable as exc:
                     stats.problem(conn.topic, i, f"no_pose:{exc.reason}", str(exc))
                     continue
-                heapq.heappush(out, (stamp, next(order), LidarSweep(
+                sweep = LidarSweep(
                     stamp=stamp, points=xyz, intensity=inten if inten is not None else np.zeros(len(xyz), np.float32),
                     ring=ring if ring is not None else np.zeros(len(xyz), np.uint16), pose=pose, labels=None,
-                    instances=None, frame_id=str(msg.header.frame_id))))
+                    instances=None, frame_id=str(msg.header.frame_id))
+                stats.origin[id(sweep)] = (conn.topic, i)
+                heapq.heappush(out, (stamp, next(order), sweep))
             else:
                 pairer.add(r, stamp, i, msg)
                 for c, d in pairer.ready():
