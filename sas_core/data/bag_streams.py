@@ -345,17 +345,20 @@ def _pose_track_from_topic(reader, store, topic: str, msgtype: str, max_gap: flo
 
     conns = [c for c in reader.connections if c.topic == topic]
     msgs = []
+    check = TransformBuffer(cache_time=1.0)  # refuses what tf2 refuses, before anything is stored
     for i, (conn, _, raw) in enumerate(reader.messages(connections=conns)):
         try:
             msg = store.deserialize_cdr(raw, conn.msgtype)
-            msgs.append((msg_codec.stamp_to_seconds(msg.header.stamp), str(msg.header.frame_id),
-                         str(getattr(msg, "child_frame_id", "") or ""), msg_codec.pose_msg_to_matrix(msg)))
-        except Exception as exc:
+            m = (msg_codec.stamp_to_seconds(msg.header.stamp), str(msg.header.frame_id),
+                 str(getattr(msg, "child_frame_id", "") or "") or "__sensor__", msg_codec.pose_msg_to_matrix(msg))
+            check.set_transform(m[1], m[2], m[0], m[3])
+            msgs.append(m)
+        except Exception as exc:  # any undecodable or refused message is counted, never fatal
             stats.problem(topic, i, "bad_pose_msg", str(exc), frame=False)
     if not msgs:
         raise StreamError(f"pose topic {topic} has no usable message")
     parent = msgs[0][1]
-    odom_edge = msgtype == "nav_msgs/msg/Odometry" and tf is not None and msgs[0][2]
+    odom_edge = msgtype == "nav_msgs/msg/Odometry" and tf is not None and msgs[0][2] != "__sensor__"
     if odom_edge:  # the odometry replaces TF's edge for its child frame; statics still chain to the sensor
         child = frame_name(msgs[0][2])
         for s, p, c, T in msgs:
