@@ -244,7 +244,7 @@ def _refused_global(message: str) -> Optional[str]:
     return m.group(1) if m else None
 
 
-def load_torch_file(path, map_location="cpu", what: str = "file"):
+def load_torch_file(path, map_location="cpu", what: str = "file", mmap: bool = False):
     """Load a ``.pt`` / ``.pth`` / ``.pth.tar`` file as data: the ONE loader of such files.
 
     ``torch.load(weights_only=True)`` with :func:`torch_safe_globals` allowed; nothing is ever
@@ -255,6 +255,8 @@ def load_torch_file(path, map_location="cpu", what: str = "file"):
         path: the file.
         map_location: as for ``torch.load``.
         what: what the file is, for error messages ("checkpoint", "OpenScene point file", ...).
+        mmap: map the tensors' storage instead of reading it (cheap look at the keys of a large
+            zip-format file).
 
     Raises:
         FileNotFoundError: no such file.
@@ -273,7 +275,7 @@ def load_torch_file(path, map_location="cpu", what: str = "file"):
         raise ValueError(f"{path}: empty {what}")
     try:
         with _TORCH_LOAD_LOCK, torch.serialization.safe_globals(torch_safe_globals()):
-            return torch.load(path, map_location=map_location, weights_only=True)
+            return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
         refused = _refused_global(str(e))
         if refused is not None:
