@@ -190,3 +190,24 @@ def test_two_cameras_are_an_ambiguity_that_lists_them(corpus, tmp_path, capsys):
     assert "--color-topic" in err
     rc, summary, err = _replay(path, tmp_path, capsys, "--color-topic", "/camera/camera/color/image_raw")
     assert rc == 0 and summary["frames"] == 3, err
+
+
+def test_bag_info_of_our_synthetic_layout(tmp_path, capsys):
+    """No TF at all: the poses come from the PoseStamped topic beside each sensor."""
+    from sas_app.cli import main
+    from sas_core.data.rosbag_io import write_bag
+    from sas_core.data.synthetic import SynthConfig, generate_scene
+
+    scene = generate_scene(SynthConfig(seed=3, n_frames=3, width=64, height=48, n_lidar_sweeps=2,
+                                       lidar_azimuth_steps=128, points_per_m2=20))
+    path = write_bag(scene, tmp_path / "synth", storage="mcap")
+    assert main(["bag-info", str(path), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["tf"] == {} and info["messages"] == 3 * 4 + 2 * 2
+    replay = info["replay"]
+    assert (replay["color"], replay["depth"], replay["lidar"]) == (
+        "/camera/color/image_raw", "/camera/depth/image_raw", "/lidar/points")
+    assert "/camera/pose beside the sensor" in replay["reasons"]["camera_pose"]
+    assert "/lidar/pose beside the sensor" in replay["reasons"]["lidar_pose"]
+    assert main(["bag-info", str(path)]) == 0
+    assert "TF tree: none" in capsys.readouterr().out
