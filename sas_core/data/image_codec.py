@@ -33,7 +33,7 @@ import numpy as np
 
 from sas_core.data import msg_codec
 
-COLOR_ENCODINGS = ("rgb8", "bgr8", "rgba8", "bgra8", "mono8", "8UC1", "8UC3")
+COLOR_ENCODINGS = ("rgb8", "bgr8", "rgba8", "bgra8", "mono8", "8UC1")
 DEPTH_ENCODINGS = ("16UC1", "mono16", "32FC1")
 #: sizeof(compressed_depth_image_transport::ConfigHeader): int32 format + float32 depthParam[2]
 DEPTH_HEADER = struct.Struct("<iff")
@@ -155,7 +155,7 @@ def decode_color(msg) -> np.ndarray:
             img = (img.astype(np.float32) * (255.0 / 65535.0)).round().astype(np.uint8)
         return _to_rgb(img, f.bgr)
     encoding = str(getattr(msg, "encoding", ""))
-    if encoding in DEPTH_ENCODINGS or encoding not in msg_codec.IMAGE_ENCODINGS:
+    if encoding not in COLOR_ENCODINGS:
         raise ImageDecodeError("unsupported_format", f"colour image has encoding {encoding!r}; supported: "
                                                      "rgb8, bgr8, rgba8, bgra8, mono8")
     try:
@@ -265,9 +265,3 @@ def compress_depth(depth_m: np.ndarray, encoding: str = "16UC1", depth_max: floa
         raise ValueError(f"compressedDepth needs 16UC1 or 32FC1, got {encoding!r}")
     return {"format": f"{encoding}; compressedDepth png", "data": np.frombuffer(header + png, np.uint8)}
 
-
-def image_size(msg) -> Optional[tuple]:
-    """(height, width) of a raw Image message (None for compressed ones: decode to know)."""
-    if is_compressed(msg):
-        return None
-    return int(msg.height), int(msg.width)
