@@ -1,6 +1,6 @@
 """The Mapper's live-teacher hooks (ROS-free): teacher frames picked by time and viewpoint, real
 teachers (tiny random open_clip / segment-anything models of the real classes) built from the
-models file, several teachers fused per voxel by capability, and the compressed colour decoder."""
+models file, and several teachers fused per voxel by capability."""
 
 import dataclasses
 
@@ -167,34 +167,3 @@ def test_several_teachers_are_fused_per_voxel_by_capability(scene, tiny_clip, tm
     d = np.abs(got[both] - dense_mean[both]).max(1)
     assert (d > 1e-2).mean() > 0.5
     assert m.stats()["map_bytes"] > 2 * len(slots) * 32 * 4  # two accumulators
-
-
-def test_compressed_colour_decoder_roundtrip_and_bad_input():
-    from sas_core.data.compressed_color import compressed_to_rgb, rgb_to_compressed
-
-    rng = np.random.default_rng(0)
-    rgb = np.zeros((24, 40, 3), np.uint8)
-    rgb[:, :20] = (200, 30, 10)  # red left half: a BGR/RGB swap would show
-    rgb[:, 20:] = rng.integers(0, 255, (24, 20, 3))
-
-    class Msg:
-        def __init__(self, fmt, data):
-            self.format, self.data = fmt, data
-
-    fmt, data = rgb_to_compressed(rgb, "png")
-    assert fmt == "rgb8; png compressed bgr8"
-    np.testing.assert_array_equal(compressed_to_rgb(Msg(fmt, data)), rgb)  # lossless
-    import array
-
-    np.testing.assert_array_equal(compressed_to_rgb(Msg(fmt, array.array("B", data))), rgb)  # rclpy's type
-    fmt, data = rgb_to_compressed(rgb, "jpeg", 95)
-    out = compressed_to_rgb(Msg(fmt, data))
-    assert out.shape == rgb.shape and np.abs(out[:, :16].astype(int) - (200, 30, 10)).mean() < 8
-    grey = rgb_to_compressed(np.repeat(rgb[:, :, :1], 3, axis=2), "png")
-    assert compressed_to_rgb(Msg("mono8; png compressed mono8", grey[1])).shape == (24, 40, 3)
-    with pytest.raises(ValueError, match="could not be decoded"):
-        compressed_to_rgb(Msg("jpeg", b"\xff\xd8\xff\xe0 broken"))
-    with pytest.raises(ValueError, match="no data"):
-        compressed_to_rgb(Msg("jpeg", b""))
-    with pytest.raises(ValueError, match="compressedDepth"):
-        compressed_to_rgb(Msg("16UC1; compressedDepth png", data))

@@ -117,16 +117,16 @@ class Robot:
         self.pub_tf.publish(self._TFMessage(transforms=transforms))
 
     def publish_images(self, frame, stamp=None, frame_id=OPTICAL):
-        from sas_core.data.compressed_color import rgb_to_compressed
+        from sas_core.data.image_codec import compress_color
 
         c = self.conv
         stamp = frame.stamp if stamp is None else stamp
         self.pub_info.publish(c.intrinsics_to_camera_info(frame.intrinsics, frame_id, stamp))
         self.pub_depth.publish(c.numpy_to_image(frame.depth, "16UC1", frame_id, stamp))
         if self.compressed:
-            fmt, data = rgb_to_compressed(frame.color, "jpeg", 90)
-            msg = self._CompressedImage(header=c.make_header(frame_id, stamp), format=fmt)
-            msg.data = data
+            fields = compress_color(frame.color, "jpeg", "rgb8", 90)
+            msg = self._CompressedImage(header=c.make_header(frame_id, stamp), format=fields["format"])
+            msg.data = fields["data"].tobytes()
             self.pub_color.publish(msg)
         else:
             self.pub_color.publish(c.numpy_to_image(frame.color, "rgb8", frame_id, stamp))
@@ -249,7 +249,6 @@ def test_sigint_stops_the_node_cleanly(tmp_path):
     from rclpy.executors import SingleThreadedExecutor
 
     from sas_core.data.synthetic import SynthConfig, generate_scene
-    from sas_ros import conversions as conv
     from sas_ros.live_demo import FramePlayer, remap_args
 
     scene = generate_scene(SynthConfig(seed=5, n_frames=6, with_lidar=False))
@@ -295,7 +294,6 @@ def test_sigint_stops_the_node_cleanly(tmp_path):
     text = out + err
     assert proc.returncode == 0, text
     assert "Traceback" not in text and "context is invalid" not in text and "failed" not in text, text
-    del conv
 
 
 def test_live_fusion_with_a_tiny_dense_clip_teacher(scene, tmp_path):
