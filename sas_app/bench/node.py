@@ -399,7 +399,7 @@ def main(argv: list[str]) -> dict:
     if args.only_teacher:
         result["teacher"] = dict(dense_clip=bench_dense_clip(2 if args.quick else 5))
         if not args.skip_live:
-            result["teacher"]["live"] = bench_teacher_live(12 if args.quick else 20, args.quick)
+            result["teacher"]["live"] = bench_teacher_live(12 if args.quick else 90, args.quick)
         return result
     result["integration"] = bench_integration(frames)
     result["query"] = bench_query(points)
@@ -408,5 +408,5 @@ def main(argv: list[str]) -> dict:
         result.update(bench_live(12 if args.quick else 30, duration, cap))
     result["teacher"] = dict(dense_clip=bench_dense_clip(2 if args.quick else 5))
     if not args.skip_live:
-        result["teacher"]["live"] = bench_teacher_live(12 if args.quick else 20, args.quick)
+        result["teacher"]["live"] = bench_teacher_live(12 if args.quick else 90, args.quick)
     return result
