@@ -68,6 +68,8 @@ class ModelPaths:
 
     clip_model: Optional[str] = opt(None, "open_clip architecture of clip_checkpoint (default: ViT-B-16)")
     clip_checkpoint: Optional[str] = opt(None, "open_clip weights of the CLIP teachers and text encoder")
+    clip_preset: Optional[str] = opt(None, "dense CLIP inference preset for these weights (sclip, sclip_outdoor, "
+                                           "clearclip, naclip, naclip_slide; default: sclip's settings)")
     clip_checkpoints: Dict[str, str] = opt(factory=dict, help="more open_clip weights by architecture, e.g. "
                                                               "ViT-B-32 (LSeg's text space), ViT-L-14-336 (OpenSeg's)")
     sam_model_type: Optional[str] = opt(None, "segment-anything type of sam_checkpoint: vit_h | vit_l | vit_b")
@@ -98,7 +100,7 @@ class ModelPaths:
 
 #: Keys a models file may hold (every field but ``source``).
 FILE_KEYS = tuple(f.name for f in dataclasses.fields(ModelPaths) if f.name != "source")
-_NAME_KEYS = ("clip_model", "sam_model_type")  # names, not paths
+_NAME_KEYS = ("clip_model", "clip_preset", "sam_model_type")  # names, not paths
 _TABLE_KEYS = ("clip_checkpoints", "checkpoints")
 
 
@@ -137,6 +139,12 @@ def parse_model_paths(data, base: Path, source: str) -> ModelPaths:
         else:
             values[key] = value.strip() if key in _NAME_KEYS else _resolve(value, base)
     paths = ModelPaths(**values, source=source)
+    if paths.clip_preset is not None:
+        from sas_core.teachers.dense_clip import DENSE_CLIP_PRESETS
+
+        if paths.clip_preset not in DENSE_CLIP_PRESETS:
+            raise ValueError(f"{source}: clip_preset {paths.clip_preset!r} is not a dense CLIP preset; choose one of "
+                             f"{', '.join(DENSE_CLIP_PRESETS)}")
     if paths.sam_model_type is None:
         paths.sam_model_type = _sam_type_of(paths.sam_checkpoint)
     return paths

@@ -99,3 +99,22 @@ def test_cli_explicit_recipe_wins_over_the_preset():
     assert dense_options(args) == {"recipe": "maskclip", "dense_preset": "clearclip"}
     args = parser.parse_args(["fuse", "--synthetic"])
     assert dense_options(args)["dense_preset"] is None and dense_options(args)["recipe"] == "sclip"
+
+
+def test_models_file_chooses_the_preset(tmp_path):
+    from sas_app.cli import build_parser
+    from sas_app.commands import apply_model_paths, dense_options
+    from sas_core.models import read_models_file
+
+    models = tmp_path / "models.yaml"
+    models.write_text("clip_model: ViT-B-16-quickgelu\nclip_preset: clearclip\n")
+    assert read_models_file(models).clip_preset == "clearclip"
+    args = build_parser().parse_args(["fuse", "--synthetic", "--models", str(models)])
+    apply_model_paths(args, {"clip_model": "clip_model", "clip_preset": "clip_preset"})
+    assert dense_options(args) == {"recipe": None, "dense_preset": "clearclip"}
+    args = build_parser().parse_args(["fuse", "--synthetic", "--models", str(models), "--clip-preset", "naclip"])
+    apply_model_paths(args, {"clip_model": "clip_model", "clip_preset": "clip_preset"})
+    assert dense_options(args)["dense_preset"] == "naclip"  # the flag wins
+    models.write_text("clip_preset: lseg\n")
+    with pytest.raises(ValueError, match="not a dense CLIP preset"):
+        read_models_file(models)

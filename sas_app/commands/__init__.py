@@ -95,7 +95,9 @@ def add_dense_preset_argument(group):
     """``--clip-preset``: a dense CLIP teacher preset (each recipe's paper settings)."""
     from sas_core.teachers.dense_clip import DENSE_CLIP_PRESETS
 
-    group.add_argument("--clip-preset", default=None, choices=tuple(DENSE_CLIP_PRESETS),
+    from sas_core.config import Recorded
+
+    group.add_argument("--clip-preset", default=None, choices=tuple(DENSE_CLIP_PRESETS), action=Recorded,
                        help="dense CLIP inference settings of a recipe's paper (recipe, short side, windows, PAMR): "
                             + "; ".join(f"{k}: {v['recipe']} {v['short_side']}/{v['crop_size'] or 'whole'}/"
                                         f"{v['stride']}{' PAMR ' + str(v['pamr_steps']) if v['pamr_steps'] else ''}"

@@ -124,7 +124,7 @@ def run(args) -> int:
     vocab = list(parse_vocabulary(args.vocabulary))
     if args.source == "diffusion" or "dense_clip" in args.teachers:
         apply_model_paths(args, {"clip_model": "clip_model", "clip_checkpoint": "clip_checkpoint",
-                                 "sam_model_type": "sam_model", "sam_checkpoint": "sam_checkpoint",
+                                 "clip_preset": "clip_preset", "sam_model_type": "sam_model", "sam_checkpoint": "sam_checkpoint",
                                  "stable_diffusion": "model_path"})
     out = Path(args.output)
     cache = Path(args.cache) if args.cache else out.with_name(out.name + ".cache")

@@ -251,7 +251,7 @@ def run(args) -> int:
     _check_args(args)
     if any(t in ("dense_clip", "mask_clip") for t in args.teacher or ()):
         apply_model_paths(args, {"clip_model": "clip_model", "clip_checkpoint": "clip_checkpoint",
-                                 "sam_model_type": "sam_model", "sam_checkpoint": "sam_checkpoint"})
+                                 "clip_preset": "clip_preset", "sam_model_type": "sam_model", "sam_checkpoint": "sam_checkpoint"})
     config = _fusion_config(args)
     if args.synthetic:
         return _run_synthetic(args, config)
