@@ -130,8 +130,9 @@ class MapperConfig:
                                     "fusion); CLIP / SAM weights come from the models file", choices=LIVE_TEACHERS)
     teacher_stride: int = opt(2, "fusion mode: teacher features are taken at every n-th pixel")
     # ---- live teachers (sas_core.teachers.registry names; the node runs them on their own worker)
-    clip_recipe: str = opt("sclip", "dense_clip teacher: last-block recipe (maskclip, sclip, clearclip, naclip)",
-                           choices=("maskclip", "sclip", "clearclip", "naclip", "vanilla"))
+    clip_recipe: str = opt("", "dense_clip teacher: last-block recipe (maskclip, sclip, clearclip, naclip); empty: "
+                               "the models file's clip_preset, else sclip",
+                           choices=("", "maskclip", "sclip", "clearclip", "naclip", "vanilla"))
     capability_table: str = opt("", "teacher several: capability table JSON (sas capability) with a row per "
                                     "teacher (dense_clip, mask_clip); classes it lacks get the teacher's mean")
     teacher_min_period: float = opt(0.0, "fusion mode: min seconds (frame stamps) between teacher frames "
@@ -377,7 +378,8 @@ class Mapper:
             raise ValueError(f"teacher {cfg.teacher!r} needs segment-anything weights: set sam_checkpoint in the "
                              f"models file {where}; `sas models` says what to download")
         built = build_teachers(wanted, names, clip_model=paths.clip_model or DEFAULT_CLIP_MODEL,
-                               clip_checkpoint=paths.clip_weights(), recipe=cfg.clip_recipe,
+                               clip_checkpoint=paths.clip_weights(), recipe=cfg.clip_recipe or None,
+                               dense_preset=paths.clip_preset,
                                sam_model=paths.sam_model_type or "vit_b", sam_checkpoint=paths.sam_checkpoint,
                                device=cfg.device)
         self.teachers = [t for t, _ in built]

@@ -65,6 +65,22 @@ def test_integrate_fuses_only_picked_frames(scene, tiny_clip):
     assert m.stats()["teacher_frames"] == 1 and not m.needs_ground_truth
 
 
+def test_dense_teacher_takes_the_models_file_preset_and_an_explicit_recipe_wins(tiny_clip):
+    from sas_core.models import ModelPaths
+    from sas_core.teachers.dense_clip import DENSE_CLIP_PRESETS
+
+    name, path = tiny_clip
+    preset = next(k for k, v in DENSE_CLIP_PRESETS.items() if v.get("recipe") not in (None, "sclip"))
+    models = ModelPaths(clip_model=name, clip_checkpoint=path, clip_preset=preset)
+    m = Mapper(MapperConfig(mode="fusion", teacher="dense_clip"), models=models)
+    for key, value in DENSE_CLIP_PRESETS[preset].items():
+        assert getattr(m.teacher.config, key) == value, key
+    m = Mapper(MapperConfig(mode="fusion", teacher="dense_clip", clip_recipe="maskclip"), models=models)
+    assert m.teacher.config.recipe == "maskclip"
+    m = Mapper(MapperConfig(mode="fusion", teacher="dense_clip"), models=ModelPaths(clip_model=name, clip_checkpoint=path))
+    assert m.teacher.config.recipe == "sclip"
+
+
 def test_real_teachers_need_their_weights_and_a_capability_table(tmp_path, tiny_clip, monkeypatch):
     from segment_anything import sam_model_registry
 
