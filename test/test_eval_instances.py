@@ -136,3 +136,11 @@ def test_bad_inputs():
         SceneInstances(lab, inst, [np.ones(3, bool)], [2], [0.1])
     with pytest.raises(ValueError, match="outside"):
         SceneInstances(lab, inst, [np.array([0, 10_000])], [2], [0.1])
+
+
+def test_prediction_ids_do_not_collide_across_scenes():
+    lab, inst = _scene(sizes=(200,), labels=(2,), void=0)
+    a = SceneInstances(lab, inst, [inst == 0], [2], [0.9])
+    b = SceneInstances(lab, inst, [inst == 0], [2], [0.8])  # prediction 0 of another scene
+    r = evaluate_instances([a, b], NAMES)
+    assert r["ap50"] == pytest.approx(1.0)

@@ -219,6 +219,10 @@ def evaluate_instances(scenes: Sequence[SceneInstances], class_names: Sequence[s
         names = [class_names[k] for k in ev]
     overlaps = np.asarray(overlaps, dtype=np.float64)
     matches = [_scene_matches(s, class_of, len(names), int(min_region_size)) for s in scenes]
+    for si, (_, preds) in enumerate(matches):  # prediction keys unique over scenes (ScanNet: file names)
+        for lst in preds:
+            for pred in lst:
+                pred["pid"] = (si, pred["pid"])
     table = np.zeros((len(names), len(overlaps)))
     for oi, th in enumerate(overlaps.tolist()):
         visited = set()  # predictions assigned at this overlap (ScanNet's pred_visited)

@@ -60,6 +60,7 @@ class InstanceConfig:
     knn: int = opt(8, "neighbours per point of the adjacency graph (splitting disconnected parts)")
     max_edge: Optional[float] = opt(None, "longest adjacency edge (m); None: 4 x the median spacing")
     feature_cosine: float = opt(0.9, "fallback region growing: join adjacent superpoints above this cosine")
+    fill_unclaimed: bool = opt(True, "with masks and features: group what no mask instance claims by region growing")
 
     def __post_init__(self):
         for name in ("visible_ratio", "contain_ratio", "support_ratio", "point_ratio", "merge_overlap",
@@ -221,12 +222,15 @@ def cluster_masks(bp, points, config: Optional[InstanceConfig] = None, adjacency
     return groups, np.asarray(conf, np.float64), np.asarray(nm, np.int64)
 
 
-def region_growing(points, superpoints, features, config: Optional[InstanceConfig] = None, adjacency=None):
+def region_growing(points, superpoints, features, config: Optional[InstanceConfig] = None, adjacency=None,
+                   exclude=None):
     """Geometry + feature fallback: join adjacent superpoints whose mean features agree.
 
     Args:
         points: (N, 3); superpoints: (N,) ids; features: (N, C) distilled features (torch/NumPy).
         config: uses ``feature_cosine``, ``min_points``, ``knn``, ``max_edge``.
+        exclude: optional (N,) bool, points that take no part (e.g. already in a mask instance);
+            a superpoint takes part when most of its points are not excluded.
 
     Returns:
         (groups, confidence): point-index arrays and the mean cosine of each group's superpoints
@@ -244,16 +248,22 @@ def region_growing(points, superpoints, features, config: Optional[InstanceConfi
     members = [order[bounds[s]:bounds[s + 1]] for s in range(S)]
     f = mean_features(features, members)                                    # (S, C) unit
     adj = superpoint_adjacency(points, sp, cfg.knn, cfg.max_edge) if adjacency is None else adjacency
+    size = np.bincount(sp, minlength=S)
+    active = np.ones(S, bool)
+    if exclude is not None:
+        ex = np.asarray(exclude, bool).reshape(-1)
+        if ex.shape != sp.shape:
+            raise ValueError(f"exclude has {len(ex)} entries for {len(sp)} points")
+        active = np.bincount(sp, weights=ex.astype(np.float64), minlength=S) < 0.5 * size
     if len(adj):
         cos = np.einsum("ij,ij->i", f[adj[:, 0]], f[adj[:, 1]])
-        ok = cos >= cfg.feature_cosine
+        ok = (cos >= cfg.feature_cosine) & active[adj[:, 0]] & active[adj[:, 1]]
         comp = _components(S, adj[ok, 0], adj[ok, 1])
     else:
         comp = np.arange(S)
-    size = np.bincount(sp, minlength=S)
     groups, conf = [], []
-    for c in np.unique(comp).tolist():
-        sps = np.flatnonzero(comp == c)
+    for c in np.unique(comp[active]).tolist():
+        sps = np.flatnonzero((comp == c) & active)
         if size[sps].sum() < cfg.min_points:
             continue
         g = np.sort(np.concatenate([members[s] for s in sps.tolist()]))

@@ -7,7 +7,8 @@ and optional per-point features with class text embeddings, and returns labelled
 * with frames and a mask source: :func:`~sas_core.instances.masks.backproject_masks` then
   :func:`~sas_core.instances.clustering.cluster_masks` (MaskClustering over superpoints);
 * without masks (LiDAR-only maps, no frames) but with features:
-  :func:`~sas_core.instances.clustering.region_growing`;
+  :func:`~sas_core.instances.clustering.region_growing`; with both, regions that no mask
+  instance claims are grouped by region growing too (``InstanceConfig.fill_unclaimed``);
 * then instance semantics (:func:`~sas_core.instances.base.describe_instances`): mean feature
   against the vocabulary.
 """
@@ -68,6 +69,17 @@ def propose_instances(points, superpoints, frames: Optional[Iterable] = None, ma
         if features is None:
             raise ValueError("instance proposals need masks (frames + mask_source) or per-point features")
         groups, conf = region_growing(pts, sp, features, cfg, adjacency=adjacency)
+    elif features is not None and cfg.fill_unclaimed:
+        # regions no mask instance claims (objects whose masks never reached consensus, parts no
+        # frame segmented) are grouped by the region-growing fallback
+        claimed = np.zeros(len(pts), bool)
+        for g in groups:
+            claimed[g] = True
+        extra, extra_conf = region_growing(pts, sp, features, cfg, adjacency=adjacency, exclude=claimed)
+        extra = [g[~claimed[g]] for g in extra]
+        groups = list(groups) + extra
+        conf = np.concatenate([conf, 0.5 * np.asarray(extra_conf)])  # no mask support: ranked below
+        n_masks = np.concatenate([n_masks, np.zeros(len(extra), np.int64)])
     labelled = features is not None and text is not None
     return describe_instances(pts, groups, features if labelled else None, text if labelled else None,
                               class_names, confidence=conf, n_masks=n_masks, min_points=cfg.min_points)
