@@ -31,5 +31,5 @@ from sas_core.instances.masks import (  # noqa: F401
     backproject_masks,
     frame_instance_masks,
 )
-from sas_core.instances.pipeline import mask_views, propose_instances  # noqa: F401
+from sas_core.instances.pipeline import cloud_instances, instances_json, mask_views, propose_instances  # noqa: F401
 from sas_core.instances.query import grid_components, instances_for_query  # noqa: F401

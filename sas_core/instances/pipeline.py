@@ -83,3 +83,31 @@ def propose_instances(points, superpoints, frames: Optional[Iterable] = None, ma
     labelled = features is not None and text is not None
     return describe_instances(pts, groups, features if labelled else None, text if labelled else None,
                               class_names, confidence=conf, n_masks=n_masks, min_points=cfg.min_points)
+
+
+def cloud_instances(positions, features, text, class_names: Sequence[str], normals=None, superpoints=None,
+                    frames: Optional[Iterable] = None, mask_source: Optional[Callable] = None,
+                    config: Optional[InstanceConfig] = None, superpoint_config=None) -> List[Instance]:
+    """:func:`propose_instances` on a plain point cloud: graph superpoints computed when not given.
+
+    Args:
+        positions: (N, 3); features: (N, C) per-point features; text: (K, C) class embeddings of
+            ``class_names``; normals: optional (N, 3) (estimated otherwise);
+        superpoints: optional (N,) ids; superpoint_config: a
+            :class:`~sas_core.geometry.superpoints.SuperpointConfig` (default ScanNet's).
+        frames, mask_source, config: as :func:`propose_instances`.
+    """
+    if superpoints is None:
+        from sas_core.geometry.superpoints import SuperpointConfig, superpoints_from_config
+
+        superpoints = superpoints_from_config(np.asarray(positions, np.float32),
+                                              superpoint_config or SuperpointConfig(), normals=normals)
+    return propose_instances(positions, superpoints, frames, mask_source, features=features, text=text,
+                             class_names=class_names, config=config)
+
+
+def instances_json(instances: Sequence[Instance], class_names: Sequence[str], n_points: int, source: str = "",
+                   with_indices: bool = False) -> dict:
+    """The instances file written by ``sas segment --instances``: plain JSON data."""
+    return {"format": "sas-instances/1", "points": int(n_points), "classes": list(class_names), "source": source,
+            "instances": [i.to_json(with_indices) for i in instances]}
