@@ -11,6 +11,7 @@
 from sas_core.instances.base import (  # noqa: F401
     Instance,
     describe_instances,
+    group_boxes,
     instance_ids,
     mean_features,
     oriented_box,

@@ -92,34 +92,55 @@ class Instance:
         return out
 
 
-def oriented_box(points) -> tuple:
-    """Gravity-aligned oriented box of (P, 3) points: (center (3,), size (3,), yaw).
+def group_boxes(positions, groups: Sequence[np.ndarray]) -> dict:
+    """Centroid, axis-aligned and gravity-aligned oriented boxes of many point groups at once.
 
-    The yaw is that of the major principal axis of the xy coordinates, in (-pi/2, pi/2]; size is
-    (major extent, minor extent, z extent).
+    The yaw of each group is that of the major principal axis of its xy covariance (closed form
+    for 2x2: ``0.5 * atan2(2 c_xy, c_xx - c_yy)``, in (-pi/2, pi/2]); the oriented box spans the
+    points' extents along that axis, the perpendicular one and z. Vectorised over groups (reduceat).
+
+    Returns:
+        dict of (G, 3) float32 ``centroid``, ``aabb_min``, ``aabb_max``, ``obb_center``, ``obb_size``
+        and (G,) float64 ``obb_yaw``. Every group must be non-empty.
     """
+    pos = np.asarray(positions, dtype=np.float64).reshape(-1, 3)
+    sizes = np.array([len(g) for g in groups], np.int64)
+    if len(groups) == 0:
+        z = np.zeros((0, 3), np.float32)
+        return {"centroid": z, "aabb_min": z, "aabb_max": z, "obb_center": z, "obb_size": z, "obb_yaw": np.zeros(0)}
+    if np.any(sizes == 0):
+        raise ValueError("group_boxes: empty group")
+    p = pos[np.concatenate([np.asarray(g, np.int64) for g in groups])]
+    starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+    owner = np.repeat(np.arange(len(groups)), sizes)
+    mean = np.add.reduceat(p, starts, axis=0) / sizes[:, None]
+    lo, hi = np.minimum.reduceat(p, starts, axis=0), np.maximum.reduceat(p, starts, axis=0)
+    d = p[:, :2] - mean[owner, :2]
+    cxx = np.add.reduceat(d[:, 0] * d[:, 0], starts)
+    cyy = np.add.reduceat(d[:, 1] * d[:, 1], starts)
+    cxy = np.add.reduceat(d[:, 0] * d[:, 1], starts)
+    yaw = 0.5 * np.arctan2(2.0 * cxy, cxx - cyy)
+    yaw = np.where(yaw <= -np.pi / 2, yaw + np.pi, yaw)
+    c, s_ = np.cos(yaw), np.sin(yaw)
+    u = d[:, 0] * c[owner] + d[:, 1] * s_[owner]
+    w = -d[:, 0] * s_[owner] + d[:, 1] * c[owner]
+    ulo, uhi = np.minimum.reduceat(u, starts), np.maximum.reduceat(u, starts)
+    wlo, whi = np.minimum.reduceat(w, starts), np.maximum.reduceat(w, starts)
+    um, wm = (ulo + uhi) / 2, (wlo + whi) / 2
+    center = np.stack([mean[:, 0] + um * c - wm * s_, mean[:, 1] + um * s_ + wm * c, (lo[:, 2] + hi[:, 2]) / 2], 1)
+    size = np.stack([uhi - ulo, whi - wlo, hi[:, 2] - lo[:, 2]], 1)
+    f32 = (lambda a: a.astype(np.float32))
+    return {"centroid": f32(mean), "aabb_min": f32(lo), "aabb_max": f32(hi), "obb_center": f32(center),
+            "obb_size": f32(size), "obb_yaw": yaw}
+
+
+def oriented_box(points) -> tuple:
+    """Gravity-aligned oriented box of (P, 3) points: (center (3,), size (3,), yaw) (:func:`group_boxes`)."""
     p = np.asarray(points, dtype=np.float64).reshape(-1, 3)
     if len(p) == 0:
         raise ValueError("oriented_box of no points")
-    xy = p[:, :2] - p[:, :2].mean(0)
-    yaw = 0.0
-    if len(p) >= 2:
-        cov = xy.T @ xy / len(p)
-        w, v = np.linalg.eigh(cov)
-        major = v[:, int(np.argmax(w))]
-        yaw = math.atan2(major[1], major[0])
-        if yaw <= -math.pi / 2:
-            yaw += math.pi
-        elif yaw > math.pi / 2:
-            yaw -= math.pi
-    c, s = math.cos(yaw), math.sin(yaw)
-    u = xy @ np.array([c, s])
-    w_ = xy @ np.array([-s, c])
-    lo = np.array([u.min(), w_.min(), p[:, 2].min()])
-    hi = np.array([u.max(), w_.max(), p[:, 2].max()])
-    mid = (lo + hi) / 2
-    center_xy = p[:, :2].mean(0) + mid[0] * np.array([c, s]) + mid[1] * np.array([-s, c])
-    return (np.array([center_xy[0], center_xy[1], mid[2]], np.float32), (hi - lo).astype(np.float32), float(yaw))
+    b = group_boxes(p, [np.arange(len(p))])
+    return b["obb_center"][0], b["obb_size"][0], float(b["obb_yaw"][0])
 
 
 def mean_features(features, groups: Sequence[np.ndarray]) -> "np.ndarray":
@@ -171,19 +192,17 @@ def describe_instances(positions, groups: Sequence[np.ndarray], features=None, t
         mean = mean_features(features, [groups[i] for i in keep])
         lab, sc = text_labels(mean, np.asarray(text, np.float32), normalize=True)
         labels, scores = lab.numpy(), sc.numpy()
+    box = group_boxes(pos, [groups[i] for i in keep])
     out = []
     for j, i in enumerate(keep):
-        idx = np.asarray(groups[i], np.int64)
-        p = pos[idx]
-        center, size, yaw = oriented_box(p)
         label = int(labels[j]) if labels is not None else -1
         out.append(Instance(
-            id=len(out), indices=idx, label=label,
+            id=len(out), indices=np.asarray(groups[i], np.int64), label=label,
             name=(class_names[label] if class_names is not None and label >= 0 else ""),
             score=float(scores[j]) if scores is not None else float("nan"),
             confidence=float(confidence[i]) if confidence is not None else 1.0,
-            centroid=p.mean(0).astype(np.float32), aabb_min=p.min(0).astype(np.float32),
-            aabb_max=p.max(0).astype(np.float32), obb_center=center, obb_size=size, obb_yaw=yaw,
+            centroid=box["centroid"][j], aabb_min=box["aabb_min"][j], aabb_max=box["aabb_max"][j],
+            obb_center=box["obb_center"][j], obb_size=box["obb_size"][j], obb_yaw=float(box["obb_yaw"][j]),
             n_masks=int(n_masks[i]) if n_masks is not None else 0))
     return out
 

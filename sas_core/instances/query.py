@@ -47,7 +47,6 @@ def grid_components(positions, cell: float, features=None, feature_cosine: Optio
     ukey, cell_of = np.unique(key, return_inverse=True)
     cell_of = cell_of.reshape(-1)
     C = len(ukey)
-    cg = np.stack([ukey // (span[1] * span[2]), (ukey // span[2]) % span[1], ukey % span[2]], 1)
     unit = None
     if features is not None and feature_cosine is not None:
         import torch
@@ -56,9 +55,11 @@ def grid_components(positions, cell: float, features=None, feature_cosine: Optio
         sums = torch.zeros(C, f.shape[1]).index_add_(0, torch.from_numpy(cell_of), f)
         unit = torch.nn.functional.normalize(sums, dim=1).numpy()
     rows, cols = [], []
-    for off in _HALF_NEIGHBOURS:
-        nb = cg + off
-        nkey = (nb[:, 0] * span[1] + nb[:, 1]) * span[2] + nb[:, 2]
+    # the key is linear in the cell coordinates, and a padding cell on each axis (span = max + 2,
+    # coordinates >= 0) is never occupied, so key + delta is the neighbour's key, without wrap-around
+    deltas = (_HALF_NEIGHBOURS[:, 0] * span[1] + _HALF_NEIGHBOURS[:, 1]) * span[2] + _HALF_NEIGHBOURS[:, 2]
+    for delta in deltas.tolist():
+        nkey = ukey + delta
         j = np.searchsorted(ukey, nkey)
         j = np.minimum(j, C - 1)
         hit = ukey[j] == nkey
@@ -125,21 +126,19 @@ def instances_for_query(positions, features=None, text_embedding=None, threshold
 
         feats = torch.as_tensor(features)[torch.from_numpy(index)]
     comp = grid_components(pos[index], voxel_size, feats, feature_cosine)
-    order = np.argsort(comp, kind="stable")
-    bounds = np.searchsorted(comp[order], np.arange(int(comp.max()) + 2))
-    groups, mean_score = [], []
-    for c in range(len(bounds) - 1):
-        rows = order[bounds[c]:bounds[c + 1]]
-        if len(rows) >= min_points:
-            groups.append(rows)
-            mean_score.append(float(scores[rows].mean()))
-    rank = np.argsort(-np.asarray(mean_score), kind="stable")
+    n_comp = int(comp.max()) + 1
+    size = np.bincount(comp, minlength=n_comp)
+    mean_score = np.bincount(comp, weights=scores, minlength=n_comp) / np.maximum(size, 1)
+    big = np.flatnonzero(size >= min_points)
+    big = big[np.argsort(-mean_score[big], kind="stable")]  # best mean score first
     if max_instances:
-        rank = rank[:max_instances]
-    groups = [index[np.sort(groups[i])] for i in rank]
+        big = big[:max_instances]
+    order = np.argsort(comp, kind="stable")
+    starts = np.concatenate([[0], np.cumsum(size)])
+    groups = [np.sort(index[order[starts[c]:starts[c + 1]]]) for c in big.tolist()]
     out = describe_instances(pos, groups, min_points=1)
-    for inst, i in zip(out, rank):
-        inst.score = mean_score[i]
+    for inst, c in zip(out, big.tolist()):
+        inst.score = float(mean_score[c])
         inst.confidence = 1.0
         inst.name = name
     return out
