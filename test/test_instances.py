@@ -232,3 +232,21 @@ def test_separate_chairs_come_out_separate_on_a_synthetic_room(synthetic_room):
                                voxel_size=0.1, min_points=50)
     q_owners = [_owner(boxes, o.aabb_min, o.aabb_max) for o in objs]
     assert len(objs) == len(boxes) and None not in q_owners and len(set(q_owners)) == len(boxes)
+
+
+def test_sam_mask_source_gives_a_mask_id_image():
+    pytest.importorskip("segment_anything")
+    from sas_core.instances import SamMaskSource
+    from sas_core.teachers.mask_teacher import MaskTeacherConfig, build_tiny_sam
+    from sas_core.types import Frame
+
+    intr = CameraIntrinsics(40.0, 40.0, 31.5, 31.5, 64, 64)
+    rgb = np.zeros((64, 64, 3), np.uint8)
+    rgb[16:48, 16:48] = 200
+    frame = Frame(color=rgb, depth=np.ones((64, 64), np.float32), intrinsics=intr, pose=np.eye(4))
+    source = SamMaskSource(MaskTeacherConfig(points_per_side=4, pred_iou_thresh=0.0, stability_score_thresh=0.0,
+                                             min_area=1), sam=build_tiny_sam())
+    ids = source(frame)
+    assert ids.shape == (64, 64) and ids.dtype == np.int64 and ids.min() >= -1
+    with pytest.raises(ValueError, match="no SAM checkpoint"):
+        SamMaskSource(MaskTeacherConfig(sam_checkpoint=None))
