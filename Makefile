@@ -3,7 +3,7 @@ SHELL := /bin/bash
 ENV := source scripts/env.sh &&
 PYTEST_ARGS ?=
 
-.PHONY: env test demo test-fast clean-env
+.PHONY: env test demo test-fast mutate clean-env
 
 env:
 	@scripts/setup_env.sh
@@ -14,6 +14,11 @@ test: env
 # Core tier only (no ROS nodes, no slow end-to-end runs).
 test-fast: env
 	@$(ENV) python -m pytest -q -m "not ros and not slow" $(PYTEST_ARGS) test
+
+# Mutation testing of the critical modules (setup.cfg [mutmut]); slow (about an hour on 2 cores),
+# not part of `make test`. Writes mutation_report.txt: counts per module and the surviving mutants.
+mutate: env
+	@$(ENV) python -m pip install -q --disable-pip-version-check -r requirements-dev.txt && python scripts/mutation_report.py --run
 
 demo: env
 	@$(ENV) python -m sas_app.cli demo --out demo_output

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 # Order shown in ``sas --help``; module name = command name with '-' replaced by '_'.
 COMMANDS = (
-    "synth", "fuse", "capability", "distill", "eval", "segment", "query", "replay", "demo", "bench",
+    "synth", "fuse", "capability", "distill", "eval", "segment", "query", "replay", "bag-info", "demo", "bench",
     "models", "import-checkpoint",
 )
 
@@ -38,18 +39,23 @@ class _LazySubParsers(argparse._SubParsersAction):
         super().__call__(parser, namespace, values, option_string)
 
 
+DEBUG_ENV = "SAS_DEBUG"
+
+
 def build_parser(lazy: bool = True) -> argparse.ArgumentParser:
     """The ``sas`` parser; ``lazy=False`` adds every subcommand's flags at once (tests, docs)."""
     parser = argparse.ArgumentParser(
         prog="sas",
         description="SAS-ROS: open-vocabulary 3D segmentation distilled from several 2D teachers.",
+        epilog=f"Errors are one line; --debug (anywhere on the line) or {DEBUG_ENV}=1 shows the traceback.",
     )
+    parser.add_argument("--debug", action="store_true", help=f"show tracebacks (also {DEBUG_ENV}=1)")
     parser.register("action", "parsers", _LazySubParsers)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMANDS:
         module = _module(name)
         p = sub.add_parser(name, help=module.HELP, description=module.HELP)
-        p.set_defaults(_run=module.run)
+        p.set_defaults(_run=module.run, _parser=p)
         if lazy:
             p._sas_pending = module.add_arguments
         else:
@@ -57,19 +63,48 @@ def build_parser(lazy: bool = True) -> argparse.ArgumentParser:
     return parser
 
 
+def _debug_requested(argv) -> bool:
+    return "--debug" in argv or os.environ.get(DEBUG_ENV, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _error_line(exc: BaseException) -> str:
+    """One line for an exception: the message for user mistakes, type + message otherwise."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    if isinstance(exc, (FileNotFoundError, ValueError, TimeoutError)):
+        return text
+    if isinstance(exc, IsADirectoryError):
+        return f"{exc.filename or text} is a folder, not a file: give a file name"
+    if isinstance(exc, OSError):  # permissions, full disk, existing files: the OS says what
+        return f"{type(exc).__name__}: {text}"
+    if isinstance(exc, ImportError):
+        return f"a required package is missing ({text}); run `make env` (or scripts/setup_env.sh)"
+    return f"internal error ({type(exc).__name__}: {text[:300]}); rerun with --debug for the traceback"
+
+
 def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = _debug_requested(argv)
+    argv = [a for a in argv if a != "--debug"]
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
     if not getattr(args, "_run", None):
         parser.print_help()
         return 2
+    if extra:  # a mistyped flag: the subcommand's usage, not the top-level one
+        args._parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
+        if getattr(args, "device", None):
+            from sas_core.mapping import check_device
+
+            check_device(args.device)
         return int(args._run(args) or 0)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    except (FileNotFoundError, ValueError, TimeoutError) as exc:  # user-facing errors: one clear line
-        print(f"sas {args.command}: error: {exc}", file=sys.stderr)
+    except Exception as exc:  # noqa: BLE001 - every failure ends in one line (traceback with --debug)
+        if debug:
+            raise
+        print(f"sas {args.command}: error: {_error_line(exc)}", file=sys.stderr)
         return 1
 
 

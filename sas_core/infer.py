@@ -372,7 +372,9 @@ def load_point_cloud(path) -> PointCloud:
     Formats: ``.ply`` (binary little-endian vertex table: x, y, z, optional red/green/blue,
     nx/ny/nz, label), OpenScene ``.pth`` (``(coords, colors in [-1, 1], labels)`` or a dict with
     those keys; labels optional), ``.npy`` ((N, 3) positions or (N, 6) positions + RGB in [0, 1]
-    or [0, 255]) and ``.npz`` (keys ``positions``/``coords``, optional ``colors``, ``labels``).
+    or [0, 255]) and ``.npz`` (keys ``positions``/``coords``, optional ``colors``, ``labels``); a
+    saved map folder (``sas replay`` / ``~/save_map``, checked against its manifest) is read through
+    its ``map.ply``.
 
     Returns:
         :class:`PointCloud` (colors float32 in [0, 1], labels int64 with 255 = ignore).
@@ -380,6 +382,11 @@ def load_point_cloud(path) -> PointCloud:
     from sas_core.io import read_ply
 
     path = Path(path)
+    if path.is_dir():  # a saved map folder (sas replay, the node's ~/save_map): its checked PLY
+        from sas_core.geometry.voxel_map import MAP_PLY, read_map_manifest
+
+        read_map_manifest(path)
+        path = path / MAP_PLY
     if not path.is_file():
         raise FileNotFoundError(f"point cloud {path} not found")
     suffix = path.suffix.lower()

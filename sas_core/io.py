@@ -14,6 +14,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import os
+import re
 import tempfile
 import threading
 from pathlib import Path
@@ -61,6 +62,190 @@ def atomic_write_bytes(path, data: bytes) -> None:
 
 def atomic_write_text(path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
+
+
+# ------------------------------------------------------------------------------------------------
+# Folders written as one unit, confined under a root
+
+#: Name of the temporary sibling of a folder being written: ``.<name>.tmp-<pid>-<random>``.
+TEMP_PATTERN = re.compile(r"^\.(?P<name>.+)\.tmp-(?P<pid>\d+)-(?P<rand>[0-9a-z]{8})$")
+
+_RENAME_NOREPLACE, _RENAME_EXCHANGE = 1, 2
+
+
+def _renameat2(src: Path, dst: Path, flags: int) -> bool:
+    """Linux ``renameat2(src, dst, flags)``. True when done; False when the call or the flag is not
+    available here (other OS, old libc, a filesystem without it); OSError for real failures
+    (FileExistsError for RENAME_NOREPLACE onto an existing path)."""
+    import ctypes
+    import errno
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        fn = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    at_fdcwd = -100
+    if fn(at_fdcwd, os.fsencode(str(src)), at_fdcwd, os.fsencode(str(dst)), flags) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, os.strerror(err), str(dst))
+
+
+def fsync_dir(path) -> None:
+    """fsync a directory (its entries: a rename inside it becomes durable)."""
+    fd = os.open(str(path), os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(root: Path) -> None:
+    for dirpath, _, files in os.walk(root):
+        for name in files:
+            with open(os.path.join(dirpath, name), "rb") as f:
+                os.fsync(f.fileno())
+        fsync_dir(dirpath)
+
+
+@contextlib.contextmanager
+def atomic_dir(path, overwrite: bool = False) -> Iterator[Path]:
+    """Yield an empty temporary folder ``.<name>.tmp-<pid>-<random>`` next to ``path``; on success
+    every file in it is fsynced, it is renamed onto ``path`` and the parent folder is fsynced, so
+    readers see either the previous folder or the complete new one, never a mix.
+
+    An existing ``path`` is refused (FileExistsError) unless ``overwrite``; then the two folders are
+    swapped atomically (Linux ``renameat2(RENAME_EXCHANGE)``; elsewhere the old folder is moved
+    aside first, leaving a moment without ``path``) and the old one is deleted. On any error the
+    temporary folder is removed; one left by a killed process is removed by
+    :func:`clean_temp_dirs`.
+    """
+    import secrets
+    import shutil
+    import string
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} exists (set overwrite to replace it)")
+    rand = "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))
+    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}-{rand}"
+    tmp.mkdir(mode=0o777 & ~_umask())
+    try:
+        yield tmp
+        _fsync_tree(tmp)
+        old = _commit_dir(tmp, path, overwrite, aside=path.parent / f".{path.name}.tmp-{os.getpid()}-{rand[::-1]}")
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    fsync_dir(path.parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _commit_dir(tmp: Path, path: Path, overwrite: bool, aside: Path) -> Optional[Path]:
+    """Rename ``tmp`` onto ``path`` (see atomic_dir); returns where the replaced folder now is."""
+    try:
+        if _renameat2(tmp, path, _RENAME_NOREPLACE):
+            return None
+        if not path.exists():
+            os.rename(tmp, path)
+            return None
+    except FileExistsError:
+        pass
+    if not overwrite:
+        raise FileExistsError(f"{path} exists (set overwrite to replace it)")
+    if _renameat2(tmp, path, _RENAME_EXCHANGE):
+        return tmp
+    os.rename(path, aside)
+    os.rename(tmp, path)
+    return aside
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def clean_temp_dirs(root) -> list:
+    """Remove what :func:`atomic_dir` left under ``root`` when its process was killed: entries named
+    ``.<name>.tmp-<pid>-<random>`` whose process is gone (nothing else; symlinks are not followed).
+    Returns the removed paths."""
+    import shutil
+
+    root = Path(root)
+    removed = []
+    if not root.is_dir():
+        return removed
+    for dirpath, dirs, files in os.walk(root, followlinks=False):
+        for name in list(dirs) + files:
+            m = TEMP_PATTERN.match(name)
+            if m is None or _pid_alive(int(m["pid"])):
+                continue
+            p = Path(dirpath) / name
+            if name in dirs:
+                dirs.remove(name)
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                with contextlib.suppress(FileNotFoundError):
+                    p.unlink()
+            removed.append(p)
+    return removed
+
+
+def confined_path(root, name) -> Path:
+    """``root / name`` for a name (or relative path) that stays inside ``root``; ValueError otherwise.
+
+    Refused: empty names, absolute paths, ``..`` components, NUL bytes, components starting with
+    ``.`` (hidden and temporary names), and any path whose real location (symlinks resolved,
+    also of the folders above it) is not inside the real ``root``. Suffixes are kept as given.
+    """
+    name = str(name)
+    if not name.strip():
+        raise ValueError("empty map name")
+    if "\0" in name:
+        raise ValueError("map name contains a NUL byte")
+    if len(name) > 255:
+        raise ValueError(f"map name of {len(name)} characters, more than 255")
+    if os.path.isabs(name) or name.startswith("~"):
+        raise ValueError(f"map name {name[:80]!r} is absolute: give a name or relative path under map_dir")
+    parts = Path(name).parts
+    if any(p == ".." for p in parts):
+        raise ValueError(f"map name {name[:80]!r} contains '..': give a name or relative path under map_dir")
+    if any(p.startswith(".") for p in parts):
+        raise ValueError(f"map name {name[:80]!r} has a component starting with '.' (hidden/temporary names "
+                         "are reserved)")
+    real_root = Path(os.path.realpath(root))
+    path = real_root.joinpath(*parts)
+    real = Path(os.path.realpath(path))
+    if real_root not in real.parents:
+        raise ValueError(f"map name {name[:80]!r} leaves map_dir (through a symlink)")
+    return path
+
+
+def sha256_file(path, chunk: int = 1 << 20) -> str:
+    """Hex sha256 of a file's bytes (read in chunks)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while True:
+            block = f.read(chunk)
+            if not block:
+                return h.hexdigest()
+            h.update(block)
 
 
 # NumPy dtype -> PLY type name of the properties write_ply writes.
@@ -244,7 +429,7 @@ def _refused_global(message: str) -> Optional[str]:
     return m.group(1) if m else None
 
 
-def load_torch_file(path, map_location="cpu", what: str = "file"):
+def load_torch_file(path, map_location="cpu", what: str = "file", mmap: bool = False):
     """Load a ``.pt`` / ``.pth`` / ``.pth.tar`` file as data: the ONE loader of such files.
 
     ``torch.load(weights_only=True)`` with :func:`torch_safe_globals` allowed; nothing is ever
@@ -255,6 +440,8 @@ def load_torch_file(path, map_location="cpu", what: str = "file"):
         path: the file.
         map_location: as for ``torch.load``.
         what: what the file is, for error messages ("checkpoint", "OpenScene point file", ...).
+        mmap: map the tensors' storage instead of reading it (cheap look at the keys of a large
+            zip-format file).
 
     Raises:
         FileNotFoundError: no such file.
@@ -273,7 +460,7 @@ def load_torch_file(path, map_location="cpu", what: str = "file"):
         raise ValueError(f"{path}: empty {what}")
     try:
         with _TORCH_LOAD_LOCK, torch.serialization.safe_globals(torch_safe_globals()):
-            return torch.load(path, map_location=map_location, weights_only=True)
+            return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
         refused = _refused_global(str(e))
         if refused is not None:

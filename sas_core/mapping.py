@@ -54,11 +54,11 @@ import numpy as np
 from sas_core.config import opt
 from sas_core.geometry.voxel_map import LOCK_SLICE, VoxelMap, VoxelMapConfig, rgbd_points
 from sas_core.infer import PRECISIONS
-from sas_core.text import parse_vocabulary
+from sas_core.text import check_template, check_texts, check_vocabulary, clip_text, parse_vocabulary
 from sas_core.types import CameraIntrinsics, Frame
 
-__all__ = ["MODES", "REASONS", "Mapper", "MapperConfig", "QueryAnswer", "Rejected", "check_device",
-           "strided_frame"]
+__all__ = ["MODES", "REASONS", "Mapper", "MapperConfig", "QueryAnswer", "Rejected", "ServiceLimits",
+           "check_device", "strided_frame"]
 
 #: Labelling modes.
 MODES = ("segmenter", "fusion", "none")
@@ -73,7 +73,10 @@ REASONS = {
     "no_ground_truth": "fusion with the simulated teacher needs semantic images",
     "empty_cloud": "the LiDAR sweep has no finite point",
     "unknown_word": "a vocabulary name or query word the text encoder does not know",
-    "bad_template": "the prompt template has no '{}'",
+    "bad_template": "the prompt template is not plain text with exactly one '{}'",
+    "bad_vocabulary": "duplicate (case-insensitive), too many or too long class names",
+    "over_limit": "a request beyond a configured limit (max_query_texts, max_text_length, max_query_points)",
+    "bad_request": "a request field out of range (threshold not finite or outside [-1, 1], negative max_points)",
     "empty_query": "no query text",
     "bad_query": "the query cannot be encoded",
     "no_encoder": "this mapper has no text encoder (mode none)",
@@ -129,6 +132,24 @@ class MapperConfig:
     full_update_every: int = opt(10, "every n-th labelling pass covers the whole map (0 = never)")
     query_threshold: float = opt(0.5, "default relevance threshold of a query")
     query_max_points: int = opt(5000, "default max returned points of a query")
+
+
+@dataclass
+class ServiceLimits:
+    """Bounds of every request the mapper answers (the node's service parameters; the CLI uses the
+    same checks). Each error names the limit it hit."""
+
+    max_query_texts: int = opt(32, "most texts in one query request")
+    max_text_length: int = opt(200, "most characters of one query text, class name or prompt template")
+    max_query_points: int = opt(200_000, "most points one query returns per text; a request's max_points above it "
+                                         "is refused (0 in a request: query_max_points)")
+    max_vocabulary: int = opt(1000, "most class names in one vocabulary")
+
+    def __post_init__(self):
+        for name in ("max_query_texts", "max_text_length", "max_query_points", "max_vocabulary"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
 
 
 @dataclass
@@ -209,15 +230,18 @@ class Mapper:
             ``fusion`` (default: the simulated teacher of the synthetic world).
         text_encoder: overrides the text encoder (default: the segmenter's, or the synthetic
             text space of ``text_dim`` in mode ``fusion``).
+        limits: the :class:`ServiceLimits` of queries and vocabularies (default: its defaults).
 
     Raises:
         ValueError: a bad setting (mode, device without CUDA, missing checkpoint, unknown
             vocabulary name), with one clear line.
     """
 
-    def __init__(self, config: Optional[MapperConfig] = None, *, segmenter=None, teacher=None, text_encoder=None):
+    def __init__(self, config: Optional[MapperConfig] = None, *, segmenter=None, teacher=None, text_encoder=None,
+                 limits: Optional[ServiceLimits] = None):
         # state first: every attribute exists before anything below can raise
         self.config = cfg = config or MapperConfig()
+        self.limits = limits or ServiceLimits()
         self.lock = threading.RLock()
         self.segmenter = segmenter
         self.teacher = teacher
@@ -226,6 +250,7 @@ class Mapper:
         self.template = str(cfg.prompt_template)
         self.class_text: Optional[np.ndarray] = None
         self.n_frames = self.n_sweeps = self.n_passes = 0
+        self.n_changes = 0              # bumped by every change of the map's content (autosave compares it)
         self._acc = None                # FeatureAccumulator of mode fusion (rows = map slots)
         self._teacher_needs_gt = False  # the built-in simulated teacher reads frame.semantic
         self.fusion_config = None
@@ -234,8 +259,13 @@ class Mapper:
         if cfg.pixel_stride < 1 or cfg.teacher_stride < 1:
             raise ValueError(f"pixel_stride and teacher_stride must be >= 1, got {cfg.pixel_stride}, "
                              f"{cfg.teacher_stride}")
-        if "{}" not in self.template:
-            raise ValueError(f"prompt_template {self.template!r} has no '{{}}'")
+        try:
+            check_template(self.template, self.limits.max_text_length)
+        except ValueError as exc:
+            raise ValueError(f"prompt_template: {exc}") from None
+        if not 0 <= int(cfg.query_max_points) <= self.limits.max_query_points:
+            raise ValueError(f"query_max_points {cfg.query_max_points} must be in 0..max_query_points "
+                             f"{self.limits.max_query_points}")
         self.map = VoxelMap(VoxelMapConfig(voxel_size=float(cfg.voxel_size), max_points=int(cfg.max_points),
                                            eviction=str(cfg.eviction), max_radius=float(cfg.max_radius),
                                            query_rank=int(cfg.query_rank)))
@@ -328,6 +358,7 @@ class Mapper:
         with self.lock:
             touched = self.map.integrate(pts, cols, sensor_origin=pose[:3, 3])
             self.n_frames += 1
+            self.n_changes += 1
         if tf is not None:
             self._fuse(tf)
         return int(len(touched))
@@ -406,6 +437,7 @@ class Mapper:
         with self.lock:
             touched = self.map.integrate(world, cols, sensor_origin=pose[:3, 3])
             self.n_sweeps += 1
+            self.n_changes += 1
         return int(len(touched))
 
     # ------------------------------------------------------------------ labelling
@@ -426,6 +458,7 @@ class Mapper:
                 if self.class_text is None or (len(dirty) == 0 and not full):
                     return False
                 self.map.classify(self.class_text, None if full else dirty)
+                self.n_changes += 1
                 return True
             if self.mode != "segmenter" or (len(dirty) == 0 and not full):
                 return False
@@ -443,6 +476,7 @@ class Mapper:
             self.map.set_features(region[still], feats[still])
             if self.class_text is not None:
                 self.map.classify(self.class_text, region[still])
+            self.n_changes += 1
         return True
 
     # ------------------------------------------------------------------ vocabulary
@@ -451,12 +485,10 @@ class Mapper:
 
         return _numpy(class_embeddings(self.encoder, list(names), template))
 
-    def _unknown(self, names: Sequence[str], template: str, exc: Exception) -> List[str]:
-        words = list(getattr(exc, "words", ()))
-        if words:
-            return words
+    def _unknown(self, names: Sequence[str], template: str) -> List[str]:
+        """Every name the encoder refuses (each encoded on its own; only after a batch failed)."""
         bad = []
-        for n in names:  # find the offending names one by one
+        for n in names:
             try:
                 self._class_text([n], template)
             except ValueError:
@@ -483,10 +515,16 @@ class Mapper:
                 names = parse_vocabulary(names)
             except (ValueError, FileNotFoundError) as exc:
                 raise Rejected("unknown_word", f"vocabulary unchanged: {exc}", words=[names]) from None
-        names = [str(n).strip() for n in names if str(n).strip()]
-        template = self.template if template is None else str(template)
-        if "{}" not in template:
-            raise Rejected("bad_template", f"prompt template {template!r} has no '{{}}'")
+        lim = self.limits
+        try:
+            names = check_vocabulary(names, lim.max_vocabulary, lim.max_text_length)
+        except ValueError as exc:
+            raise Rejected("bad_vocabulary", f"vocabulary unchanged: {exc}") from None
+        template = self.template if template is None else template
+        try:
+            template = check_template(template, lim.max_text_length)
+        except ValueError as exc:
+            raise Rejected("bad_template", f"vocabulary unchanged: {exc}") from None
         if not names:
             raise Rejected("unknown_word", "vocabulary unchanged: no class names")
         try:
@@ -494,10 +532,15 @@ class Mapper:
             if self.segmenter is not None and hasattr(self.segmenter, "set_vocabulary"):
                 self.segmenter.set_vocabulary(list(names), [template])
         except ValueError as exc:
-            raise Rejected("unknown_word", f"vocabulary unchanged: {exc}",
-                           words=self._unknown(names, template, exc)) from None
+            bad = self._unknown(names, template) or list(getattr(exc, "words", ()))
+            shown = ", ".join(repr(clip_text(n)) for n in bad[:10]) + (f" and {len(bad) - 10} more"
+                                                                        if len(bad) > 10 else "")
+            why = f"{len(bad)} name(s) the text encoder cannot encode: {shown}" if bad else clip_text(exc, 300)
+            raise Rejected("unknown_word", f"vocabulary unchanged: {why}",
+                           words=[clip_text(n) for n in bad]) from None
         with self.lock:
             self.vocabulary, self.template, self.class_text = list(names), template, text
+            self.n_changes += 1
             self.map.set_anchor(text)
             slots = self.map.slots()
         for chunk in np.array_split(slots, max(1, len(slots) // LOCK_SLICE + 1)):
@@ -531,23 +574,52 @@ class Mapper:
         try:
             return _numpy(self.encoder.encode(list(texts)))
         except ValueError as exc:
-            raise Rejected("bad_query", f"cannot encode the query: {exc}", words=getattr(exc, "words", ())) from None
+            words = [clip_text(w) for w in getattr(exc, "words", ())]
+            raise Rejected("bad_query", f"cannot encode the query: {clip_text(exc, 300)}", words=words) from None
+
+    def check_query(self, texts: Sequence[str], threshold: Optional[float] = None,
+                    max_points: Optional[int] = None) -> tuple:
+        """``(texts, threshold, max_points)`` of a query after the bounds of :attr:`limits`: at most
+        ``max_query_texts`` non-empty texts of at most ``max_text_length`` characters; threshold
+        (None: ``query_threshold``) finite in [-1, 1]; max_points (None: ``query_max_points``)
+        in 0..``max_query_points``, 0 meaning ``max_query_points``. Raises Rejected
+        ``over_limit`` / ``empty_query`` / ``bad_request`` naming the limit."""
+        lim = self.limits
+        try:
+            texts = check_texts(texts, lim.max_query_texts, lim.max_text_length)
+        except ValueError as exc:
+            raise Rejected("over_limit", str(exc)) from None
+        if not texts or any(not t.strip() for t in texts):
+            raise Rejected("empty_query", "empty query text: give one or more non-empty texts")
+        threshold = self.config.query_threshold if threshold is None else threshold
+        try:
+            threshold = float(threshold)
+        except (TypeError, ValueError):
+            raise Rejected("bad_request", f"threshold {clip_text(repr(threshold))} is not a number") from None
+        if not (math.isfinite(threshold) and -1.0 <= threshold <= 1.0):
+            raise Rejected("bad_request", f"threshold {threshold} must be a finite number in [-1, 1] "
+                                          "(cosine similarity; 0 = the node default)")
+        max_points = self.config.query_max_points if max_points is None else max_points
+        if isinstance(max_points, bool) or not isinstance(max_points, (int, np.integer)) or max_points < 0:
+            raise Rejected("bad_request", f"max_points {clip_text(repr(max_points))} must be an integer >= 0")
+        if max_points > lim.max_query_points:
+            raise Rejected("over_limit", f"max_points {max_points} is more than the limit of "
+                                         f"{lim.max_query_points} (max_query_points)")
+        return texts, threshold, int(max_points) or lim.max_query_points
 
     def query(self, texts: Sequence[str], threshold: Optional[float] = None,
               max_points: Optional[int] = None) -> List[QueryAnswer]:
         """Voxels relevant to each text: cosine score of the voxel feature with the text embedding
         ``>= threshold`` (default ``query_threshold``), at most ``max_points`` (default
-        ``query_max_points``; 0 = all) per text, best first (exact scores, see VoxelMap.query).
+        ``query_max_points``; 0 = ``max_query_points``) per text, best first (exact scores, see
+        VoxelMap.query). The request is bounded first (:meth:`check_query`).
 
         Raises:
-            Rejected: ``empty_query``, ``no_encoder``, ``bad_query``, ``no_features``.
+            Rejected: ``over_limit``, ``bad_request``, ``empty_query``, ``no_encoder``, ``bad_query``,
+            ``no_features``.
         """
-        texts = [str(t) for t in texts]
-        if not texts or any(not t.strip() for t in texts):
-            raise Rejected("empty_query", "empty query text: give one or more non-empty texts")
+        texts, threshold, max_points = self.check_query(texts, threshold, max_points)
         emb = self.encode(texts)
-        threshold = float(self.config.query_threshold if threshold is None else threshold)
-        max_points = int(self.config.query_max_points if max_points is None else max_points)
         out = []
         with self.lock:
             if self.map.feature_dim == 0:
@@ -567,13 +639,25 @@ class Mapper:
         with self.lock:
             return self.map.export()
 
-    def save(self, path) -> tuple:
-        """Write ``<path>.ply`` + ``<path>.npz`` (atomically; with the class names). Returns both paths."""
+    def save(self, path, overwrite: bool = False):
+        """Write the map as one map folder ``path`` (``map.npz``, ``map.ply``, ``manifest.json`` with
+        the class names; atomic, see :func:`sas_core.geometry.voxel_map.write_map`). The arrays are
+        copied under the lock and written after it is released. Returns the folder.
+
+        Raises:
+            FileExistsError: ``path`` exists and ``overwrite`` is False.
+        """
+        from sas_core.geometry.voxel_map import write_map
+
         with self.lock:
-            return self.map.save(path, class_names=self.vocabulary or None)
+            data = self.map.export()
+            names = list(self.vocabulary) or None
+            voxel_size = self.map.config.voxel_size
+        return write_map(path, data, voxel_size, names, overwrite=overwrite)
 
     def load(self, path) -> int:
-        """Replace the map by one written by :meth:`save` (voxel size must match). The saved class
+        """Replace the map by one written by :meth:`save` (a map folder, checked against its manifest;
+        voxel size must match). The saved class
         names become the vocabulary when this mapper's text encoder knows them; otherwise the map
         is relabelled with the current vocabulary. Returns the number of voxels.
 
@@ -586,6 +670,7 @@ class Mapper:
             raise Rejected("bad_map", f"cannot load map {path}: {exc}") from None
         with self.lock:
             self.map = vmap
+            self.n_changes += 1
             if self._acc is not None:
                 self._acc.reset()
                 self._acc = None  # fused sums are not saved: a loaded voxel's feature is replaced by
@@ -602,6 +687,7 @@ class Mapper:
         """Forget the map (and the fused sums); vocabulary and counters stay."""
         with self.lock:
             self.map.reset()
+            self.n_changes += 1
             if self.class_text is not None:
                 self.map.set_anchor(self.class_text)
             if self._acc is not None:

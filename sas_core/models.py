@@ -68,6 +68,8 @@ class ModelPaths:
 
     clip_model: Optional[str] = opt(None, "open_clip architecture of clip_checkpoint (default: ViT-B-16)")
     clip_checkpoint: Optional[str] = opt(None, "open_clip weights of the CLIP teachers and text encoder")
+    clip_preset: Optional[str] = opt(None, "dense CLIP inference preset for these weights (sclip, sclip_outdoor, "
+                                           "clearclip, naclip, naclip_slide; default: sclip's settings)")
     clip_checkpoints: Dict[str, str] = opt(factory=dict, help="more open_clip weights by architecture, e.g. "
                                                               "ViT-B-32 (LSeg's text space), ViT-L-14-336 (OpenSeg's)")
     sam_model_type: Optional[str] = opt(None, "segment-anything type of sam_checkpoint: vit_h | vit_l | vit_b")
@@ -81,10 +83,16 @@ class ModelPaths:
 
     def clip_weights(self, model: Optional[str] = None) -> Optional[str]:
         """The weights file of open_clip architecture ``model`` (None: :attr:`clip_model`), or None."""
+        from sas_core.clip import split_clip_name
+
         own = self.clip_model or DEFAULT_CLIP_MODEL
-        if model is None or model == own:
+        if model is None or split_clip_name(model)[0] == split_clip_name(own)[0]:
             return self.clip_checkpoint or self.clip_checkpoints.get(own)
-        return self.clip_checkpoints.get(model)
+        if model in self.clip_checkpoints:
+            return self.clip_checkpoints[model]
+        # keys may declare the activation (ViT-B-32-quickgelu) where the caller names the architecture
+        base = split_clip_name(model)[0]
+        return next((path for key, path in self.clip_checkpoints.items() if split_clip_name(key)[0] == base), None)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -92,7 +100,7 @@ class ModelPaths:
 
 #: Keys a models file may hold (every field but ``source``).
 FILE_KEYS = tuple(f.name for f in dataclasses.fields(ModelPaths) if f.name != "source")
-_NAME_KEYS = ("clip_model", "sam_model_type")  # names, not paths
+_NAME_KEYS = ("clip_model", "clip_preset", "sam_model_type")  # names, not paths
 _TABLE_KEYS = ("clip_checkpoints", "checkpoints")
 
 
@@ -131,6 +139,12 @@ def parse_model_paths(data, base: Path, source: str) -> ModelPaths:
         else:
             values[key] = value.strip() if key in _NAME_KEYS else _resolve(value, base)
     paths = ModelPaths(**values, source=source)
+    if paths.clip_preset is not None:
+        from sas_core.teachers.dense_clip import DENSE_CLIP_PRESETS
+
+        if paths.clip_preset not in DENSE_CLIP_PRESETS:
+            raise ValueError(f"{source}: clip_preset {paths.clip_preset!r} is not a dense CLIP preset; choose one of "
+                             f"{', '.join(DENSE_CLIP_PRESETS)}")
     if paths.sam_model_type is None:
         paths.sam_model_type = _sam_type_of(paths.sam_checkpoint)
     return paths
@@ -261,21 +275,24 @@ def _error_text(e: Exception) -> str:
 def _check_open_clip(model_name: str, path: Path) -> str:
     import open_clip
 
+    from sas_core.clip import resolve_activation
     from sas_core.nn.checkpoint import load_state_dict_strict
 
+    arch, quick, why = resolve_activation(model_name, path)  # refuses what it cannot tell
+    activation = f"{'QuickGELU' if quick else 'GELU'} ({why})"
     if path.is_dir():  # an open_clip local-dir folder: open_clip reads its config and weights
         model = open_clip.create_model(f"local-dir:{path}")
-        return f"open_clip local-dir model, {_params(model)}"
-    config = open_clip.get_model_config(model_name)
+        return f"open_clip local-dir model, {_params(model)}, {activation}"
+    config = open_clip.get_model_config(arch)
     if config is None:
-        raise ValueError(f"unknown open_clip architecture {model_name!r}")
+        raise ValueError(f"unknown open_clip architecture {arch!r}")
     logging.disable(logging.WARNING)  # open_clip warns that the random model has no pretrained weights
     try:
-        model = open_clip.create_model(model_name, pretrained=None)
+        model = open_clip.create_model(arch, pretrained=None, force_quick_gelu=quick)
     finally:
         logging.disable(logging.NOTSET)
     load_state_dict_strict(model, _state_dict_file(path), source=str(path))
-    return f"open_clip {model_name}: {_params(model)}, {config.get('embed_dim')}-d embeddings"
+    return f"open_clip {arch}: {_params(model)}, {config.get('embed_dim')}-d embeddings, {activation}"
 
 
 def _check_sam(model_type: str, path: Path) -> str:

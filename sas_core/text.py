@@ -191,13 +191,83 @@ def get_templates(templates: "str | Sequence[str] | None") -> Tuple[str, ...]:
     if isinstance(templates, str):
         if templates in TEMPLATE_ENSEMBLES:
             return TEMPLATE_ENSEMBLES[templates]
-        if "{}" in templates:
-            return (templates,)
-        raise ValueError(f"unknown template ensemble {templates!r}; known: {', '.join(TEMPLATE_ENSEMBLES)}"
+        if "{" in templates or "}" in templates:
+            return (check_template(templates),)
+        raise ValueError(f"unknown template ensemble {clip_text(templates)!r}; known: {', '.join(TEMPLATE_ENSEMBLES)}"
                          " (or pass a template containing '{}')")
     out = tuple(templates)
-    if not out or not all(isinstance(t, str) and t.count("{}") == 1 for t in out):
-        raise ValueError(f"templates must be non-empty strings with exactly one '{{}}', got {out!r}")
+    if not out or not all(isinstance(t, str) for t in out):
+        raise ValueError(f"templates must be non-empty strings with exactly one '{{}}', got {clip_text(repr(out))}")
+    return tuple(check_template(t) for t in out)
+
+
+#: Longest prompt template :func:`check_template` accepts by default (characters).
+MAX_TEMPLATE_LENGTH = 200
+
+
+def clip_text(text, limit: int = 60) -> str:
+    """``text`` cut to ``limit`` characters with ``...`` appended when longer: echo user input in
+    replies and logs without echoing megabytes."""
+    text = str(text)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def check_template(template, max_length: int = MAX_TEMPLATE_LENGTH) -> str:
+    """``template`` if it is a usable prompt template, else ValueError saying why.
+
+    A template is plain text with exactly one ``{}`` slot for the class name: no other brace (no
+    ``{{`` escapes, no ``{0}``/``{name}`` fields), no format spec (``{:>50000000}`` would cost
+    memory) and no conversion (``{!r}``); at most ``max_length`` characters. THE check of every
+    template: the mapping node's ``set_vocabulary`` and ``prompt_template``, and the CLI's
+    ``--templates`` (:func:`get_templates`).
+    """
+    if not isinstance(template, str):
+        raise ValueError(f"prompt template must be a string, got {type(template).__name__}")
+    if len(template) > max_length:
+        raise ValueError(f"prompt template of {len(template)} characters, more than the limit of {max_length}")
+    if template.count("{") != 1 or template.count("}") != 1 or "{}" not in template:
+        raise ValueError(f"prompt template {clip_text(template)!r} must contain exactly one '{{}}' and no "
+                         "other brace (no format spec, conversion or field name)")
+    return template
+
+
+def check_texts(texts, max_texts: int = 0, max_length: int = 0, what: str = "query text") -> List[str]:
+    """``texts`` as a list of strings within the bounds: at most ``max_texts`` texts (parameter
+    ``max_query_texts``; 0 = no limit), each at most ``max_length`` characters (``max_text_length``;
+    0 = no limit). ValueError naming the limit otherwise (the text itself clipped)."""
+    texts = [str(t) for t in texts]
+    if max_texts and len(texts) > max_texts:
+        raise ValueError(f"{len(texts)} {what}s, more than the limit of {max_texts} (max_query_texts)")
+    for i, t in enumerate(texts):
+        if max_length and len(t) > max_length:
+            raise ValueError(f"{what} {i} has {len(t)} characters, more than the limit of {max_length} "
+                             f"(max_text_length): {clip_text(t)!r}")
+    return texts
+
+
+def check_vocabulary(names, max_names: int = 0, max_length: int = 0) -> Tuple[str, ...]:
+    """Class names stripped, blanks dropped, then checked: at most ``max_names`` (0 = no limit),
+    each at most ``max_length`` characters (0 = no limit), no duplicates (case-insensitive).
+    ValueError naming the limit or the duplicates."""
+    out = tuple(n for n in (str(x).strip() for x in names) if n)
+    if max_names and len(out) > max_names:
+        raise ValueError(f"{len(out)} class names, more than the limit of {max_names} (max_vocabulary)")
+    long = [n for n in out if max_length and len(n) > max_length]
+    if long:
+        raise ValueError(f"{len(long)} class name(s) longer than the limit of {max_length} characters "
+                         f"(max_text_length): {', '.join(repr(clip_text(n)) for n in long[:5])}"
+                         + (f" and {len(long) - 5} more" if len(long) > 5 else ""))
+    counts: Dict[str, int] = {}
+    first: Dict[str, str] = {}
+    for n in out:
+        k = n.casefold()
+        counts[k] = counts.get(k, 0) + 1
+        first.setdefault(k, n)
+    dup = [(first[k], c) for k, c in counts.items() if c > 1]
+    if dup:
+        shown = ", ".join(f"{clip_text(n)!r} x{c}" for n, c in dup[:10])
+        raise ValueError(f"{sum(c - 1 for _, c in dup)} duplicate class name(s) (case-insensitive): {shown}"
+                         + (f" and {len(dup) - 10} more" if len(dup) > 10 else ""))
     return out
 
 

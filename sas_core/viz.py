@@ -120,6 +120,35 @@ def topdown_image(positions, colors=None, labels=None, resolution: float = 0.02,
     return image
 
 
+def with_legend(image: np.ndarray, labels, class_names, title: Optional[str] = None) -> np.ndarray:
+    """``image`` with a legend strip on its right: a swatch of :func:`label_colors` and the name of
+    each label in ``labels`` that occurs (sorted; 255 = "ignored"). Drawn with Pillow's default
+    font, so no matplotlib is needed. Returns a new (H', W + legend, 3) uint8 image."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    present = sorted({int(v) for v in np.unique(np.asarray(labels)) if 0 <= int(v) < 256})
+    names = [("ignored" if v == IGNORE_LABEL else (class_names[v] if v < len(class_names) else str(v)))
+             for v in present]
+    font = ImageFont.load_default()
+    row = 14
+    top = row + 6 if title else 4
+    width = 28 + max((int(ImageDraw.Draw(Image.new("RGB", (1, 1))).textlength(n, font=font)) for n in
+                      names + ([title] if title else [])), default=0) + 8
+    height = max(image.shape[0], top + row * len(present) + 4)
+    canvas = Image.new("RGB", (image.shape[1] + width, height), (255, 255, 255))
+    canvas.paste(Image.fromarray(np.asarray(image, np.uint8)), (0, 0))
+    draw = ImageDraw.Draw(canvas)
+    x0 = image.shape[1] + 6
+    if title:
+        draw.text((x0, 3), title, fill=(0, 0, 0), font=font)
+    colors = label_colors(np.array(present, dtype=np.int64)) if present else np.zeros((0, 3), np.uint8)
+    for i, (name, color) in enumerate(zip(names, colors)):
+        y = top + i * row
+        draw.rectangle([x0, y + 1, x0 + 14, y + 11], fill=tuple(int(c) for c in color), outline=(0, 0, 0))
+        draw.text((x0 + 20, y), name, fill=(0, 0, 0), font=font)
+    return np.asarray(canvas)
+
+
 def save_png(path, image: np.ndarray) -> None:
     """Write an (H, W, 3) or (H, W) uint8 image as PNG, atomically."""
     from sas_core.io import atomic_path

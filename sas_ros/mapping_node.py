@@ -11,7 +11,19 @@ Inputs (relative names, remap them; sensor-data QoS):
   ``instance/image_raw`` (16UC1 ground truth of the synthetic world; instance + 1, 0 = none).
 Outputs: ``~/labelled_cloud`` (x, y, z, rgb, label, score), ``~/map_cloud`` (x, y, z, rgb),
   ``~/label_map`` (transient local), ``~/stats`` (std_msgs/String JSON: rates, latencies, drops).
-Services: ``~/query`` (TextQuery), ``~/set_vocabulary``, ``~/save_map``, ``~/reset`` (Trigger).
+Services: ``~/query`` (TextQuery), ``~/set_vocabulary``, ``~/save_map``, ``~/load_map``,
+  ``~/reset`` (Trigger). Every request is bounded (:class:`sas_core.mapping.ServiceLimits`:
+  ``max_query_texts``, ``max_text_length``, ``max_query_points``, ``max_vocabulary``) and checked
+  by the Mapper; every callback catches everything: a refused request gets ``success: false`` and
+  a message naming the limit, an unexpected error ``internal error: <type>`` (traceback logged
+  once), and the node keeps serving.
+
+Maps (parameters ``map_dir``, ``map_file``, ``autosave_period``): ``~/save_map`` / ``~/load_map``
+  take names under ``map_dir`` (:func:`sas_core.io.confined_path`: no absolute path, ``..`` or
+  symlink out of it); a map is one folder written atomically with a checked manifest
+  (:func:`sas_core.geometry.voxel_map.write_map`); leftover temporaries of killed saves are removed
+  at start; ``map_file`` is loaded at start and, with ``autosave_period`` > 0, rewritten every
+  period when the map changed and once on shutdown.
 
 Parameters: one per field of :class:`sas_core.mapping.MapperConfig` (pipeline) and of
 :class:`sas_ros.params.NodeConfig` (ROS-only), declared by :func:`sas_ros.params.declare_config`
@@ -32,6 +44,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import threading
 import time
 import traceback
@@ -47,11 +60,11 @@ from std_msgs.msg import ColorRGBA, String
 from std_srvs.srv import Trigger
 
 from sas_core.data import msg_codec as codec
-from sas_core.mapping import Mapper, MapperConfig, Rejected
+from sas_core.mapping import Mapper, MapperConfig, Rejected, ServiceLimits
 from sas_core.types import IGNORE_LABEL, Frame
 from sas_core.viz import label_palette
 from sas_interfaces.msg import LabelMap
-from sas_interfaces.srv import SaveMap, SetVocabulary, TextQuery
+from sas_interfaces.srv import LoadMap, SaveMap, SetVocabulary, TextQuery
 from sas_ros import conversions as conv
 from sas_ros.params import NodeConfig, declare_config
 from sas_ros.poses import PoseSource, PoseUnavailable
@@ -102,6 +115,11 @@ class MappingNode(Node):
         self.e2e_ms: deque = deque(maxlen=200)
         self._pending_recv: list = []   # receive times of frames integrated since the last publish
         self._recv_lock = threading.Lock()
+        self.map_dir = None
+        self._autosave_path = None      # set once the map_file is loaded (never autosave before that)
+        self._saved_changes = None
+        self._save_lock = threading.Lock()
+        self._internal_errors: set = set()
         super().__init__(node_name, **kwargs)
         try:
             self._setup()
@@ -118,7 +136,9 @@ class MappingNode(Node):
             default = load_model_paths(cfg.models_file or None).checkpoint
             if default:
                 self.mapper_config = dataclasses.replace(self.mapper_config, checkpoint=str(default))
-        self.mapper = Mapper(self.mapper_config)  # ValueError: bad setting / no CUDA / checkpoint
+        self.limits = declare_config(self, ServiceLimits)
+        self.mapper = Mapper(self.mapper_config, limits=self.limits)  # ValueError: bad setting / no CUDA / checkpoint
+        self._setup_maps()
 
         # ---- interfaces
         sensor_qos = qos_profile_sensor_data
@@ -150,13 +170,16 @@ class MappingNode(Node):
         if cfg.use_lidar:
             self.create_subscription(PointCloud2, "points", self._on_cloud, sensor_qos)
         services = ReentrantCallbackGroup()
-        self.create_service(TextQuery, "~/query", self._srv_query, callback_group=services)
-        self.create_service(SetVocabulary, "~/set_vocabulary", self._srv_set_vocabulary, callback_group=services)
-        self.create_service(SaveMap, "~/save_map", self._srv_save_map, callback_group=services)
-        self.create_service(Trigger, "~/reset", self._srv_reset, callback_group=services)
+        for srv_type, name, fn in ((TextQuery, "query", self._srv_query),
+                                   (SetVocabulary, "set_vocabulary", self._srv_set_vocabulary),
+                                   (SaveMap, "save_map", self._srv_save_map), (LoadMap, "load_map", self._srv_load_map),
+                                   (Trigger, "reset", self._srv_reset)):
+            self.create_service(srv_type, f"~/{name}", self._guarded(name, fn), callback_group=services)
         timers = MutuallyExclusiveCallbackGroup()
         self.create_timer(cfg.update_period, self.update_event.set, callback_group=timers)
         self.create_timer(cfg.stats_period, self._publish_stats, callback_group=timers)
+        if cfg.autosave_period > 0:
+            self.create_timer(cfg.autosave_period, self.autosave, callback_group=MutuallyExclusiveCallbackGroup())
         self._publish_label_map()
         self.worker = threading.Thread(target=self._integration_loop, name="sas-integrate", daemon=True)
         self.labeller = threading.Thread(target=self._labelling_loop, name="sas-label", daemon=True)
@@ -382,18 +405,43 @@ class MappingNode(Node):
             f"{s['frame_to_cloud_ms_median'] or 0:.0f} ms, drops {s['drops']}", throttle_duration_sec=30.0)
 
     # ------------------------------------------------------------------ services
+    def _guarded(self, name: str, fn):
+        """``fn`` as a service callback that never raises: a refused request (ValueError, OSError)
+        answers ``success: false`` with its message (clipped), anything else ``internal error:
+        <type>`` with the traceback logged once per (service, type)."""
+        from sas_core.text import clip_text
+
+        def callback(request, response):
+            try:
+                return fn(request, response)
+            except (ValueError, OSError) as exc:
+                message = clip_text(exc, 500)
+                reason, words = getattr(exc, "reason", "bad_request"), list(getattr(exc, "words", ()))
+            except Exception as exc:  # never let one request stop the node
+                message = reason = f"internal error: {type(exc).__name__}"
+                words = []
+                key = (name, type(exc).__name__)
+                if key not in self._internal_errors:
+                    self._internal_errors.add(key)
+                    self.get_logger().error(f"~/{name}: {message}\n{traceback.format_exc()}")
+                else:
+                    self.get_logger().error(f"~/{name}: {message} (traceback logged before)")
+            fresh = type(response)()
+            fresh.success, fresh.message = False, message
+            if hasattr(fresh, "unknown"):
+                fresh.unknown = words
+            if not reason.startswith("internal"):
+                self._drop(reason, f"~/{name}: {message}")
+            return fresh
+
+        return callback
+
     def _srv_query(self, request, response):
         t0 = time.perf_counter()
-        texts = [str(t) for t in request.texts]
-        response.success = False
-        try:
-            # 0 in the request means the node's default (query_threshold / query_max_points)
-            answers = self.mapper.query(texts, float(request.threshold) or None, int(request.max_points) or None)
-        except Rejected as exc:
-            response.message = str(exc)
-            if exc.reason in ("empty_query", "bad_query"):
-                self._drop(exc.reason, response.message)
-            return response
+        # 0 in the request means the node's default (query_threshold / query_max_points); the
+        # Mapper bounds the rest (ServiceLimits) and raises Rejected naming the limit
+        answers = self.mapper.query(list(request.texts), float(request.threshold) or None,
+                                    int(request.max_points) or None)
         for a in answers:
             response.best_scores.append(a.best if np.isfinite(a.best) else 0.0)
             response.counts.append(a.count)
@@ -412,31 +460,30 @@ class MappingNode(Node):
         return response
 
     def _srv_set_vocabulary(self, request, response):
-        names = [str(n).strip() for n in request.labels if str(n).strip()] or self.mapper_config.vocabulary
+        names = list(request.labels)
+        if not any(str(n).strip() for n in names):
+            names = self.mapper_config.vocabulary  # the configured default (a spec string)
         template = str(request.prompt_template) or None
         response.unknown = []
-        try:
-            self.mapper.set_vocabulary(names, template)
-        except Rejected as exc:
-            response.unknown = list(exc.words)
-            response.success, response.message = False, str(exc)
-            if exc.reason == "unknown_word":
-                self._drop("unknown_word", response.message)
-            return response
+        self.mapper.set_vocabulary(names, template)  # Rejected (unknown_word: .words) -> _guarded
         self._publish_label_map()
         self.update_event.set()
         response.success, response.message = True, f"vocabulary set to {len(self.mapper.vocabulary)} classes"
         return response
 
     def _srv_save_map(self, request, response):
-        if not request.path:
-            response.success, response.message = False, "empty path"
-            return response
-        try:
-            ply, npz = self.mapper.save(request.path)
-            response.success, response.message = True, f"saved {ply} and {npz}"
-        except (OSError, ValueError) as exc:
-            response.success, response.message = False, f"save failed: {exc}"
+        from sas_core.io import confined_path
+
+        path = confined_path(self.map_dir, request.path)  # ValueError: absolute, '..', symlink out
+        with self._save_lock:
+            folder = self.mapper.save(path, overwrite=bool(request.overwrite))  # FileExistsError
+        response.success, response.message = True, f"saved {len(self.mapper)} voxels to {folder}"
+        return response
+
+    def _srv_load_map(self, request, response):
+        n = self.load_map(request.name)
+        response.success, response.n_voxels = True, n
+        response.message = f"loaded {n} voxels from {request.name!r} ({len(self.mapper.vocabulary)} classes)"
         return response
 
     def _srv_reset(self, request, response):
@@ -448,12 +495,88 @@ class MappingNode(Node):
         response.success, response.message = True, "map cleared"
         return response
 
+    # ------------------------------------------------------------------ map persistence
+    def _setup_maps(self) -> None:
+        """map_dir checked, leftover temporaries of killed saves removed, map_file loaded (ValueError:
+        refuse to start with one line)."""
+        from pathlib import Path
+
+        from sas_core.io import clean_temp_dirs, confined_path
+
+        cfg = self.cfg
+        if not np.isfinite(cfg.autosave_period) or cfg.autosave_period < 0:
+            raise ValueError(f"autosave_period must be >= 0 seconds, got {cfg.autosave_period}")
+        if not cfg.map_dir.strip():
+            raise ValueError("map_dir is empty: give the folder of saved maps")
+        self.map_dir = Path(os.path.expanduser(cfg.map_dir)).absolute()  # created by the first save
+        if self.map_dir.exists() and not self.map_dir.is_dir():
+            raise ValueError(f"map_dir {self.map_dir} is not a folder")
+        removed = clean_temp_dirs(self.map_dir)
+        if removed:
+            self.get_logger().warning(f"removed {len(removed)} unfinished save(s) of killed processes in "
+                                      f"{self.map_dir}: {', '.join(p.name for p in removed[:5])}")
+        target = None
+        if cfg.map_file:
+            try:
+                target = confined_path(self.map_dir, cfg.map_file)
+            except ValueError as exc:
+                raise ValueError(f"map_file: {exc}") from None
+            if target.exists():
+                n = self.load_map(cfg.map_file)
+                self.get_logger().info(f"loaded map {target}: {n} voxels")
+            elif cfg.autosave_period <= 0:
+                raise ValueError(f"map_file {cfg.map_file!r}: no map {target} (set autosave_period to create it, "
+                                 "or clear map_file)")
+        elif cfg.autosave_period > 0:
+            target = confined_path(self.map_dir, "autosave")
+        self._saved_changes = self.mapper.n_changes
+        self._autosave_path = target if cfg.autosave_period > 0 else None
+
+    def load_map(self, name: str) -> int:
+        """Replace the map by the saved map ``name`` under map_dir; returns its voxel count.
+        Raises ValueError (a bad name, Rejected ``bad_map``) and leaves the map unchanged then."""
+        from sas_core.io import confined_path
+
+        path = confined_path(self.map_dir, name)
+        if not path.exists():
+            raise ValueError(f"no map {str(name)[:80]!r} in {self.map_dir}")
+        n = self.mapper.load(path)
+        if hasattr(self, "pub_label_map"):  # (at start the publishers come after the map_file)
+            self._publish_label_map()
+        self.update_event.set()
+        return n
+
+    def autosave(self, final: bool = False) -> bool:
+        """Save the map atomically to the autosave target when it changed since the last save (the
+        timer; ``final`` on shutdown). Never raises (errors are logged). Returns True when saved."""
+        path = self._autosave_path
+        if path is None or self.mapper is None:
+            return False
+        with self._save_lock:
+            changes = self.mapper.n_changes
+            if changes == self._saved_changes:
+                return False
+            try:
+                t0 = time.perf_counter()
+                self.mapper.save(path, overwrite=True)
+                self._saved_changes = changes
+            except Exception as exc:
+                self._drop("autosave_failed", f"autosave to {path} failed: {type(exc).__name__}: {exc}")
+                return False
+        text = f"{len(self.mapper)} voxels to {path} in {time.perf_counter() - t0:.2f} s"
+        if final:
+            self.get_logger().info(f"final save: {text}")
+        else:
+            self.get_logger().info(f"autosaved {text}", throttle_duration_sec=60.0)
+        return True
+
     def destroy_node(self):
         self.running = False
         self.update_event.set()
         for t in (self.worker, self.labeller):
             if t is not None and t.is_alive() and t is not threading.current_thread():
                 t.join(timeout=2.0)
+        self.autosave(final=True)
         return super().destroy_node()
 
 

@@ -1,8 +1,9 @@
 """ROS parameters generated from config dataclasses (``sas_core.config``): each default exists once.
 
 The mapping node declares one parameter per field of :class:`sas_core.mapping.MapperConfig` (the
-pipeline, shared with `sas replay`) and of :class:`NodeConfig` (ROS-only knobs: frames, topics,
-QoS, queues, timers), each with the field's help as its description::
+pipeline, shared with `sas replay`), of :class:`sas_core.mapping.ServiceLimits` (the bounds of
+every service request) and of :class:`NodeConfig` (ROS-only knobs: frames, topics, QoS, queues,
+timers, map persistence), each with the field's help as its description::
 
     mapper_cfg = declare_config(node, MapperConfig)   # -> MapperConfig built from the parameters
 
@@ -44,13 +45,20 @@ class NodeConfig:
     log_throttle: float = opt(2.0, "seconds between repeated warnings of the same kind")
     models_file: str = opt("", "models file (config/models.yaml layout; empty: $SAS_MODELS / $SAS_MODELS_DIR); "
                                "its 'checkpoint' is used when the 'checkpoint' parameter is empty")
+    # map persistence: every file the node writes is under map_dir
+    map_dir: str = opt("~/.local/share/sas_ros/maps", "folder of saved maps: ~/save_map, ~/load_map, map_file and "
+                                                      "autosave names are relative to it, writes never leave it")
+    map_file: str = opt("", "map (a name under map_dir) loaded at start and written by autosave; empty = none "
+                            "(autosave then writes 'autosave')")
+    autosave_period: float = opt(0.0, "seconds between automatic atomic saves of a changed map, and one save on "
+                                      "shutdown (0 = off)")
 
 
 def node_config_classes() -> tuple:
     """The dataclasses whose fields are the mapping node's parameters, in declaration order."""
-    from sas_core.mapping import MapperConfig
+    from sas_core.mapping import MapperConfig, ServiceLimits
 
-    return (MapperConfig, NodeConfig)
+    return (MapperConfig, ServiceLimits, NodeConfig)
 
 
 def parameter_fields() -> dict:

@@ -24,7 +24,29 @@ def test_quick_demo_writes_the_report(tmp_path):
     assert set(table["settings"]) == {"own_map", "held_out"} and set(table["per_class"]) == {"own_map", "held_out"}
     for r in table["rows"]:
         assert 0.0 <= r["miou"] <= 100.0 and 0.0 <= r["macc"] <= 100.0
+    # every row's figures are the means of its per-class results (OpenScene averaging: the sum of
+    # present classes' IoU over all K classes; "present": over the present ones)
+    from sas_core.text import SCANNET_20
+
+    n_classes = len(SCANNET_20)  # the demo's vocabulary
+    for r in table["rows"]:
+        per_class = table["per_class"][r["setting"]][r["key"]]
+        assert per_class, r
+        ious = [c["iou"] for c in per_class.values()]
+        assert r["miou"] == pytest.approx(100 * sum(ious) / n_classes, abs=1e-6), r
+        assert r["miou_present"] == pytest.approx(100 * sum(ious) / len(ious), abs=1e-6), r
+        assert r["macc"] == pytest.approx(100 * sum(c["acc"] for c in per_class.values()) / n_classes, abs=1e-6)
+        # all settings evaluate the same points for every row
+        assert sum(c["points"] for c in per_class.values()) == sum(
+            c["points"] for c in table["per_class"][r["setting"]]["teacher_a"].values())
     md = (out / "table.md").read_text()
+    # the Markdown table prints exactly the JSON rows, in order
+    md_rows = [line.split("|")[1:-1] for line in md.splitlines() if line.startswith("| 2D") or line.startswith("| 3D")]
+    assert len(md_rows) == len(table["rows"])
+    for cells, r in zip(md_rows, table["rows"]):
+        group, method, miou, macc, present = (c.strip() for c in cells)
+        assert (group, method) == (r["group"], r["method"])
+        assert (miou, macc, present) == (f"{r['miou']:.1f}", f"{r['macc']:.1f}", f"{r['miou_present']:.1f}")
     assert "SYNTHETIC" in md and "SP Dis. + TESD" in md and "Capability fusion" in md
     assert "own map, transductive" in md and "held-out rooms" in md and md.count("| Capability fusion") == 2
     assert (out / "ablation.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -174,8 +174,10 @@ def test_fusion_mode_labels_and_queries(scene):
     np.testing.assert_allclose(a.bbox_min, a.positions.min(0))
     np.testing.assert_allclose(a.bbox_max, a.positions.max(0))
     assert (_gt(scene, a.positions) == cls).mean() > 0.8
-    none = mapper.query(["chair"], threshold=1.01)[0]
-    assert none.count == 0 and len(none.positions) == 0 and np.isnan(none.centroid).all()
+    none = mapper.query(["chair"], threshold=1.0)[0]
+    assert none.best < 1.0 and none.count == 0 and len(none.positions) == 0 and np.isnan(none.centroid).all()
+    with pytest.raises(Rejected, match=r"\[-1, 1\]"):  # a cosine threshold beyond 1 is refused
+        mapper.query(["chair"], threshold=1.01)
 
 
 def test_region_labelling_writes_back_only_unmoved_voxels(scene):
@@ -309,10 +311,10 @@ def test_save_load_roundtrip_and_reset(scene, tmp_path):
         mapper.integrate_rgbd(f)
     mapper.label_pass(full=True)
     mapper.set_vocabulary(["chair", "table", "wall", "floor"])
-    ply, npz = mapper.save(tmp_path / "m")
-    assert ply.exists() and npz.exists()
+    folder = mapper.save(tmp_path / "m")
+    assert {p.name for p in folder.iterdir()} == {"map.npz", "map.ply", "manifest.json"}
     other = Mapper(MapperConfig(mode="fusion"))
-    assert other.load(npz) == len(mapper)
+    assert other.load(folder) == len(mapper)
     assert other.vocabulary == ["chair", "table", "wall", "floor"]
     a, b = mapper.export(), other.export()
     for key in ("positions", "colors", "labels", "counts", "coords", "features"):
@@ -324,7 +326,7 @@ def test_save_load_roundtrip_and_reset(scene, tmp_path):
     other.integrate_rgbd(scene.frames[3])
     assert len(other) >= len(mapper)
     with pytest.raises(Rejected) as e:
-        Mapper(MapperConfig(mode="fusion", voxel_size=0.1)).load(npz)
+        Mapper(MapperConfig(mode="fusion", voxel_size=0.1)).load(folder)
     assert e.value.reason == "bad_map"
     other.reset()
     assert len(other) == 0 and other.vocabulary == ["chair", "table", "wall", "floor"]

@@ -85,7 +85,7 @@ def test_node_and_replay_build_the_same_map(tmp_path, capsys):
 
     assert main(["replay", str(bag), "--checkpoint", str(ckpt), "--out", str(tmp_path / "out"), "--no-lidar"]) == 0
     capsys.readouterr()
-    with np.load(tmp_path / "out" / "parity_bag.npz") as z:
+    with np.load(tmp_path / "out" / "parity_bag" / "map.npz") as z:
         offline = {k: z[k] for k in ("positions", "colors", "labels", "scores")}
     assert len(offline["positions"]) > 2000 and (offline["labels"] < 20).all()
 

@@ -29,12 +29,12 @@ def test_replay_writes_map_and_export(bag, tmp_path, capsys):
     assert rc == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["frames"] == 6 and summary["sweeps"] == 2 and not summary["labelled"]
-    ply = read_ply(tmp_path / "out" / "robot0.ply")
+    ply = read_ply(tmp_path / "out" / "robot0" / "map.ply")
     assert len(ply["x"]) > 2000
     # the map lies on the scene's surfaces
     d, _ = cKDTree(scene.points.positions).query(ply["positions"])
     assert np.median(d) < 0.05
-    with np.load(tmp_path / "out" / "robot0.npz") as z:
+    with np.load(tmp_path / "out" / "robot0" / "map.npz") as z:
         assert z["positions"].shape == (len(ply["x"]), 3) and z["counts"].min() >= 1
     cloud, frames = load_openscene_scene(tmp_path / "os", "robot0")
     frames = list(frames)
@@ -66,7 +66,7 @@ def test_replay_with_checkpoint_labels_the_map(bag, tmp_path, capsys):
     assert main(["replay", str(path), "--checkpoint", str(ckpt), "--out", str(tmp_path / "o"), "--no-lidar",
                  "--pixel-stride", "4", "--frame-step", "3", "--voxel-size", "0.15"]) == 0
     assert json.loads(capsys.readouterr().out)["labelled"] is True
-    with np.load(tmp_path / "o" / "synth_bag.npz") as z:
+    with np.load(tmp_path / "o" / "synth_bag" / "map.npz") as z:
         assert z["features"].shape == (len(z["positions"]), 32) and z["features"].dtype == np.float16
         assert z["labels"].min() >= 0 and z["labels"].max() < len(SCANNET_20)
         norms = np.linalg.norm(z["features"].astype(np.float32), axis=1)

@@ -97,7 +97,9 @@ def test_overwrite_and_errors(scene, tmp_path):
         list(iter_bag_frames(path, color_topic="/other/image"))
 
 
-def test_frames_without_pose_are_skipped(scene, tmp_path):
+def test_a_named_pose_topic_must_exist(scene, tmp_path):
+    """Named topics are checked before the bag is read (frames without a pose are counted skips:
+    test_bag_corpus)."""
     path = write_bag(scene, tmp_path / "bag", storage="mcap")
-    frames, _ = read_bag(path, pose_topic="/no/pose")
-    assert frames == []
+    with pytest.raises(ValueError, match="no topic /no/pose"):
+        read_bag(path, pose_topic="/no/pose")

@@ -80,3 +80,27 @@ def test_distiller_uses_the_configured_alpha(tmp_path):
     text = torch.nn.functional.normalize(torch.randn(2, 4), dim=1)
     d = Distiller(cfg, [scene], text, ["a", "b"])
     assert d.tesd.alpha == pytest.approx(0.8)
+
+
+def test_point_loss_accepts_mixed_precision_targets():
+    """bf16 / fp64 network outputs against fp32 targets (mixed precision): the targets follow the
+    output's dtype, the value is the plain cosine distance."""
+    f3d = torch.tensor([[1.0, 0.0], [0.0, 2.0]], dtype=torch.float64)
+    f2d = torch.tensor([[1.0, 1.0], [0.0, 1.0]], dtype=torch.float32)
+    loss = point_loss(f3d, f2d)
+    assert loss.dtype == torch.float64
+    assert float(loss) == pytest.approx(((1 - 1 / math.sqrt(2)) + 0.0) / 2, abs=1e-9)
+    with pytest.raises(ValueError, match=r"3D features \(2, 2\) and 2D targets \(1, 2\) differ"):
+        point_loss(f3d, f2d[:1])
+
+
+def test_temporal_ensembles_of_ranks_merge_and_count_fp16_bytes(tmp_path):
+    a, b = TemporalEnsemble(alpha=0.9), TemporalEnsemble(alpha=0.9, offload_dir=str(tmp_path))
+    a.update("s0", torch.ones(4, 3))
+    b.update("s1", torch.full((2, 3), 2.0))
+    b.update("s0", torch.zeros(4, 3))
+    a.merge(b.state_dict())  # the other rank's scenes win where both have one (gathered state)
+    assert sorted(a.scenes()) == ["s0", "s1"]
+    assert torch.equal(a.get("s1"), torch.full((2, 3), 2.0, dtype=torch.float16))
+    assert torch.equal(a.get("s0"), torch.zeros(4, 3, dtype=torch.float16))
+    assert a.nbytes() == (4 * 3 + 2 * 3) * 2 and b.nbytes() == a.nbytes()

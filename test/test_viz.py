@@ -40,3 +40,20 @@ def test_save_png_roundtrip(tmp_path):
     np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "sub" / "a.png")), img)
     with pytest.raises(ValueError, match="uint8"):
         save_png(tmp_path / "b.png", img.astype(np.float32))
+
+
+def test_legend_lists_the_present_labels_with_their_colours():
+    import numpy as np
+
+    from sas_core.viz import label_colors, with_legend
+
+    image = np.zeros((30, 40, 3), np.uint8)
+    names = ["wall", "floor", "chair"]
+    out = with_legend(image, np.array([2, 0, 2, 255]), names)
+    assert out.shape[1] > 40 and out.shape[0] >= 30 and np.array_equal(out[:30, :40], image)
+    # swatches in label order (0, 2, 255), 14 px apart from y=4, at x = 40 + 6 .. + 14
+    for i, label in enumerate((0, 2, 255)):
+        swatch = out[4 + i * 14 + 6, 40 + 6 + 7]
+        assert np.array_equal(swatch, label_colors(np.array([label]))[0]), (label, swatch)
+    # a label that does not occur ("floor") gets no swatch: three rows only
+    assert out.shape[0] == max(30, 4 + 14 * 3 + 4)

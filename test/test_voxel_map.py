@@ -160,7 +160,7 @@ def test_load_reads_what_save_writes(tmp_path):
     m.integrate(np.random.default_rng(1).random((10, 3)), np.full((10, 3), 200, np.uint8))
     m.set_features(slots, feats)
     m.classify(text)
-    _, npz = m.save(tmp_path / "map", class_names=["a", "b"])
+    npz = m.save(tmp_path / "map", class_names=["a", "b"])  # the map folder
     back, names = VoxelMap.load(npz, m.config)
     assert names == ["a", "b"] and len(back) == len(m)
     a, b = m.export(), back.export()
@@ -186,7 +186,8 @@ def test_save_and_reset(tmp_path):
     m.integrate(np.random.default_rng(1).random((10, 3)), np.full((10, 3), 200, np.uint8))
     m.set_features(slots, feats)
     m.classify(text)
-    ply, npz = m.save(tmp_path / "map", class_names=[f"c{i}" for i in range(6)])
+    folder = m.save(tmp_path / "map", class_names=[f"c{i}" for i in range(6)])
+    ply, npz = folder / "map.ply", folder / "map.npz"
     table = read_ply(ply)
     assert len(table["x"]) == len(m) and "label" in table and "score" in table
     with np.load(npz) as z:

@@ -6,12 +6,14 @@ Stages: layout (mesh + surface samples), render (RGB-D frames), lidar, write_ope
 bag_sqlite3, bag_mcap, overview, and ``total`` (the sum, what `sas synth --scenes 1` spends
 after start-up). ``import_s`` is the one-off cost of importing open3d/torch/rosbags in this
 process. The issue's goal: `sas synth --scenes 1 --frames 60` under 30 s on 2 cores.
-Also reported: ratio of mcap to sqlite3 bag writing time, rays per second of the renderer.
+Also reported: ratio of mcap to sqlite3 bag writing time, rays per second of the renderer, and
+``peak_rss_mb``, the process's peak resident memory (imports included).
 """
 
 from __future__ import annotations
 
 import argparse
+import resource
 import statistics
 import tempfile
 import time
@@ -82,5 +84,7 @@ def main(argv: list[str]) -> dict:
         "render_rays_per_s": round(n_rays / med["render"]) if med["render"] > 0 else None,
         "ratio_bag_mcap_over_sqlite3": round(med["bag_mcap"] / med["bag_sqlite3"], 3) if med["bag_sqlite3"] else None,
         "goal_total_s": 30.0, "data": "synthetic",
+        # the whole process, imports included (what `time ./sas synth --scenes 1` reports as max RSS)
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0, 1),
     })
     return out

@@ -89,3 +89,23 @@ def apply_model_paths(args, mapping: dict):
         if name in paths.checkpoints:
             args.checkpoint = paths.checkpoints[name]
     return paths
+
+
+def add_dense_preset_argument(group):
+    """``--clip-preset``: a dense CLIP teacher preset (each recipe's paper settings)."""
+    from sas_core.teachers.dense_clip import DENSE_CLIP_PRESETS
+
+    from sas_core.config import Recorded
+
+    group.add_argument("--clip-preset", default=None, choices=tuple(DENSE_CLIP_PRESETS), action=Recorded,
+                       help="dense CLIP inference settings of a recipe's paper (recipe, short side, windows, PAMR): "
+                            + "; ".join(f"{k}: {v['recipe']} {v['short_side']}/{v['crop_size'] or 'whole'}/"
+                                        f"{v['stride']}{' PAMR ' + str(v['pamr_steps']) if v['pamr_steps'] else ''}"
+                                        for k, v in DENSE_CLIP_PRESETS.items())
+                            + " (default: sclip's, our robot default)")
+
+
+def dense_options(args) -> dict:
+    """``recipe`` / ``dense_preset`` for TeacherOptions: an explicit --clip-recipe wins over the preset's."""
+    recipe = args.clip_recipe if (not args.clip_preset or "clip_recipe" in explicit_args(args)) else None
+    return {"recipe": recipe, "dense_preset": args.clip_preset}

@@ -26,7 +26,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from sas_app.commands import add_models_argument, apply_model_paths
+from sas_app.commands import add_dense_preset_argument, add_models_argument, apply_model_paths, dense_options
 
 HELP = "annotation-free capability tables for the 2D teachers"
 
@@ -54,6 +54,7 @@ def add_arguments(parser):
     parser.add_argument("--teacher-seed", type=int, default=0, help="seed of the simulated teachers")
     t = parser.add_argument_group("dense CLIP teacher (DenseClipConfig)")
     add_config_arguments(t, DenseClipConfig, prefix="clip-", only=("model", "checkpoint", "recipe"))
+    add_dense_preset_argument(t)
     add_models_argument(t)
     parser.add_argument("--reduce", choices=("sum", "mean"), default="sum",
                         help="sum I / sum U over images (public code) or mean per-image IoU (eq. 3)")
@@ -82,12 +83,13 @@ def _teachers(args, vocab):
         raise ValueError("simulated teachers live in the synthetic text space and cannot be rated together "
                          "with CLIP teachers; run them separately")
     pairs = build_teachers(names, vocab, seed=args.teacher_seed, clip_model=args.clip_model,
-                           clip_checkpoint=args.clip_checkpoint, recipe=args.clip_recipe, device=args.device)
+                           clip_checkpoint=args.clip_checkpoint, device=args.device, **dense_options(args))
     teachers = [t for t, _ in pairs]
     if set(names) <= set(SIMULATED):
         models = {t.name: t.config.to_dict() for t in teachers}
     else:
-        models = {t.name: {"model": args.clip_model, "checkpoint": args.clip_checkpoint, "recipe": args.clip_recipe}
+        models = {t.name: {"model": args.clip_model, "checkpoint": args.clip_checkpoint, "recipe": t.config.recipe,
+                           "preset": args.clip_preset} if hasattr(t, "config") else {"model": args.clip_model}
                   for t in teachers}
     return teachers, pairs[0][1], models
 
@@ -122,7 +124,7 @@ def run(args) -> int:
     vocab = list(parse_vocabulary(args.vocabulary))
     if args.source == "diffusion" or "dense_clip" in args.teachers:
         apply_model_paths(args, {"clip_model": "clip_model", "clip_checkpoint": "clip_checkpoint",
-                                 "sam_model_type": "sam_model", "sam_checkpoint": "sam_checkpoint",
+                                 "clip_preset": "clip_preset", "sam_model_type": "sam_model", "sam_checkpoint": "sam_checkpoint",
                                  "stable_diffusion": "model_path"})
     out = Path(args.output)
     cache = Path(args.cache) if args.cache else out.with_name(out.name + ".cache")

@@ -28,7 +28,7 @@ import sys
 import time
 from pathlib import Path
 
-from sas_app.commands import add_models_argument, apply_model_paths
+from sas_app.commands import add_dense_preset_argument, add_models_argument, apply_model_paths, dense_options
 
 HELP = "2D-to-3D fusion of teacher features onto points (OpenScene rule)"
 
@@ -63,6 +63,7 @@ def add_arguments(parser):
                    help="class names (labels and simulated teachers; default: scannet20)")
     add_config_arguments(t, MaskTeacherConfig, only=("clip_model", "clip_checkpoint", "sam_model", "sam_checkpoint"))
     add_config_arguments(t, DenseClipConfig, prefix="clip-", only=("recipe",), aliases={"recipe": "--recipe"})
+    add_dense_preset_argument(t)
     t.add_argument("--teacher-seed", type=int, default=0, help="seed of the simulated teachers (default: 0)")
     add_models_argument(t)
     f = parser.add_argument_group("fusion rule (MultiViewFusionConfig; defaults: OpenScene)")
@@ -102,8 +103,8 @@ def _make_teachers(names, vocabulary, args):
     from sas_core.teachers.registry import build_teachers
 
     return build_teachers(names, vocabulary, seed=args.teacher_seed, clip_model=args.clip_model,
-                          clip_checkpoint=args.clip_checkpoint, recipe=args.clip_recipe, sam_model=args.sam_model,
-                          sam_checkpoint=args.sam_checkpoint, device=args.device)
+                          clip_checkpoint=args.clip_checkpoint, sam_model=args.sam_model,
+                          sam_checkpoint=args.sam_checkpoint, device=args.device, **dense_options(args))
 
 
 def classify(fused, text, chunk: int = 65536):
@@ -250,7 +251,7 @@ def run(args) -> int:
     _check_args(args)
     if any(t in ("dense_clip", "mask_clip") for t in args.teacher or ()):
         apply_model_paths(args, {"clip_model": "clip_model", "clip_checkpoint": "clip_checkpoint",
-                                 "sam_model_type": "sam_model", "sam_checkpoint": "sam_checkpoint"})
+                                 "clip_preset": "clip_preset", "sam_model_type": "sam_model", "sam_checkpoint": "sam_checkpoint"})
     config = _fusion_config(args)
     if args.synthetic:
         return _run_synthetic(args, config)

@@ -38,6 +38,10 @@ def add_arguments(parser):
                         help="UNPICKLE the source with full Python: it can run arbitrary code, so only for files "
                              "you trust (e.g. an official release that the safe loader refuses). This is the only "
                              "place SAS-ROS ever unpickles; the output is plain data read by the safe loader")
+    parser.add_argument("--clip", action="store_true",
+                        help="with --trust: the source is OpenAI's TorchScript release of CLIP (e.g. ViT-B-16.pt); "
+                             "write its weights as a plain open_clip state dict marked QuickGELU, for "
+                             "--clip-checkpoint / the models file")
     parser.add_argument("--data", action="store_true",
                         help="with --trust: the source is a data file (OpenScene .pth points, .pt fused features); "
                              "rewrite it as plain data (tensors, arrays, dicts) instead of converting a model")
@@ -71,10 +75,46 @@ def convert_data_file(source, output) -> None:
     load_torch_file(output, what="converted file")
 
 
+def convert_openai_clip(source, output) -> int:
+    """OpenAI's TorchScript CLIP release -> ``{"state_dict": ..., "sas_clip": {...}}`` (atomic); returns
+    the number of tensors. The JIT archive is read with ``torch.jit.load`` (``--trust``: it runs the
+    archive's code); the output is plain tensors that open_clip and the safe loader read."""
+    from pathlib import Path
+
+    import torch
+
+    from sas_core.clip import CONVERTED_KEY, OPENAI_JIT_KEYS
+    from sas_core.io import atomic_path, load_torch_file
+
+    source = Path(source)
+    if not source.is_file():
+        raise FileNotFoundError(f"not found: {source}")
+    try:
+        state = torch.jit.load(str(source), map_location="cpu").state_dict()
+    except Exception as e:  # noqa: BLE001 - any failure: one clear line
+        raise ValueError(f"{source}: not a TorchScript archive ({type(e).__name__}); --clip converts OpenAI's "
+                         "CLIP releases (open_clip .bin / .safetensors files need no conversion)") from e
+    # the release's own buffers, and the causal mask (derived from the context length; a
+    # non-persistent buffer in open_clip that a scripted model still lists) are not weights
+    state = {k: v.detach().clone() for k, v in state.items() if k not in OPENAI_JIT_KEYS + ("attn_mask",)}
+    meta = {"activation": "quick_gelu", "origin": "OpenAI TorchScript release", "source": source.name}
+    with atomic_path(output) as tmp:
+        torch.save({"state_dict": state, CONVERTED_KEY: meta}, tmp)
+    load_torch_file(output, what="converted CLIP weights")
+    return len(state)
+
+
 def run(args) -> int:
     from sas_core.nn import load_openscene_checkpoint, save_checkpoint
     from sas_core.nn.checkpoint import openscene_model_from_object
 
+    if args.clip:
+        if not args.trust:
+            raise ValueError("--clip reads a TorchScript archive, which runs code: it needs --trust")
+        n = convert_openai_clip(args.source, args.output)
+        print(f"wrote {args.output}: {n} tensors of OpenAI CLIP weights (QuickGELU) from {args.source}; use it as "
+              "clip_checkpoint with the architecture name (e.g. ViT-B-16)")
+        return 0
     if args.data:
         if not args.trust:
             raise ValueError("--data rewrites a file that the safe loader refuses: it needs --trust "
@@ -98,7 +138,15 @@ def run(args) -> int:
 
         text = SyntheticTextEncoder(SCANNET_20, dim=model.out_channels).config()
     else:
-        text = {"kind": "open_clip", "model": args.clip_model, "checkpoint": args.clip_checkpoint}
+        from sas_core.clip import resolve_activation
+
+        if not args.clip_checkpoint:
+            raise ValueError(f"no open_clip weights for {args.clip_model}: give --clip-checkpoint or list them in the "
+                             "models file (clip_checkpoints)")
+        # record the activation in the name, so the text encoder is rebuilt the same way later
+        arch, quick, _ = resolve_activation(args.clip_model, args.clip_checkpoint)
+        text = {"kind": "open_clip", "model": arch + ("-quickgelu" if quick else "-gelu"),
+                "checkpoint": args.clip_checkpoint}
     config = {"arch": args.arch, "in_channels": model.in_channels, "out_channels": model.out_channels,
               "voxel_size": args.voxel_size, "input_color": False, "text_encoder": text,
               "imported_from": str(args.source)}

@@ -9,7 +9,8 @@ HELP = "relevance of free text over a point cloud (or a live node with --ros)"
 
 
 def add_arguments(parser):
-    parser.add_argument("text", help="free text, e.g. \"a soft place to sit\"")
+    parser.add_argument("text", help="free text, e.g. \"a chair\" (any text with a CLIP text space, e.g. \"a soft "
+                                     "place to sit\"; the demo's synthetic text space knows its class names)")
     add_checkpoint_argument(parser, "--checkpoint", help="distilled checkpoint or a name from the models file "
                                                          "(offline mode; default: the models file's checkpoint)")
     parser.add_argument("--cloud", help="point cloud: .ply, OpenScene .pth, .npy or .npz (offline mode)")
@@ -37,6 +38,12 @@ def run(args) -> int:
     apply_model_paths(args, {"checkpoint": "checkpoint"})
     if not args.checkpoint or not args.cloud:
         raise ValueError("offline queries need --checkpoint and --cloud (or use --ros for a live node)")
+    from pathlib import Path
+
+    if Path(args.out).suffix.lower() != ".ply":
+        raise ValueError(f"--out {args.out}: the relevance cloud is written as PLY; give a .ply name")
+    if Path(args.out).is_dir():
+        raise ValueError(f"--out {args.out} is a folder; give a .ply file name")
     import numpy as np
 
     from sas_core.infer import Segmenter, load_point_cloud

@@ -1,11 +1,17 @@
 """`sas replay BAG`: run the mapping pipeline over a ROS 2 bag without a ROS runtime.
 
-Reads the bag with rosbags (sqlite3 or mcap; topics of ``sas_core.data.rosbag_io``) and drives
-the very same :class:`sas_core.mapping.Mapper` as the live node (same defaults: the pipeline
-flags are generated from :class:`~sas_core.mapping.MapperConfig`): every RGB-D frame (and LiDAR
-sweep) is integrated, then one labelling pass over the whole map runs (a distilled checkpoint:
-``--checkpoint``), and ``<out>/<name>.ply`` + ``.npz`` are written. With ``--export DIR`` it
-also writes the recording in the OpenScene layout (``DIR/<split>/<name>.pth`` and
+Reads any robot bag with rosbags (a bag folder or its ``.db3`` / ``.mcap`` file; streams and
+poses chosen by :mod:`sas_core.data.bag_streams`: colour / depth / camera_info / LiDAR by type
+and name, poses from ``/tf`` + ``/tf_static`` or a pose topic, compressed transports, depth
+registered into the colour camera when it comes in its own frame; see ``sas bag-info BAG`` for
+what it would choose and why) and drives the very same :class:`sas_core.mapping.Mapper` as the
+live node (the pipeline flags are generated from :class:`~sas_core.mapping.MapperConfig`): every
+RGB-D frame (and LiDAR sweep) with a pose is integrated, then one labelling pass over the whole
+map runs (a distilled checkpoint: ``--checkpoint``), and the map folder ``<out>/<name>/`` is
+written (``map.npz``, ``map.ply``, ``manifest.json``: the node's ``~/save_map`` format, read back by
+``~/load_map``, ``map_file`` and ``sas segment``; an existing one is replaced atomically). The JSON summary says how many frames and sweeps were used and why the others were not
+(counts by reason, and the first problems with topic, index and message). With ``--export DIR``
+it also writes the recording in the OpenScene layout (``DIR/<split>/<name>.pth`` and, for RGB-D,
 ``DIR/2d/<name>/{color,depth,pose}``), so ``sas distill`` can train on a robot's own bags.
 """
 
@@ -18,17 +24,35 @@ OFFLINE_SKIP = ("query_threshold", "query_max_points", "full_update_every", "reg
 HELP = "run the mapping pipeline over a ROS 2 bag without a ROS runtime (and export it for training)"
 
 
+def add_stream_arguments(parser) -> None:
+    """The stream choice flags (--color-topic, --depth-topic, ..., --map-frame), shared with bag-info."""
+    from sas_core.config import add_config_arguments
+    from sas_core.data.bag_streams import StreamOptions
+
+    group = parser.add_argument_group("streams (default: discovered; `sas bag-info BAG` shows the choice)")
+    add_config_arguments(group, StreamOptions)
+    parser.add_argument("--no-lidar", action="store_true", help="ignore LiDAR clouds")
+
+
+def stream_options(args):
+    from sas_core.config import config_from_args
+    from sas_core.data.bag_streams import StreamOptions
+
+    return config_from_args(StreamOptions, args, use_lidar=not args.no_lidar)
+
+
 def add_arguments(parser):
     from sas_core.config import add_config_arguments
     from sas_core.mapping import MapperConfig
 
-    parser.add_argument("bag", help="bag folder or file (sqlite3 or mcap)")
-    parser.add_argument("--out", default="replay_output", help="folder for the labelled map (PLY + NPZ)")
+    parser.add_argument("bag", help="bag folder, or its .db3 / .mcap file")
+    parser.add_argument("--out", default="replay_output", help="folder for the labelled map (the map folder "
+                                                               "<out>/<name>/: map.npz, map.ply, manifest.json)")
     parser.add_argument("--name", default=None, help="scene / map name (default: the bag's name)")
     parser.add_argument("--export", default=None, metavar="DIR", help="also write the OpenScene layout here")
     parser.add_argument("--split", default="train", help="OpenScene split of the export")
-    parser.add_argument("--frame-step", type=int, default=1, help="use every n-th frame")
-    parser.add_argument("--no-lidar", action="store_true", help="ignore LiDAR sweeps")
+    parser.add_argument("--frame-step", type=int, default=1, help="use every n-th frame that has a pose")
+    add_stream_arguments(parser)
     pipeline = parser.add_argument_group("mapping pipeline (the node's parameters; default --mode: segmenter "
                                          "with --checkpoint, else none)")
     # offline there are no queries, one full labelling pass, and no live teacher images
@@ -43,65 +67,99 @@ def _mapper_config(args):
     return config_from_args(MapperConfig, args, mode=mode)
 
 
+def _scene_name(args, bag) -> str:
+    import re
+
+    name = args.name or (bag.parent.name if bag.is_file() and (bag.parent / "metadata.yaml").is_file()
+                         else bag.name.split(".")[0])
+    if not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
+        raise ValueError(f"scene name {name!r} must be a plain file name (give --name)")
+    return name
+
+
 def run(args) -> int:
     import json
+    import sys
     from pathlib import Path
 
     import numpy as np
     from tqdm import tqdm
 
-    from sas_core.data.rosbag_io import iter_bag_frames
+    from sas_core.data.bag_streams import ReplayStats, bag_root, check_options, index_bag, iter_frames
     from sas_core.mapping import Mapper, Rejected
     from sas_core.types import Frame, PointCloud
 
+    # every argument is checked before the bag's messages are read
     bag = Path(args.bag)
-    if not bag.exists():
-        raise FileNotFoundError(f"bag {bag} does not exist")
+    bag_root(bag)  # exists, is a bag folder or a .db3 / .mcap file
     if args.checkpoint and not Path(args.checkpoint).exists():
         raise FileNotFoundError(f"checkpoint {args.checkpoint} does not exist (train one with `sas distill`)")
     if args.frame_step < 1:
         raise ValueError(f"--frame-step must be >= 1, got {args.frame_step}")
     config = _mapper_config(args)
     if config.mode == "fusion":
-        raise ValueError("--mode fusion needs live teacher images, which bags of rosbag_io do not carry; "
+        raise ValueError("--mode fusion needs live teacher images, which a bag does not carry; "
                          "use --checkpoint (mode segmenter) or --mode none")
+    name = _scene_name(args, bag)
+    options = stream_options(args)
+    index = index_bag(bag, rates=False)
+    check_options(index, options)
     mapper = Mapper(config)
-    name = args.name or bag.name.split(".")[0]
-    frames, skipped, i = [], {}, 0
-    for item in tqdm(iter_bag_frames(bag, with_lidar=not args.no_lidar), desc="replay", unit="msg"):
+
+    stats, choice = ReplayStats(), {}
+    frames, used, stepped = [], 0, 0
+    items = iter_frames(bag, options, stats=stats, index=index, choice_out=choice)
+    for item in tqdm(items, desc="replay", unit="frame", file=sys.stderr):
+        topic, index_in_topic = stats.where(item)
         try:
             if isinstance(item, Frame):
-                i += 1
-                if (i - 1) % args.frame_step:
+                used += 1
+                if (used - 1) % args.frame_step:
+                    stepped += 1
                     continue
                 mapper.integrate_rgbd(item)
+                stats.frames_used += 1
                 if args.export:
                     frames.append(item)
             else:
                 mapper.integrate_sweep(item.points, item.pose, intensity=item.intensity, stamp=item.stamp)
+                stats.sweeps_used += 1
         except Rejected as exc:  # the node drops these too; count them by reason
-            skipped[exc.reason] = skipped.get(exc.reason, 0) + 1
+            stats.problem(topic, index_in_topic, exc.reason, str(exc))
     if mapper.n_frames == 0 and mapper.n_sweeps == 0:
-        raise ValueError(f"bag {bag} has no usable RGB-D frame or LiDAR sweep (poses and camera info present?)")
+        raise ValueError(f"bag {bag} has no usable RGB-D frame or LiDAR sweep: {stats.why_nothing()}")
     labelled = mapper.label_pass(full=True)
-    ply, npz = mapper.save(Path(args.out) / name)
-    summary = dict(bag=str(bag), points=len(mapper), ply=str(ply), npz=str(npz), labelled=bool(labelled),
-                   mode=config.mode, frames=mapper.n_frames, sweeps=mapper.n_sweeps, skipped=skipped)
+    from sas_core.geometry.voxel_map import MAP_NPZ, MAP_PLY
+
+    folder = mapper.save(Path(args.out) / name, overwrite=True)
+    counts = stats.as_dict()
+    summary = dict(bag=str(bag), points=len(mapper), map=str(folder), ply=str(folder / MAP_PLY),
+                   npz=str(folder / MAP_NPZ), labelled=bool(labelled),
+                   mode=config.mode, frames=mapper.n_frames, sweeps=mapper.n_sweeps,
+                   frames_seen=counts["frames_seen"], sweeps_seen=counts["sweeps_seen"],
+                   frames_skipped_by_step=stepped, skipped=counts["skipped"], other=counts["other"],
+                   streams=choice["choice"].as_dict(), problems=counts["problems"])
     if args.export:
-        from types import SimpleNamespace
+        from sas_core.data.openscene import write_openscene_scene, write_pth
 
-        from sas_core.data.openscene import write_openscene_scene
-
-        if not frames:
-            raise ValueError("--export needs RGB-D frames; the bag has only LiDAR")
         data = mapper.export()
-        scene = SimpleNamespace(
-            name=name, frames=frames, intrinsics=frames[0].intrinsics,
-            points=PointCloud(positions=data["positions"], colors=data["colors"].astype(np.float32) / 255.0,
-                              labels=np.full(len(data["positions"]), 255, np.int64)))
-        written = write_openscene_scene(scene, args.export, split=args.split, progress=True)
-        summary["export"] = {k: str(v) for k, v in written.items()}
+        colors = data["colors"].astype(np.float32) / 255.0
+        labels = np.full(len(data["positions"]), 255, np.int64)
+        if frames:
+            from types import SimpleNamespace
+
+            scene = SimpleNamespace(name=name, frames=frames, intrinsics=frames[0].intrinsics,
+                                    points=PointCloud(positions=data["positions"], colors=colors, labels=labels))
+            written = write_openscene_scene(scene, args.export, split=args.split, progress=True)
+        else:  # LiDAR only: a 3D scene without 2D frames (as nuScenes in OpenScene's layout)
+            pth = Path(args.export) / args.split / f"{name}.pth"
+            write_pth(pth, data["positions"], colors, labels)
+            written = {"pth": pth, "n_frames": 0}
+        summary["export"] = {k: (v if isinstance(v, int) else str(v)) for k, v in written.items()}
     if not labelled:
         summary["note"] = "no --checkpoint: geometry and colour only (labels 255)"
+    skipped = ", ".join(f"{r} {n}" for r, n in counts["skipped"].items()) or "none"
+    print(f"replay: {mapper.n_frames} of {counts['frames_seen']} frames and {mapper.n_sweeps} of "
+          f"{counts['sweeps_seen']} sweeps used; skipped: {skipped}", file=sys.stderr)
     print(json.dumps(summary, indent=2))
     return 0

@@ -57,7 +57,25 @@ def _as_bytes(data) -> np.ndarray:
     try:  # array.array and other buffer-protocol objects
         return np.frombuffer(memoryview(data).cast("B"), dtype=np.uint8)
     except TypeError:
+        pass
+    try:
         return np.asarray(list(data), dtype=np.uint8)
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise ValueError(f"message data must be bytes or values 0..255 ({type(exc).__name__})") from None
+
+
+def _size(msg, name: str, default=None) -> int:
+    """A size field (height, width, step, point_step, ...) as a non-negative int, else ValueError."""
+    value = _get(msg, name, default=default)
+    try:
+        n = int(value)
+    except (TypeError, ValueError, OverflowError):
+        raise ValueError(f"{name} must be an integer, got {str(value)[:40]!r}") from None
+    if isinstance(value, float) and value != n:
+        raise ValueError(f"{name} must be an integer, got {value!r}")
+    if n < 0:
+        raise ValueError(f"{name} must be >= 0, got {n}")
+    return n
 
 
 def _get(msg, *names, default=None):
@@ -89,20 +107,21 @@ def image_to_numpy(msg) -> np.ndarray:
     if encoding not in IMAGE_ENCODINGS:
         raise ValueError(f"unsupported image encoding {encoding!r}; supported: {', '.join(IMAGE_ENCODINGS)}")
     dtype, channels = IMAGE_ENCODINGS[encoding]
-    height, width = int(_get(msg, "height")), int(_get(msg, "width"))
+    height, width = _size(msg, "height"), _size(msg, "width")
     row_bytes = width * channels * dtype.itemsize
-    step = int(_get(msg, "step", default=0)) or row_bytes
+    step = _size(msg, "step", default=0) or row_bytes
     if step < row_bytes:
         raise ValueError(f"image step {step} is smaller than a row of {width} x {encoding} ({row_bytes} bytes)")
     raw = _as_bytes(_get(msg, "data"))
-    if height and raw.size < step * (height - 1) + row_bytes:
-        raise ValueError(f"image data has {raw.size} bytes, {height} rows of step {step} need {step * height}")
+    # sizes are checked against the data before anything is allocated; the last row may lack its
+    # padding (it needs row_bytes, not step), and nothing is ever padded: memory <= data size
+    if height and width and raw.size < step * (height - 1) + row_bytes:
+        raise ValueError(f"image data has {raw.size} bytes, {height} rows of step {step} need "
+                         f"{step * (height - 1) + row_bytes}")
     if height == 0 or width == 0:
         shape = (height, width, 3) if channels >= 3 else (height, width)
         return np.zeros(shape, dtype=dtype)
-    if raw.size < step * height:  # last row may lack its padding
-        raw = np.concatenate([raw, np.zeros(step * height - raw.size, np.uint8)])
-    rows = raw[: step * height].reshape(height, step)[:, :row_bytes]
+    rows = np.lib.stride_tricks.as_strided(raw, shape=(height, row_bytes), strides=(step, 1), writeable=False)
     big = bool(_get(msg, "is_bigendian", default=False))
     element = dtype.newbyteorder(">" if big else "<") if dtype.itemsize > 1 else dtype
     image = np.ascontiguousarray(rows).view(element).reshape(height, width, channels)
@@ -182,10 +201,15 @@ def pointcloud2_dtype(fields: Iterable, point_step: int, is_bigendian: bool = Fa
             count = getattr(field, "count", 1)
         if not name:
             continue
-        if datatype not in POINTFIELD_DTYPES:
+        if not isinstance(datatype, (int, np.integer)) or datatype not in POINTFIELD_DTYPES:
             raise ValueError(f"PointField {name!r} has unknown datatype {datatype} (valid: 1..8)")
         base = POINTFIELD_DTYPES[datatype].newbyteorder(">" if is_bigendian else "<")
-        count = int(count) if count else 1
+        try:
+            count, offset = int(count), int(offset)
+        except (TypeError, ValueError, OverflowError):
+            raise ValueError(f"PointField {name!r}: offset {offset!r} and count {count!r} must be integers") from None
+        if count < 1:  # ROS: count is the number of elements; 0 is not a field
+            raise ValueError(f"PointField {name!r} has count {count}; it must be >= 1")
         if int(offset) < 0 or int(offset) + base.itemsize * count > int(point_step):
             raise ValueError(f"PointField {name!r} (offset {offset}, {count} x {base}) does not fit in "
                              f"point_step {point_step}")
@@ -208,21 +232,24 @@ def pointcloud2_to_array(msg, remove_nans: bool = False) -> np.ndarray:
     Raises:
         ValueError: ``point_step`` smaller than the fields, ``data`` too short, unknown datatype.
     """
-    height, width = int(_get(msg, "height")), int(_get(msg, "width"))
-    point_step = int(_get(msg, "point_step"))
-    row_step = int(_get(msg, "row_step", default=0)) or point_step * width
-    big = bool(_get(msg, "is_bigendian", default=False))
-    dtype = pointcloud2_dtype(_get(msg, "fields"), point_step, big)
+    height, width = _size(msg, "height"), _size(msg, "width")
+    point_step = _size(msg, "point_step")
+    row_step = _size(msg, "row_step", default=0) or point_step * width
     if row_step < point_step * width:
         raise ValueError(f"row_step {row_step} is smaller than width {width} x point_step {point_step}")
     raw = _as_bytes(_get(msg, "data"))
     n = height * width
+    # the sizes against the data first: nothing below allocates more than the data holds
+    need = row_step * (height - 1) + point_step * width if n else 0
+    if raw.size < need:
+        raise ValueError(f"PointCloud2 data has {raw.size} bytes, {height}x{width} points need {need}")
+    if n and point_step == 0:
+        raise ValueError(f"PointCloud2 point_step is 0 for {height}x{width} points")
+    big = bool(_get(msg, "is_bigendian", default=False))
+    dtype = pointcloud2_dtype(_get(msg, "fields"), point_step, big)
     native = np.dtype([(name, _native(dtype.fields[name][0])) for name in dtype.names])
     if n == 0:
         return np.zeros(0, dtype=native)
-    need = row_step * (height - 1) + point_step * width
-    if raw.size < need:
-        raise ValueError(f"PointCloud2 data has {raw.size} bytes, {height}x{width} points need {need}")
     if row_step != point_step * width:
         raw = np.ascontiguousarray(np.lib.stride_tricks.as_strided(
             raw, shape=(height, point_step * width), strides=(row_step, 1))).reshape(-1)
@@ -385,7 +412,16 @@ def camera_info_to_intrinsics(msg) -> CameraIntrinsics:
     """
     from sas_core.geometry.camera import intrinsics_from_camera_info
 
-    return intrinsics_from_camera_info(msg)
+    k = _get(msg, "k", "K")
+    if k is not None and hasattr(k, "__len__") and len(k) != 9:  # before any conversion of a huge k
+        raise ValueError(f"camera info k must have 9 entries, got {len(k)}")
+    for name in ("width", "height"):
+        if _get(msg, name) is not None:
+            _size(msg, name)
+    try:
+        return intrinsics_from_camera_info(msg)
+    except (TypeError, OverflowError) as exc:
+        raise ValueError(f"camera info rejected: {type(exc).__name__}: {exc}") from None
 
 
 def intrinsics_to_camera_info_fields(intrinsics: CameraIntrinsics) -> dict:

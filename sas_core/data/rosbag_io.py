@@ -9,6 +9,8 @@ Topics (fixed by the project contract)::
     /lidar/points               sensor_msgs/PointCloud2 x,y,z,intensity f32 + ring u16, frame "lidar"
     /lidar/pose                 geometry_msgs/PoseStamped, frame "map": pose of the "lidar" frame
 
+This is our own synthetic layout, one case among the layouts robots record: reading goes through
+:mod:`sas_core.data.bag_streams`, which discovers any layout (these topics included).
 Header stamps equal the bag's log times. The camera runs at 15 Hz from 1_700_000_000 s.
 Messages are encoded and decoded through :mod:`sas_core.data.msg_codec`.
 """
@@ -18,7 +20,6 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-from bisect import bisect_left
 from pathlib import Path
 from typing import Iterator, Optional, Union
 
@@ -59,7 +60,7 @@ def typestore():
     raise RuntimeError("rosbags has no ROS 2 typestore")  # pragma: no cover
 
 
-class _Msgs:
+class MessageBuilder:
     """Builders of rosbags message objects from msg_codec field dicts."""
 
     def __init__(self, store):
@@ -71,6 +72,12 @@ class _Msgs:
         self.PointCloud2 = t["sensor_msgs/msg/PointCloud2"]
         self.PoseStamped, self.Pose = t["geometry_msgs/msg/PoseStamped"], t["geometry_msgs/msg/Pose"]
         self.Point, self.Quaternion = t["geometry_msgs/msg/Point"], t["geometry_msgs/msg/Quaternion"]
+        self.CompressedImage = t["sensor_msgs/msg/CompressedImage"]
+        self.Vector3, self.Transform = t["geometry_msgs/msg/Vector3"], t["geometry_msgs/msg/Transform"]
+        self.TransformStamped, self.TFMessage = t["geometry_msgs/msg/TransformStamped"], t["tf2_msgs/msg/TFMessage"]
+        self.Odometry, self.Twist = t["nav_msgs/msg/Odometry"], t["geometry_msgs/msg/Twist"]
+        self.PoseCov = t["geometry_msgs/msg/PoseWithCovariance"]
+        self.TwistCov = t["geometry_msgs/msg/TwistWithCovariance"]
 
     def header(self, stamp: float, frame_id: str):
         sec, nsec = msg_codec.seconds_to_stamp(stamp)
@@ -95,6 +102,29 @@ class _Msgs:
         return self.PoseStamped(header=self.header(stamp, frame_id), pose=self.Pose(
             position=self.Point(x=float(xyz[0]), y=float(xyz[1]), z=float(xyz[2])),
             orientation=self.Quaternion(x=float(q[0]), y=float(q[1]), z=float(q[2]), w=float(q[3]))))
+
+    def compressed(self, fields: dict, stamp, frame_id):
+        """A CompressedImage from ``image_codec.compress_color`` / ``compress_depth`` fields."""
+        return self.CompressedImage(header=self.header(stamp, frame_id), format=str(fields["format"]),
+                                    data=np.ascontiguousarray(fields["data"], np.uint8))
+
+    def transform(self, parent: str, child: str, stamp: float, T):
+        xyz, q = msg_codec.matrix_to_pose(T)
+        return self.TransformStamped(header=self.header(stamp, parent), child_frame_id=child, transform=self.Transform(
+            translation=self.Vector3(x=float(xyz[0]), y=float(xyz[1]), z=float(xyz[2])),
+            rotation=self.Quaternion(x=float(q[0]), y=float(q[1]), z=float(q[2]), w=float(q[3]))))
+
+    def tf(self, transforms):
+        """A TFMessage of ``(parent, child, stamp, T)`` tuples."""
+        return self.TFMessage(transforms=[self.transform(*t) for t in transforms])
+
+    def odometry(self, parent: str, child: str, stamp: float, T):
+        """nav_msgs/Odometry: the pose of ``child`` in ``parent`` (zero twist and covariances)."""
+        pose = self.pose(T, stamp, parent).pose
+        zero = self.Vector3(x=0.0, y=0.0, z=0.0)
+        return self.Odometry(header=self.header(stamp, parent), child_frame_id=child,
+                             pose=self.PoseCov(pose=pose, covariance=np.zeros(36)),
+                             twist=self.TwistCov(twist=self.Twist(linear=zero, angular=zero), covariance=np.zeros(36)))
 
     def cloud(self, structured, stamp, frame_id):
         f = msg_codec.pointcloud2_fields(structured)
@@ -131,40 +161,53 @@ def write_bag(scene, path, storage: str = "sqlite3", progress: bool = False) -> 
     Returns:
         ``path``.
     """
+    m = MessageBuilder(typestore())
+    events = []
+    for f in scene.frames:
+        events.append((f.stamp, 0, COLOR_TOPIC, lambda f=f: m.image(f.color, "rgb8", f.stamp, CAMERA_FRAME)))
+        events.append((f.stamp, 1, DEPTH_TOPIC, lambda f=f: m.image(f.depth, "16UC1", f.stamp, CAMERA_FRAME)))
+        events.append((f.stamp, 2, INFO_TOPIC, lambda f=f: m.camera_info(f.intrinsics, f.stamp, CAMERA_FRAME)))
+        events.append((f.stamp, 3, POSE_TOPIC, lambda f=f: m.pose(f.pose, f.stamp)))
+    for s in getattr(scene, "lidar", None) or []:
+        events.append((s.stamp, 4, LIDAR_TOPIC, lambda s=s: m.cloud(lidar_array(s), s.stamp, LIDAR_FRAME)))
+        events.append((s.stamp, 5, LIDAR_POSE_TOPIC, lambda s=s: m.pose(s.pose, s.stamp)))
+    return write_bag_events(path, [(t, o, topic, TOPIC_TYPES[topic], make) for t, o, topic, make in events],
+                            storage=storage, progress=progress, store=m.store)
+
+
+def write_bag_events(path, events, storage: str = "sqlite3", progress: bool = False, store=None) -> Path:
+    """Write a ROS 2 bag of any layout, atomically (see :func:`write_bag`).
+
+    Args:
+        events: ``(log time s, order, topic, msgtype, make)`` tuples; ``make()`` returns the rosbags
+            message (built with :class:`MessageBuilder`). Written sorted by (time, order).
+        storage: "sqlite3" or "mcap".
+    """
     from rosbags.rosbag2 import StoragePlugin, Writer
 
     if storage not in STORAGES:
         raise ValueError(f"storage must be one of {STORAGES}, got {storage!r}")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    store = typestore()
-    m = _Msgs(store)
-    # (stamp ns, order, topic, message) sorted by time
-    events = []
-    for f in scene.frames:
-        events.append((_ns(f.stamp), 0, COLOR_TOPIC, lambda f=f: m.image(f.color, "rgb8", f.stamp, CAMERA_FRAME)))
-        events.append((_ns(f.stamp), 1, DEPTH_TOPIC, lambda f=f: m.image(f.depth, "16UC1", f.stamp, CAMERA_FRAME)))
-        events.append((_ns(f.stamp), 2, INFO_TOPIC, lambda f=f: m.camera_info(f.intrinsics, f.stamp, CAMERA_FRAME)))
-        events.append((_ns(f.stamp), 3, POSE_TOPIC, lambda f=f: m.pose(f.pose, f.stamp)))
-    for s in getattr(scene, "lidar", None) or []:
-        events.append((_ns(s.stamp), 4, LIDAR_TOPIC, lambda s=s: m.cloud(lidar_array(s), s.stamp, LIDAR_FRAME)))
-        events.append((_ns(s.stamp), 5, LIDAR_POSE_TOPIC, lambda s=s: m.pose(s.pose, s.stamp)))
-    events.sort(key=lambda e: (e[0], e[1]))
+    store = store or typestore()
+    events = sorted(events, key=lambda e: (_ns(e[0]), e[1]))
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     bag_dir = tmp / path.name
     plugin = StoragePlugin.MCAP if storage == "mcap" else StoragePlugin.SQLITE3
     try:
         with Writer(bag_dir, version=9, storage_plugin=plugin) as writer:
             conns = {}
-            for topic in dict.fromkeys(e[2] for e in events):
-                conns[topic] = writer.add_connection(topic, TOPIC_TYPES[topic], typestore=store)
+            for topic, msgtype in dict.fromkeys((e[2], e[3]) for e in events):
+                if topic in conns:
+                    raise ValueError(f"topic {topic} is given two message types")
+                conns[topic] = writer.add_connection(topic, msgtype, typestore=store)
             it = events
             if progress:
                 from tqdm import tqdm
 
                 it = tqdm(events, desc=f"bag {path.name}", unit="msg", leave=False)
-            for ns, _, topic, make in it:
-                writer.write(conns[topic], ns, store.serialize_cdr(make(), TOPIC_TYPES[topic]))
+            for t, _, topic, msgtype, make in it:
+                writer.write(conns[topic], _ns(t), store.serialize_cdr(make(), msgtype))
         for p in bag_dir.iterdir():
             with open(p, "rb") as fh:
                 os.fsync(fh.fileno())
@@ -181,19 +224,9 @@ def write_bag(scene, path, storage: str = "sqlite3", progress: bool = False) -> 
 # Reading
 
 def _open_reader(path):
-    from rosbags.rosbag2 import Reader
+    from sas_core.data.bag_streams import open_reader
 
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"bag not found: {path}")
-    if not (path / "metadata.yaml").is_file():
-        raise ValueError(f"{path} is not a ROS 2 bag folder (no metadata.yaml)")
-    try:
-        reader = Reader(path)
-        reader.open()
-    except Exception as exc:
-        raise ValueError(f"cannot open bag {path}: {exc}") from exc
-    return reader
+    return open_reader(path)
 
 
 def bag_topics(path) -> dict:
@@ -209,110 +242,25 @@ def bag_topics(path) -> dict:
         reader.close()
 
 
-def _nearest(stamps: list, values: list, t: float, max_dt: float):
-    if not stamps:
-        return None
-    i = bisect_left(stamps, t)
-    best = min((j for j in (i - 1, i) if 0 <= j < len(stamps)), key=lambda j: abs(stamps[j] - t))
-    return values[best] if abs(stamps[best] - t) <= max_dt else None
+def iter_bag_frames(path, color_topic: Optional[str] = None, depth_topic: Optional[str] = None,
+                    info_topic: Optional[str] = None, pose_topic: Optional[str] = None,
+                    lidar_topic: Optional[str] = None, with_lidar: bool = True,
+                    stats=None, **options) -> Iterator[Union[Frame, "object"]]:
+    """Read a bag back: yields :class:`Frame` and LidarSweep objects in time order.
 
-
-def iter_bag_frames(path, color_topic: str = COLOR_TOPIC, depth_topic: str = DEPTH_TOPIC,
-                    info_topic: str = INFO_TOPIC, pose_topic: str = POSE_TOPIC,
-                    lidar_topic: Optional[str] = LIDAR_TOPIC, lidar_pose_topic: str = LIDAR_POSE_TOPIC,
-                    max_pose_dt: float = 0.05, max_pair_dt: float = 0.001,
-                    with_lidar: bool = True) -> Iterator[Union[Frame, "object"]]:
-    """Read a bag back: yields :class:`Frame` (color + depth paired by stamp, the nearest pose
-    within ``max_pose_dt`` s, intrinsics from the latest CameraInfo) and LidarSweep objects (with
-    the nearest /lidar/pose; labels/instances are None), in time order.
-
-    Frames without a pose or camera info within reach are skipped. Raises ValueError when the
-    bag lacks the color or depth topic, or its messages cannot be decoded.
+    Any topic layout: the streams are discovered (or named here) and timed by
+    :func:`sas_core.data.bag_streams.iter_frames` (poses from /tf + /tf_static or a pose topic;
+    frames without a pose are skipped and counted in ``stats``, a
+    :class:`~sas_core.data.bag_streams.ReplayStats`). ``options`` are further
+    :class:`~sas_core.data.bag_streams.StreamOptions` fields. Raises ValueError when a named
+    topic is missing or the streams cannot be chosen.
     """
-    from sas_core.data.synthetic import LidarSweep
+    from sas_core.data.bag_streams import StreamOptions, iter_frames
 
-    store = typestore()
-    reader = _open_reader(path)
-    try:
-        by_topic = {}
-        for c in reader.connections:
-            by_topic.setdefault(c.topic, []).append(c)
-        missing = [t for t in (color_topic, depth_topic) if t not in by_topic]
-        if missing:
-            raise ValueError(f"bag {path} has no topic {', '.join(missing)}; topics: {', '.join(sorted(by_topic))}")
-
-        def small(topic):
-            """(stamps, values) of a small topic, decoded in one pass."""
-            stamps, values = [], []
-            if topic not in by_topic:  # (an empty connection list would read every topic)
-                return stamps, values
-            for conn, _, raw in reader.messages(connections=by_topic[topic]):
-                msg = store.deserialize_cdr(raw, conn.msgtype)
-                stamps.append(msg_codec.stamp_to_seconds(msg.header.stamp))
-                values.append(msg)
-            order = np.argsort(stamps, kind="stable")
-            return [stamps[i] for i in order], [values[i] for i in order]
-
-        pose_t, pose_v = small(pose_topic)
-        pose_m = [msg_codec.pose_msg_to_matrix(p) for p in pose_v]
-        info_t, info_v = small(info_topic)
-        info_i = [msg_codec.camera_info_to_intrinsics(i) for i in info_v]
-        want_lidar = with_lidar and lidar_topic is not None and lidar_topic in by_topic
-        if want_lidar:
-            lpose_t, lpose_v = small(lidar_pose_topic)
-            lpose_m = [msg_codec.pose_msg_to_matrix(p) for p in lpose_v]
-        conns = by_topic[color_topic] + by_topic[depth_topic] + (by_topic[lidar_topic] if want_lidar else [])
-        pending = {color_topic: {}, depth_topic: {}}
-        for conn, _, raw in reader.messages(connections=conns):
-            try:
-                msg = store.deserialize_cdr(raw, conn.msgtype)
-            except Exception as exc:
-                raise ValueError(f"bag {path}: cannot decode a {conn.msgtype} on {conn.topic}: {exc}") from exc
-            stamp = msg_codec.stamp_to_seconds(msg.header.stamp)
-            if want_lidar and conn.topic == lidar_topic:
-                pose = _nearest(lpose_t, lpose_m, stamp, max_pose_dt)
-                if pose is None:
-                    continue
-                cloud = msg_codec.pointcloud2_to_array(msg)
-                names = cloud.dtype.names
-                yield LidarSweep(
-                    stamp=stamp, points=msg_codec.cloud_xyz(cloud, remove_nans=False),
-                    intensity=(cloud["intensity"].astype(np.float32) if "intensity" in names
-                               else np.zeros(len(cloud), np.float32)),
-                    ring=cloud["ring"].astype(np.uint16) if "ring" in names else np.zeros(len(cloud), np.uint16),
-                    pose=pose, labels=None, instances=None, frame_id=msg.header.frame_id)
-                continue
-            other = depth_topic if conn.topic == color_topic else color_topic
-            match = None
-            for t in pending[other]:
-                if abs(t - stamp) <= max_pair_dt:
-                    match = t
-                    break
-            if match is None:
-                pending[conn.topic][stamp] = msg
-                continue
-            other_msg = pending[other].pop(match)
-            color_msg, depth_msg = (msg, other_msg) if conn.topic == color_topic else (other_msg, msg)
-            # drop stale unmatched messages older than this pair
-            for d in pending.values():
-                for t in [t for t in d if t < stamp - 1.0]:
-                    del d[t]
-            pose = _nearest(pose_t, pose_m, stamp, max_pose_dt)
-            intr = _nearest(info_t, info_i, stamp, float("inf"))
-            if pose is None or intr is None:
-                continue
-            color = msg_codec.image_to_numpy(color_msg)
-            if color.ndim == 2:
-                color = np.repeat(color[:, :, None], 3, axis=2)
-            depth = msg_codec.depth_to_metres(depth_msg)
-            if depth.shape != color.shape[:2]:
-                raise ValueError(f"bag {path}: depth {depth.shape} is not aligned to color {color.shape[:2]}")
-            if (intr.height, intr.width) != depth.shape:
-                intr = intr.scaled(depth.shape[1], depth.shape[0])
-            yield Frame(color=color, depth=depth, intrinsics=intr, pose=pose, stamp=stamp,
-                        frame_id=color_msg.header.frame_id)
-    finally:
-        reader.close()
+    opts = StreamOptions(color_topic=color_topic or "", depth_topic=depth_topic or "", info_topic=info_topic or "",
+                         pose_topic=pose_topic or "", lidar_topic=lidar_topic or "", use_lidar=with_lidar,
+                         **options)
+    yield from iter_frames(path, opts, stats=stats)
 
 
 def read_bag(path, **kwargs) -> tuple[list, list]:

@@ -1066,7 +1066,7 @@ def write_overview(scene, out_dir) -> dict:
     import numpy as np
 
     from sas_core.io import write_ply
-    from sas_core.viz import save_png, topdown_image
+    from sas_core.viz import save_png, topdown_image, with_legend
 
     pts = scene.points
     Lx, Ly, H = scene.room_size
@@ -1077,7 +1077,8 @@ def write_overview(scene, out_dir) -> dict:
     gap = np.full((by_label.shape[0], 8, 3), 255, np.uint8)
     out_dir = Path(out_dir)
     png = out_dir / f"{scene.name}_topdown.png"
-    save_png(png, np.concatenate([by_label, gap, by_color], axis=1))
+    save_png(png, with_legend(np.concatenate([by_label, gap, by_color], axis=1), pts.labels, scene.class_names,
+                              title="classes (left)"))
     ply = out_dir / f"{scene.name}_labels.ply"
     write_ply(ply, pts.positions, colors=pts.colors, normals=pts.normals, labels=pts.labels,
               instance=pts.instances.astype(np.int32))

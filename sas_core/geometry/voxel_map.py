@@ -13,8 +13,16 @@ therefore flat once the map stops growing.
 
 Features and labels. Per voxel: a D-dim fp16 feature (the network's output, or the multi-view
 mean of 2D-teacher features in fusion mode, see :mod:`sas_core.mapping`), a label (255 = none)
-and a score for the current vocabulary. :meth:`VoxelMap.save` writes PLY + NPZ,
-:meth:`VoxelMap.load` reads the NPZ back.
+and a score for the current vocabulary. :meth:`VoxelMap.save` writes one map unit (below),
+:meth:`VoxelMap.load` reads it back.
+
+Saved maps. A map is one folder ``<name>/`` written as a unit (:func:`sas_core.io.atomic_dir`:
+a temporary sibling ``.<name>.tmp-<pid>-<random>``, every file fsynced, renamed into place, the
+parent fsynced; an existing map is swapped atomically only with ``overwrite``) holding
+``map.npz`` (every array, fp16 features; no pickle), ``map.ply`` (the labelled points, for
+viewers) and ``manifest.json`` (:data:`MAP_FORMAT`, format and package versions, counts, voxel
+size, vocabulary and the sha256 and size of each file). Loading checks the manifest and every
+hash first, so a reader sees one complete version or a clear error, never a mix.
 
 Query design. A free-text query is a cosine score ``f . t`` per voxel. Scanning 1M x 512 fp16
 features is ~1 GB of memory traffic (~100 ms here), too slow for interactive queries. So the map
@@ -649,25 +657,28 @@ class VoxelMap:
 
     @classmethod
     def load(cls, path, config: Optional[VoxelMapConfig] = None) -> tuple:
-        """Read the ``.npz`` that :meth:`save` writes. Returns ``(map, class_names or None)``.
+        """Read a map that :meth:`save` wrote (a map folder, checked against its manifest; a bare
+        ``.npz`` of the older two-file format is still read). Returns ``(map, class_names or None)``.
 
         ``config`` (default VoxelMapConfig()) gives capacity, eviction and query rank; its voxel
         size must equal the saved one. Colours come back at the saved 8-bit precision; eviction
         ages start again from zero. No pickle is ever read (``allow_pickle=False``).
 
         Raises:
-            ValueError: other voxel size, more voxels than ``max_points``, inconsistent arrays.
-            FileNotFoundError: no such file.
+            ValueError: a bad manifest or hash, other voxel size, more voxels than ``max_points``,
+                inconsistent arrays.
+            FileNotFoundError: no such map.
         """
-        from pathlib import Path
-
-        base = Path(path)
-        npz = base if base.suffix == ".npz" else base.with_suffix(".npz")
-        if not npz.is_file():
-            raise FileNotFoundError(f"map file {npz} not found")
+        npz = map_arrays_path(path)
         config = config or VoxelMapConfig()
-        with np.load(npz, allow_pickle=False) as z:
-            data = {k: z[k] for k in z.files}
+        import zipfile
+        import zlib
+
+        try:
+            with np.load(npz, allow_pickle=False) as z:
+                data = {k: z[k] for k in z.files}
+        except (ValueError, EOFError, zipfile.BadZipFile, zlib.error) as exc:  # a corrupt (legacy) file
+            raise ValueError(f"{npz}: cannot read the map arrays ({type(exc).__name__}: {exc})") from None
         for key in ("positions", "colors", "labels", "scores", "counts", "voxel_size"):
             if key not in data:
                 raise ValueError(f"{npz}: not a saved voxel map (no {key!r} array)")
@@ -709,27 +720,11 @@ class VoxelMap:
         names = [str(x) for x in data["class_names"]] if "class_names" in data else None
         return m, names
 
-    def save(self, path, class_names=None) -> tuple:
-        """Write ``<path>.ply`` (labelled points) and ``<path>.npz`` (all arrays incl. fp16 features),
-        each atomically. Returns the two paths."""
-        from pathlib import Path
-
-        from sas_core.io import atomic_path, write_ply
-
-        base = Path(path)
-        if base.suffix in (".ply", ".npz"):
-            base = base.with_suffix("")
-        data = self.export()
-        ply, npz = base.with_suffix(".ply"), base.with_suffix(".npz")
-        write_ply(ply, data["positions"], colors=data["colors"], labels=data["labels"], scores=data["scores"])
-        arrays = {k: v for k, v in data.items() if v is not None}
-        arrays["voxel_size"] = np.float32(self.config.voxel_size)
-        if class_names is not None:
-            arrays["class_names"] = np.asarray(list(class_names), dtype=str)
-        with atomic_path(npz) as tmp:
-            with open(tmp, "wb") as f:
-                np.savez(f, **arrays)
-        return ply, npz
+    def save(self, path, class_names=None, overwrite: bool = False):
+        """Write this map as one unit, the folder ``path`` (see the module docstring; the name is
+        kept as given, suffixes included). Returns the folder. Raises FileExistsError when it
+        exists and ``overwrite`` is False."""
+        return write_map(path, self.export(), self.config.voxel_size, class_names, overwrite=overwrite)
 
     def memory_bytes(self) -> int:
         """Bytes held by the slot arrays and the key index."""
@@ -739,6 +734,106 @@ class VoxelMap:
         if self._pending is not None:
             arrays += [self._pending.codes, self._pending.resid, self._pending.todo]
         return int(sum(a.nbytes for a in arrays if a is not None))
+
+
+#: ``format`` of a saved map's manifest, and the version this code writes (and reads up to).
+MAP_FORMAT, MAP_FORMAT_VERSION = "sas-voxel-map", 1
+MAP_MANIFEST, MAP_NPZ, MAP_PLY = "manifest.json", "map.npz", "map.ply"
+_MANIFEST_MAX_BYTES = 64 << 20
+
+
+def write_map(path, data: dict, voxel_size: float, class_names=None, overwrite: bool = False):
+    """Write the arrays of :meth:`VoxelMap.export` as one map folder ``path`` (``map.npz``,
+    ``map.ply``, ``manifest.json``), atomically (:func:`sas_core.io.atomic_dir`). Returns the folder.
+
+    Raises:
+        FileExistsError: ``path`` exists and ``overwrite`` is False (nothing is written).
+    """
+    import datetime
+    import json
+    from pathlib import Path
+
+    from sas_core import __version__
+    from sas_core.io import atomic_dir, sha256_file, write_ply
+
+    path = Path(path)
+    arrays = {k: v for k, v in data.items() if v is not None}
+    arrays["voxel_size"] = np.float32(voxel_size)
+    if class_names is not None:
+        arrays["class_names"] = np.asarray(list(class_names), dtype=str)
+    with atomic_dir(path, overwrite=overwrite) as tmp:
+        with open(tmp / MAP_NPZ, "wb") as f:
+            np.savez(f, **arrays)
+        write_ply(tmp / MAP_PLY, data["positions"], colors=data["colors"], labels=data["labels"],
+                  scores=data["scores"])
+        feats = data.get("features")
+        manifest = dict(
+            format=MAP_FORMAT, format_version=MAP_FORMAT_VERSION, package="sas_core", package_version=__version__,
+            created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            n_voxels=int(len(data["positions"])), voxel_size=float(voxel_size),
+            feature_dim=0 if feats is None else int(feats.shape[1]),
+            vocabulary=None if class_names is None else [str(c) for c in class_names],
+            files={name: dict(sha256=sha256_file(tmp / name), bytes=(tmp / name).stat().st_size)
+                   for name in (MAP_NPZ, MAP_PLY)})
+        (tmp / MAP_MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
+    return path
+
+
+def read_map_manifest(path) -> dict:
+    """The manifest of the map folder ``path`` after checking it: format and version, and the size
+    and sha256 of every file it lists. Raises ValueError (naming the map and the problem) or
+    FileNotFoundError."""
+    import json
+    from pathlib import Path
+
+    from sas_core.io import sha256_file
+
+    path = Path(path)
+    mpath = path / MAP_MANIFEST
+    if not mpath.is_file():
+        raise FileNotFoundError(f"map {path}: no {MAP_MANIFEST} (not a saved map folder)")
+    if mpath.stat().st_size > _MANIFEST_MAX_BYTES:
+        raise ValueError(f"map {path}: {MAP_MANIFEST} is larger than {_MANIFEST_MAX_BYTES} bytes")
+    try:
+        manifest = json.loads(mpath.read_text())
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise ValueError(f"map {path}: {MAP_MANIFEST} is not JSON ({exc})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != MAP_FORMAT:
+        raise ValueError(f"map {path}: {MAP_MANIFEST} is not a {MAP_FORMAT} manifest")
+    version = manifest.get("format_version")
+    if not isinstance(version, int) or isinstance(version, bool) or not 1 <= version <= MAP_FORMAT_VERSION:
+        raise ValueError(f"map {path}: format version {version!r}, this code reads 1..{MAP_FORMAT_VERSION}")
+    files = manifest.get("files")
+    if not isinstance(files, dict) or MAP_NPZ not in files:
+        raise ValueError(f"map {path}: the manifest lists no {MAP_NPZ}")
+    for name, entry in files.items():
+        if not isinstance(name, str) or "/" in name or name.startswith(".") or not isinstance(entry, dict):
+            raise ValueError(f"map {path}: bad file entry {str(name)[:80]!r} in the manifest")
+        f = path / name
+        if not f.is_file():
+            raise ValueError(f"map {path}: {name} is missing")
+        if f.stat().st_size != entry.get("bytes"):
+            raise ValueError(f"map {path}: {name} has {f.stat().st_size} bytes, the manifest says "
+                             f"{entry.get('bytes')!r} (truncated or replaced)")
+        if sha256_file(f) != entry.get("sha256"):
+            raise ValueError(f"map {path}: {name} does not match its sha256 in the manifest (corrupt or modified)")
+    return manifest
+
+
+def map_arrays_path(path):
+    """The checked ``map.npz`` of the map folder ``path`` (:func:`read_map_manifest`), or, for the
+    older two-file format, ``path`` itself when it is an ``.npz`` (else ``<path>.npz``: ``run.1``
+    reads ``run.1.npz``, never ``run.npz``)."""
+    from pathlib import Path
+
+    base = Path(path)
+    if base.is_dir():
+        read_map_manifest(base)
+        return base / MAP_NPZ
+    npz = base if base.suffix == ".npz" else base.with_name(base.name + ".npz")  # never a swapped suffix
+    if not npz.is_file():
+        raise FileNotFoundError(f"map {base} not found")
+    return npz
 
 
 def rgbd_points(depth: np.ndarray, color: Optional[np.ndarray], intrinsics, pose: np.ndarray, stride: int = 1,

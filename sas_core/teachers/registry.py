@@ -31,7 +31,9 @@ class TeacherOptions:
     seed: int = 0                           # seed of the simulated teachers (sim_dense: seed, sim_mask: seed + 1)
     clip_model: str = "ViT-B-16"            # open_clip architecture (dense_clip, mask_clip, text space of precomputed)
     clip_checkpoint: Optional[str] = None   # local open_clip weights
-    recipe: str = "sclip"                   # dense CLIP recipe: maskclip | sclip | clearclip | naclip
+    recipe: Optional[str] = None            # dense CLIP recipe: maskclip | sclip | clearclip | naclip (None: the
+                                            # preset's, else sclip)
+    dense_preset: Optional[str] = None      # dense CLIP inference preset (DENSE_CLIP_PRESETS: sclip, clearclip, ...)
     sam_model: str = "vit_b"                # segment-anything model (mask_clip)
     sam_checkpoint: Optional[str] = None    # local SAM weights (mask_clip)
     precomputed_root: Optional[str] = None  # folder of OpenScene fused features (precomputed)
@@ -96,10 +98,11 @@ def build_teachers(names: Sequence[str], vocabulary: Sequence[str], options: Opt
         clip = _clip(opts, clip)
         model, encoder = clip
         if name == "dense_clip":
-            from sas_core.teachers.dense_clip import DenseClipConfig, DenseClipTeacher
+            from sas_core.teachers.dense_clip import DenseClipTeacher, dense_clip_config
 
-            teacher = DenseClipTeacher(DenseClipConfig(model=opts.clip_model, checkpoint=opts.clip_checkpoint,
-                                                       recipe=opts.recipe, device=opts.device), model=model)
+            teacher = DenseClipTeacher(dense_clip_config(opts.dense_preset, model=opts.clip_model,
+                                                         checkpoint=opts.clip_checkpoint, recipe=opts.recipe,
+                                                         device=opts.device), model=model)
         else:  # mask_clip
             from sas_core.teachers.mask_teacher import MaskClipTeacher, MaskTeacherConfig
 
