@@ -50,6 +50,10 @@ def test_quick_demo_writes_the_report(tmp_path):
     assert "SYNTHETIC" in md and "SP Dis. + TESD" in md and "Capability fusion" in md
     assert "own map, transductive" in md and "held-out rooms" in md and md.count("| Capability fusion") == 2
     assert (out / "ablation.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # the instance rows (ScanNet AP) and the top-down instance picture
+    assert (out / "instances.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "3D instances on" in md and "Mask clustering over superpoints" in md and "baseline" in md
+    assert [r["key"] for r in table["instances"]] == ["mask_clustering", "label_components"]
     # the distilled checkpoint is self-describing: architecture, text space, vocabulary
     from sas_core.nn import load_checkpoint
 

@@ -127,15 +127,3 @@ def test_table_and_json():
 
     json.dumps(js)
     assert js["miou"] == pytest.approx(r["miou"])
-
-
-def test_instance_ap_by_hand():
-    gt = np.array([0, 0, 0, 1, 1, 1, -1, -1])
-    inst_a = gt == 0
-    junk = np.zeros(8, bool)
-    junk[[2, 6, 7]] = True
-    inst_b = gt == 1
-    ap = M.instance_ap([inst_a, junk, inst_b], [0.9, 0.8, 0.7], gt)
-    # precision 1, 1/2, 2/3 at recall 1/2, 1/2, 1 -> envelope 1, 2/3, 2/3 -> AP = 1/2 + 1/2 * 2/3
-    assert ap == pytest.approx(0.5 + 0.5 * 2 / 3)
-    assert M.instance_ap([], [], gt) == 0.0

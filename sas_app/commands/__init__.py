@@ -109,3 +109,60 @@ def dense_options(args) -> dict:
     """``recipe`` / ``dense_preset`` for TeacherOptions: an explicit --clip-recipe wins over the preset's."""
     recipe = args.clip_recipe if (not args.clip_preset or "clip_recipe" in explicit_args(args)) else None
     return {"recipe": recipe, "dense_preset": args.clip_preset}
+
+
+#: file in an output folder listing what the command wrote there (so a rerun can replace exactly that)
+OUTPUT_MANIFEST = ".sas-output.json"
+
+
+def fresh_output_dir(path, overwrite: bool, command: str, flag: str = "--out"):
+    """Make ``path`` ready for a new run of ``command``; never mix two runs in one folder.
+
+    An absent or empty folder is created. A non-empty one is refused unless ``overwrite``; then
+    only the files a previous run of the same command listed in its :data:`OUTPUT_MANIFEST` are
+    removed (a folder without one, or written by another command, is never emptied). Returns the
+    folder as a Path.
+    """
+    import json
+    from pathlib import Path
+
+    out = Path(path)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{flag} {out} is a file; give a folder")
+    if not out.exists() or not any(out.iterdir()):
+        out.mkdir(parents=True, exist_ok=True)
+        return out
+    if not overwrite:
+        raise ValueError(f"{flag} {out} is not empty (an earlier run?): give a new folder, or add --overwrite to "
+                         f"replace what `sas {command}` wrote there")
+    manifest = out / OUTPUT_MANIFEST
+    try:
+        listed = json.loads(manifest.read_text())
+    except (OSError, ValueError):
+        listed = None
+    if not isinstance(listed, dict) or listed.get("command") != command:
+        raise ValueError(f"{flag} {out} was not written by `sas {command}` (no {OUTPUT_MANIFEST} of it): "
+                         "not deleting anything there; give a new folder")
+    root = out.resolve()
+    for rel in listed.get("files", []):
+        target = (out / rel).resolve()
+        if root in target.parents and target.is_file() and not target.is_symlink():
+            target.unlink()
+    for d in sorted((p for p in out.rglob("*") if p.is_dir()), key=lambda p: len(p.parts), reverse=True):
+        if not any(d.iterdir()):
+            d.rmdir()
+    manifest.unlink(missing_ok=True)
+    return out
+
+
+def record_outputs(path, command: str) -> int:
+    """Write :data:`OUTPUT_MANIFEST` listing every file now under ``path``; returns the count."""
+    import json
+    from pathlib import Path
+
+    from sas_core.io import atomic_write_text
+
+    out = Path(path)
+    files = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file() and p.name != OUTPUT_MANIFEST)
+    atomic_write_text(out / OUTPUT_MANIFEST, json.dumps({"command": command, "files": files}, indent=1) + "\n")
+    return len(files)

@@ -1,11 +1,12 @@
-"""`sas eval`: evaluate predicted labels (OpenScene protocol mIoU/mAcc)."""
+"""`sas eval`: evaluate predicted labels (OpenScene protocol mIoU/mAcc) or 3D instances (``--instances``:
+ScanNet's instance AP / AP50 / AP25, class-agnostic and per class)."""
 
 from __future__ import annotations
 
 from sas_app.commands import add_checkpoint_argument, add_inference_arguments, add_models_argument, \
     apply_model_paths, inference_config
 
-HELP = "evaluate predicted labels (OpenScene protocol mIoU/mAcc)"
+HELP = "evaluate predicted labels (OpenScene protocol mIoU/mAcc) or instances (--instances: ScanNet AP)"
 
 LONG_TAIL_DIRS = {21: "matterport_3d", 40: "matterport_3d_40", 80: "matterport_3d_80", 160: "matterport_3d_160"}
 
@@ -39,6 +40,25 @@ def add_arguments(parser):
     parser.add_argument("--limit", type=int, default=None, help="evaluate only the first N scenes")
     add_models_argument(parser)
     add_inference_arguments(parser)
+    from sas_app.commands.segment import add_instance_arguments
+
+    g = add_instance_arguments(parser, help=(
+        "evaluate 3D instances with ScanNet's protocol (AP over IoU 0.50:0.05:0.90, AP50, AP25; class-agnostic and "
+        "per class): --pred PLY (with 'instance' and 'label'; scores from <pred>.instances.json) --gt FILE, or "
+        "--checkpoint --data (instances from the features), or --synthetic SEED..."))
+    g.add_argument("--synthetic", type=int, nargs="+", metavar="SEED",
+                   help="with --instances: evaluate on synthetic rooms of these seeds (simulated teachers, "
+                        "capability-fused features; no checkpoint; SYNTHETIC data)")
+    g.add_argument("--frames", type=int, default=40, help="--synthetic: RGB-D frames per room (default 40)")
+    g.add_argument("--masks", choices=("teacher", "oracle", "none", "sam"), default=None,
+                   help="2D masks for the instances: the simulated mask teacher (--synthetic default), the rendered "
+                        "instance images (oracle), none (region growing on the features; --data default) or SAM "
+                        "automatic masks on the scene's 2D frames (--data, needs --sam-checkpoint)")
+    g.add_argument("--sam-checkpoint", default=None, help="SAM weights for --masks sam")
+    g.add_argument("--sam-model", default="vit_b", choices=("vit_h", "vit_l", "vit_b"), help="SAM model type")
+    g.add_argument("--instance-gt", default=None,
+                   help="folder of <scene>.npy per-point ground-truth instance ids (-1 none), for .pth files "
+                        "without a 4th element of instance ids")
 
 
 def _labels(path, what: str):
@@ -113,11 +133,209 @@ def _write(args, payload, markdown):
         print(f"table -> {args.markdown}")
 
 
+def _gt_instances(path, instance_dir=None):
+    """(labels (N,), instance ids (N,)) of a ground-truth file: a PLY with 'label' and 'instance', an
+    .npz with 'labels' and 'instances', or an OpenScene .pth whose 4th element (or dict key
+    'instances') holds per-point instance ids (or with <instance_dir>/<scene>.npy next to it)."""
+    from pathlib import Path
+
+    import numpy as np
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"ground-truth file {path} not found")
+    inst = None
+    if instance_dir is not None:
+        side = Path(instance_dir) / f"{path.stem}.npy"
+        if not side.is_file():
+            raise FileNotFoundError(f"{side} not found (--instance-gt)")
+        inst = np.load(side, allow_pickle=False)
+    suffix = path.suffix.lower()
+    if suffix == ".ply":
+        from sas_core.io import read_ply
+
+        d = read_ply(path)
+        if "label" not in d or (inst is None and "instance" not in d):
+            raise ValueError(f"{path}: a ground-truth PLY needs 'label' and 'instance' properties")
+        labels = d["label"]
+        inst = d["instance"] if inst is None else inst
+    elif suffix == ".npz":
+        z = np.load(path, allow_pickle=False)
+        if "labels" not in z.files or (inst is None and "instances" not in z.files):
+            raise ValueError(f"{path}: a ground-truth .npz needs 'labels' and 'instances', has {sorted(z.files)}")
+        labels = z["labels"]
+        inst = z["instances"] if inst is None else inst
+    elif suffix == ".pth":
+        from sas_core.data.openscene import read_pth
+        from sas_core.io import load_torch_file
+
+        _, _, labels = read_pth(path)
+        if inst is None:
+            data = load_torch_file(path, what="OpenScene point file")
+            if isinstance(data, dict):
+                inst = data.get("instances", data.get("instance_labels"))
+            elif isinstance(data, (tuple, list)) and len(data) >= 4:
+                inst = data[3]
+            if inst is None:
+                raise ValueError(f"{path}: no instance ids (a 4th element or 'instances'); give --instance-gt DIR")
+            inst = inst.numpy() if hasattr(inst, "numpy") else np.asarray(inst)
+    else:
+        raise ValueError(f"{path}: ground truth for instances must be .ply, .npz or .pth")
+    labels = np.asarray(labels).astype(np.int64).reshape(-1)
+    inst = np.asarray(inst).astype(np.int64).reshape(-1)
+    if labels.shape != inst.shape:
+        raise ValueError(f"{path}: {len(labels)} labels but {len(inst)} instance ids")
+    inst[inst < 0] = -1  # -100 and other negatives: no instance
+    return labels, inst
+
+
+def _pred_instances(path):
+    """(masks, labels, scores) of a predicted instance PLY ('instance', 'label'), scores from
+    <pred>.instances.json when it exists (the label score), else 1."""
+    import json
+    from pathlib import Path
+
+    import numpy as np
+
+    from sas_core.io import read_ply
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"prediction file {path} not found")
+    d = read_ply(path)
+    if "instance" not in d:
+        raise ValueError(f"{path}: no 'instance' property (write it with `sas segment --instances`)")
+    ids = np.asarray(d["instance"]).astype(np.int64)
+    labels = np.asarray(d["label"]).astype(np.int64) if "label" in d else None
+    scores = {}
+    side = path.with_suffix(".instances.json")
+    if side.is_file():
+        for rec in json.loads(side.read_text()).get("instances", []):
+            scores[int(rec["id"])] = rec.get("score") if rec.get("score") is not None else 1.0
+    masks, plabels, pscores = [], [], []
+    for i in np.unique(ids[ids >= 0]).tolist():
+        idx = np.flatnonzero(ids == i)
+        masks.append(idx)
+        if labels is not None:  # the instance's majority point label
+            plabels.append(int(np.bincount(np.clip(labels[idx], 0, None)).argmax()))
+        pscores.append(float(scores.get(i, 1.0)))
+    return masks, (np.asarray(plabels, np.int64) if labels is not None else None), np.asarray(pscores)
+
+
+def _instance_report(scenes, names, args, title: str, extra: dict) -> int:
+    from sas_core.eval import to_json
+    from sas_core.eval.instances import evaluate_instances, format_instance_table
+
+    agnostic = evaluate_instances(scenes, names, class_agnostic=True)
+    per_class = None
+    if all(s.pred_labels is not None for s in scenes):
+        per_class = evaluate_instances(scenes, names)
+    tables = [format_instance_table(agnostic, title=f"### {title}: class-agnostic")]
+    print(format_instance_table(agnostic, markdown=False, title=f"{title} (class-agnostic)"))
+    pct = (lambda v: "nan" if v != v else f"{v * 100:.1f}")
+    print(f"class-agnostic: AP {pct(agnostic['ap'])}  AP50 {pct(agnostic['ap50'])}  AP25 {pct(agnostic['ap25'])}")
+    payload = {"class_agnostic": to_json({k: v for k, v in agnostic.items()}), **extra}
+    if per_class is not None:
+        print(format_instance_table(per_class, markdown=False, title=f"{title} (per class)"))
+        print(f"per class: AP {pct(per_class['ap'])}  AP50 {pct(per_class['ap50'])}  AP25 {pct(per_class['ap25'])}")
+        payload["per_class"] = to_json({k: v for k, v in per_class.items()})
+        tables.append(format_instance_table(per_class, title=f"### {title}: per class"))
+    _write(args, payload, "\n\n".join(tables))
+    return 0
+
+
+def _run_instances(args) -> int:
+    import numpy as np
+
+    from sas_app.commands.segment import instance_config
+    from sas_core.eval.instances import SceneInstances
+    from sas_core.text import SCANNET_20, parse_vocabulary
+
+    cfg = instance_config(args)
+    if args.pred or args.gt:
+        if not (args.pred and args.gt):
+            raise ValueError("--pred and --gt go together")
+        names = parse_vocabulary(args.vocabulary)
+        labels, inst = _gt_instances(args.gt, args.instance_gt)
+        masks, plabels, scores = _pred_instances(args.pred)
+        if any(len(m) and m[-1] >= len(labels) for m in masks):
+            raise ValueError(f"{args.pred} has more points than {args.gt} ({len(labels)})")
+        scene = SceneInstances(labels, inst, masks, plabels, scores)
+        return _instance_report([scene], names, args, f"{args.pred} vs {args.gt}", {"scenes": 1})
+    if args.synthetic:
+        from sas_core.data.synthetic import SynthConfig, generate_scene
+        from sas_core.instances.synthetic import fused_teacher_features, simulated_teachers, synthetic_instances
+        from sas_core.text import SyntheticTextEncoder, class_embeddings
+
+        names = list(SCANNET_20)
+        masks = args.masks or "teacher"
+        if masks == "sam":
+            raise ValueError("--masks sam needs real frames (--data); the synthetic world has teacher|oracle|none")
+        enc = SyntheticTextEncoder(names, dim=128, seed=0)
+        text = class_embeddings(enc, names).float().numpy()
+        scenes = []
+        for seed in args.synthetic:
+            room = generate_scene(SynthConfig(seed=seed, n_frames=args.frames, with_lidar=False))
+            teachers = simulated_teachers(enc, seed)
+            feats = fused_teacher_features(room, teachers, text, "capability")
+            found, _, _ = synthetic_instances(room, enc, names, text, masks=masks, features=feats, config=cfg,
+                                              teachers=teachers)
+            pc = room.points
+            scenes.append(SceneInstances(pc.labels, pc.instances, [i.indices for i in found],
+                                         [i.label for i in found], [i.score for i in found]))
+            print(f"{room.name}: {len(found)} instances ({len(pc)} points, {args.frames} frames)")
+        return _instance_report(scenes, names, args, f"SYNTHETIC rooms {args.synthetic} (masks: {masks})",
+                                {"scenes": len(scenes), "synthetic": True, "masks": masks})
+    if args.data:
+        apply_model_paths(args, {"checkpoint": "checkpoint"})
+    if not (args.checkpoint and args.data):
+        raise ValueError("--instances: give --pred and --gt, --checkpoint and --data, or --synthetic SEED...")
+    from pathlib import Path
+
+    from tqdm import tqdm
+
+    from sas_core.infer import Segmenter, load_point_cloud
+    from sas_core.instances import cloud_instances
+
+    names = parse_vocabulary(args.vocabulary)
+    seg = Segmenter.from_checkpoint(args.checkpoint, device=args.device, config=inference_config(args))
+    seg.set_vocabulary(names, openscene_other=args.openscene_other)
+    masks = args.masks or "none"
+    source = None
+    if masks == "sam":
+        from sas_core.instances import SamMaskSource
+        from sas_core.teachers.mask_teacher import MaskTeacherConfig
+
+        source = SamMaskSource(MaskTeacherConfig(sam_model=args.sam_model, sam_checkpoint=args.sam_checkpoint,
+                                                 device=args.device))
+    elif masks != "none":
+        raise ValueError(f"--masks {masks} is for --synthetic; with --data use none or sam")
+    scenes = []
+    for path in tqdm(_scenes(args.data, args.limit), desc="scenes"):
+        cloud = load_point_cloud(path)
+        labels, inst = _gt_instances(path, args.instance_gt)
+        feats, _ = _scene_features(seg, path, cloud, args)
+        frames = None
+        if source is not None:
+            from sas_core.data.openscene import load_openscene_scene
+
+            _, frames = load_openscene_scene(Path(args.data).parent, path.stem, split=Path(args.data).name)
+        found = cloud_instances(cloud.positions, feats, seg.text_embeddings.cpu(), names, normals=cloud.normals,
+                                frames=frames, mask_source=source, config=cfg)
+        scenes.append(SceneInstances(labels, inst, [i.indices for i in found], [i.label for i in found],
+                                     [i.score for i in found]))
+    return _instance_report(scenes, names, args, f"{args.checkpoint} on {args.data} (masks: {masks})",
+                            {"scenes": len(scenes), "checkpoint": str(args.checkpoint), "masks": masks})
+
+
 def run(args) -> int:
     import numpy as np
 
     from sas_core.eval import evaluate, format_table, group_means, long_tail_groups, to_json
     from sas_core.text import parse_vocabulary
+
+    if args.instances:
+        return _run_instances(args)
 
     if args.pred or args.gt:
         if not (args.pred and args.gt):

@@ -49,7 +49,10 @@ def add_arguments(parser):
     parser.add_argument("--out", default="replay_output", help="folder for the labelled map (the map folder "
                                                                "<out>/<name>/: map.npz, map.ply, manifest.json)")
     parser.add_argument("--name", default=None, help="scene / map name (default: the bag's name)")
-    parser.add_argument("--export", default=None, metavar="DIR", help="also write the OpenScene layout here")
+    parser.add_argument("--export", default=None, metavar="DIR",
+                        help="also write the OpenScene layout here (a new or empty folder; see --overwrite)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace this scene's files in the --export folder (other scenes there are kept)")
     parser.add_argument("--split", default="train", help="OpenScene split of the export")
     parser.add_argument("--frame-step", type=int, default=1, help="use every n-th frame that has a pose")
     add_stream_arguments(parser)
@@ -77,6 +80,26 @@ def _scene_name(args, bag) -> str:
     return name
 
 
+def _fresh_export(root, name: str, overwrite: bool) -> None:
+    """An export folder holds many recordings (one scene each); a rerun of one scene name replaces
+    exactly that scene's files with --overwrite, and is refused without it (never mixed)."""
+    import shutil
+
+    if root.exists() and not root.is_dir():
+        raise ValueError(f"--export {root} is a file; give a folder")
+    pths = sorted(root.glob(f"*/{name}.pth")) if root.is_dir() else []
+    frames = root / "2d" / name
+    if not pths and not frames.exists():
+        return
+    if not overwrite:
+        raise ValueError(f"--export {root} already holds scene {name!r} ({', '.join(str(p) for p in pths + [frames] if p.exists())}): "
+                         "give another --name, or --overwrite to replace that scene")
+    for p in pths:
+        p.unlink()
+    if frames.is_dir() and not frames.is_symlink():
+        shutil.rmtree(frames)
+
+
 def run(args) -> int:
     import json
     import sys
@@ -101,9 +124,13 @@ def run(args) -> int:
         raise ValueError("--mode fusion needs live teacher images, which a bag does not carry; "
                          "use --checkpoint (mode segmenter) or --mode none")
     name = _scene_name(args, bag)
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        raise ValueError(f"--out {args.out} is a file; give the folder for the map")
     options = stream_options(args)
     index = index_bag(bag, rates=False)
     check_options(index, options)
+    if args.export:
+        _fresh_export(Path(args.export), name, args.overwrite)
     mapper = Mapper(config)
 
     stats, choice = ReplayStats(), {}

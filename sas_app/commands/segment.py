@@ -1,4 +1,4 @@
-"""`sas segment`: label a point cloud with a distilled checkpoint."""
+"""`sas segment`: label a point cloud with a distilled checkpoint (``--instances``: and split it into objects)."""
 
 from __future__ import annotations
 
@@ -23,8 +23,46 @@ def add_arguments(parser):
     parser.add_argument("--fused", default=None,
                         help="optional OpenScene fused 2D feature file (.pt) of this cloud: 2D-3D ensemble")
     parser.add_argument("--device", default="cpu", help="torch device (cpu, cuda, cuda:1)")
+    add_instance_arguments(parser)
     add_models_argument(parser)
     add_inference_arguments(parser)
+
+
+SEGMENT_INSTANCES_HELP = ("also split the cloud into labelled object instances (superpoints + region growing on "
+                          "the features): instance ids go into the PLY ('instance', -1 = none) and the instances "
+                          "into <out>.instances.json")
+
+
+def add_instance_arguments(parser, help: str = SEGMENT_INSTANCES_HELP):
+    """``--instances`` and the :class:`sas_core.instances.InstanceConfig` flags (``--instance-*``);
+    returns the argument group."""
+    from sas_core.config import add_config_arguments
+    from sas_core.instances.clustering import InstanceConfig
+
+    group = parser.add_argument_group("3D instances (InstanceConfig)")
+    group.add_argument("--instances", action="store_true", help=help)
+    add_config_arguments(group, InstanceConfig, prefix="instance-")
+    return group
+
+
+def instance_config(args):
+    from sas_core.config import config_from_args
+    from sas_core.instances.clustering import InstanceConfig
+
+    return config_from_args(InstanceConfig, args, prefix="instance-")
+
+
+def write_instances(out, instances, names, n_points: int, source: str) -> "Path":
+    """Write ``<out>.instances.json`` (plain JSON) next to the PLY; returns its path."""
+    import json
+    from pathlib import Path
+
+    from sas_core.instances import instances_json
+    from sas_core.io import atomic_write_text
+
+    path = Path(out).with_suffix(".instances.json")
+    atomic_write_text(path, json.dumps(instances_json(instances, names, n_points, source, with_indices=True)) + "\n")
+    return path
 
 
 def run(args) -> int:
@@ -59,7 +97,14 @@ def run(args) -> int:
         feats, used_2d = seg.ensemble(feats, dense, mask.numpy())
     labels, scores = seg.classify(feats)
     out = Path(args.out)
-    write_ply(out, cloud.positions, colors=label_colors(labels), labels=labels, scores=scores)
+    extra, instances = {}, None
+    if args.instances:
+        from sas_core.instances import cloud_instances, instance_ids
+
+        instances = cloud_instances(cloud.positions, feats, seg.text_embeddings.cpu(), names, normals=cloud.normals,
+                                    config=instance_config(args))
+        extra["instance"] = instance_ids(len(cloud), instances).astype(np.int32)
+    write_ply(out, cloud.positions, colors=label_colors(labels), labels=labels, scores=scores, **extra)
     npy = out.with_suffix(".npy")
     with atomic_path(npy) as tmp:
         np.save(tmp, labels)
@@ -69,6 +114,13 @@ def run(args) -> int:
         print("note: synthetic text space (checkpoint trained on the synthetic world)")
     if used_2d is not None:
         print(f"2D-3D ensemble: {used_2d.mean() * 100:.1f}% of points took the 2D feature")
+    if instances is not None:
+        path = write_instances(out, instances, names, len(cloud), str(args.cloud))
+        print(f"{len(instances)} instances -> {path} (PLY property 'instance')")
+        for inst in sorted(instances, key=lambda i: -i.n_points)[:10]:
+            print(f"  #{inst.id:<3d} {inst.name:<16s} {inst.n_points:>8d} points  score {inst.score:.2f}  "
+                  f"centre ({inst.centroid[0]:.2f}, {inst.centroid[1]:.2f}, {inst.centroid[2]:.2f})  "
+                  f"size {inst.size[0]:.2f} x {inst.size[1]:.2f} x {inst.size[2]:.2f} m")
     counts = np.bincount(labels, minlength=len(names))
     for k in np.argsort(-counts)[:10]:
         if counts[k]:

@@ -17,7 +17,9 @@ def add_arguments(parser):
     from sas_core.data.synthetic import SynthConfig
 
     parser.add_argument("--scenes", type=int, default=1, help="number of rooms (default 1)")
-    parser.add_argument("--out", type=Path, required=True, help="output folder")
+    parser.add_argument("--out", type=Path, required=True, help="output folder (new or empty; see --overwrite)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace what an earlier `sas synth` wrote into --out (never mix two runs)")
     g = parser.add_argument_group("each room (SynthConfig; room i uses seed + i)")
     add_config_arguments(g, SynthConfig, only=("seed", "n_frames", "width", "height", "points_per_m2", "with_lidar"),
                          aliases={"n_frames": "--frames", "with_lidar": "--lidar"})
@@ -50,7 +52,9 @@ def run(args) -> int:
     if args.width < 16 or args.height < 16:
         raise ValueError(f"image size {args.width}x{args.height} is too small (min 16x16)")
     storages = [] if args.no_bag else (["sqlite3", "mcap"] if args.storage == "both" else [args.storage])
-    out = Path(args.out)
+    from sas_app.commands import fresh_output_dir, record_outputs
+
+    out = fresh_output_dir(args.out, args.overwrite, "synth")
     root = out / "openscene"
     splits = scene_splits(args.scenes, args.split)
     t0 = time.perf_counter()
@@ -82,6 +86,7 @@ def run(args) -> int:
     from sas_core.io import atomic_write_text
 
     atomic_write_text(out / "synth.json", json.dumps(manifest, indent=2) + "\n")
+    record_outputs(out, "synth")
 
     print(f"sas synth: wrote {args.scenes} SYNTHETIC room(s) (procedurally generated, not real data) "
           f"in {seconds:.1f} s")

@@ -1,4 +1,5 @@
-"""Evaluation under OpenScene's protocol: confusion-matrix mIoU / mAcc, long-tail groups, instance AP.
+"""Evaluation under OpenScene's protocol: confusion-matrix mIoU / mAcc, long-tail groups (ScanNet's
+instance AP: :mod:`sas_core.eval.instances`).
 
 NumPy only (no torch), so it can be imported anywhere.
 """
@@ -10,7 +11,6 @@ from sas_core.eval.metrics import (  # noqa: F401
     evaluate,
     format_table,
     group_means,
-    instance_ap,
     long_tail_groups,
     miou_macc,
     to_json,

@@ -343,7 +343,18 @@ class SimulatedTeacher:
             return torch.zeros(0, self.dim)
         return torch.stack([self._caption_cache[c] for c in captions])
 
-    def _mask(self, obj, keys, classes, pred, rng, fkey):
+    def mask_ids(self, frame: Frame) -> np.ndarray:
+        """(H, W) int64 mask index per pixel (-1: no mask) of a ``kind="mask"`` teacher: the masks
+        whose features :meth:`features` returns (same wobble, gaps and misses), for 3D instance
+        proposals (:mod:`sas_core.instances`)."""
+        if self.kind != "mask":
+            raise ValueError(f"teacher {self.name!r} is a {self.kind} teacher; mask ids need kind='mask'")
+        obj, keys, classes = self._objects(frame)
+        fkey = self._frame_key(frame)
+        rng = np.random.default_rng(stable_seed("sas-sim-frame", self.config.seed, self.kind, fkey))
+        return self._mask_ids(obj, keys, classes, rng, fkey)
+
+    def _mask_ids(self, obj, keys, classes, rng, fkey):
         import torch
         import torch.nn.functional as F
 
@@ -373,6 +384,14 @@ class SimulatedTeacher:
             border[:, 1:] |= mask_id[:, 1:] != mask_id[:, :-1]
             drop = border & (rng.random((h, w)) < cfg.gap_prob)
             mask_id = np.where(drop, -1, mask_id)
+        return mask_id
+
+    def _mask(self, obj, keys, classes, pred, rng, fkey):
+        import torch
+
+        cfg = self.config
+        mask_id = self._mask_ids(obj, keys, classes, rng, fkey)
+        h, w = mask_id.shape
         vectors = self._encode_captions(self.captions(keys, classes, pred))  # (M, C), exact text embeddings
         table = torch.cat([torch.zeros(1, self.dim), vectors]).to(getattr(torch, cfg.out_dtype))  # row 0: none
         out = torch.index_select(table, 0, torch.from_numpy(mask_id.reshape(-1) + 1))
