@@ -46,7 +46,7 @@ from __future__ import annotations
 
 import math
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, List, Optional, Sequence, Union
 
 import numpy as np
@@ -149,6 +149,12 @@ class MapperConfig:
     full_update_every: int = opt(10, "every n-th labelling pass covers the whole map (0 = never)")
     query_threshold: float = opt(0.5, "default relevance threshold of a query")
     query_max_points: int = opt(5000, "default max returned points of a query")
+    query_max_objects: int = opt(10, "default max objects per query text (0 in a request); 0 here = all")
+    object_min_points: int = opt(20, "smallest object a query returns (voxels; smaller groups of matching "
+                                     "voxels are not objects)")
+    object_link_distance: float = opt(0.0, "matching voxels in neighbouring grid cells of this size (m) belong to "
+                                           "one object (0 = voxel_size: touching voxels; larger values bridge gaps "
+                                           "but merge objects with the floor near them)")
 
 
 @dataclass
@@ -181,6 +187,9 @@ class QueryAnswer:
         count: voxels scoring >= threshold (before ``max_points``).
         best: best score anywhere in the map (-inf for an empty map).
         centroid, bbox_min, bbox_max: (3,) float32 of ``positions`` (NaN when M = 0).
+        objects: the matching voxels split into objects (:class:`sas_core.instances.Instance`,
+            ``indices`` into ``positions``), best first; empty unless asked for.
+        object_of: (M,) int32 index into ``objects`` of each returned voxel (-1: in none).
     """
 
     text: str
@@ -192,6 +201,8 @@ class QueryAnswer:
     centroid: np.ndarray
     bbox_min: np.ndarray
     bbox_max: np.ndarray
+    objects: list = field(default_factory=list)
+    object_of: Optional[np.ndarray] = None
 
 
 def check_device(device: str) -> str:
@@ -783,7 +794,7 @@ class Mapper:
         return texts, threshold, int(max_points) or lim.max_query_points
 
     def query(self, texts: Sequence[str], threshold: Optional[float] = None,
-              max_points: Optional[int] = None) -> List[QueryAnswer]:
+              max_points: Optional[int] = None, max_objects: Optional[int] = None) -> List[QueryAnswer]:
         """Voxels relevant to each text: cosine score of the voxel feature with the text embedding
         ``>= threshold`` (default ``query_threshold``), at most ``max_points`` (default
         ``query_max_points``; 0 = ``max_query_points``) per text, best first (exact scores, see
@@ -794,6 +805,10 @@ class Mapper:
             ``no_features``.
         """
         texts, threshold, max_points = self.check_query(texts, threshold, max_points)
+        if max_objects is None:
+            max_objects = self.config.query_max_objects
+        if isinstance(max_objects, bool) or not isinstance(max_objects, (int, np.integer)) or max_objects < 0:
+            raise Rejected("bad_request", f"max_objects {clip_text(repr(max_objects))} must be an integer >= 0")
         emb = self.encode(texts)
         out = []
         with self.lock:
@@ -806,7 +821,26 @@ class Mapper:
                 out.append(QueryAnswer(text, res.slots, p, res.scores, int(res.count), float(res.best_score),
                                        p.mean(0) if len(p) else nan, p.min(0) if len(p) else nan,
                                        p.max(0) if len(p) else nan.copy()))
+        for a in out:  # outside the lock: only the copied positions are needed
+            self._group_objects(a, int(max_objects))
         return out
+
+    def _group_objects(self, answer: QueryAnswer, max_objects: int) -> None:
+        """Split an answer's voxels into objects (connected on the voxel grid; SAS 4.4's object-level
+        answer instead of one box over every match)."""
+        from sas_core.instances import instances_for_query
+
+        answer.object_of = np.full(len(answer.positions), -1, np.int32)
+        if len(answer.positions) == 0:
+            return
+        answer.objects = instances_for_query(answer.positions, index=np.arange(len(answer.positions)),
+                                             scores=answer.scores,
+                                             voxel_size=max(self.map.config.voxel_size,
+                                                            float(self.config.object_link_distance)),
+                                             min_points=int(self.config.object_min_points), name=answer.text,
+                                             max_instances=max_objects)
+        for k, inst in enumerate(answer.objects):
+            answer.object_of[inst.indices] = k
 
     # ------------------------------------------------------------------ state
     def export(self) -> dict:

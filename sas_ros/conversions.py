@@ -110,3 +110,48 @@ def matrix_to_transform_msg(T: np.ndarray) -> Transform:
 
 def point_msg(xyz) -> Point:
     return Point(x=float(xyz[0]), y=float(xyz[1]), z=float(xyz[2]))
+
+
+def detected_object(inst, text_index: int, best_score: float):
+    """sas_interfaces/DetectedObject of a :class:`sas_core.instances.Instance` (map frame)."""
+    import math
+
+    from sas_interfaces.msg import DetectedObject
+
+    half = 0.5 * float(inst.obb_yaw)
+    box = Pose(position=point_msg(inst.obb_center),
+               orientation=Quaternion(x=0.0, y=0.0, z=math.sin(half), w=math.cos(half)))
+    size = Vector3(x=float(inst.obb_size[0]), y=float(inst.obb_size[1]), z=float(inst.obb_size[2]))
+    return DetectedObject(text_index=int(text_index), score=float(inst.score), best_score=float(best_score),
+                          n_points=int(inst.n_points), centroid=point_msg(inst.centroid), box=box, box_size=size,
+                          aabb_min=point_msg(inst.aabb_min), aabb_max=point_msg(inst.aabb_max))
+
+
+def object_markers(objects, texts, frame_id: str, stamp, lifetime: float = 0.0):
+    """visualization_msgs/MarkerArray for RViz: a DELETEALL, then per object a translucent CUBE
+    (its oriented box) and a TEXT_VIEW_FACING label above it ("text 0.62"), in namespace
+    ``objects`` / ``labels``; colours by text index (the label palette)."""
+    from builtin_interfaces.msg import Duration
+    from visualization_msgs.msg import Marker, MarkerArray
+
+    from sas_core.viz import label_palette
+
+    palette = label_palette()
+    life = Duration(sec=int(lifetime), nanosec=int((lifetime % 1.0) * 1e9))
+    out = MarkerArray(markers=[Marker(action=Marker.DELETEALL, header=make_header(frame_id, stamp))])
+    for k, obj in enumerate(objects):
+        r, g, b = (float(c) / 255.0 for c in palette[obj.text_index % 255])
+        header = make_header(frame_id, stamp)
+        cube = Marker(header=header, ns="objects", id=k, type=Marker.CUBE, action=Marker.ADD, pose=obj.box,
+                      scale=Vector3(x=max(obj.box_size.x, 0.01), y=max(obj.box_size.y, 0.01),
+                                    z=max(obj.box_size.z, 0.01)), lifetime=life)
+        cube.color.r, cube.color.g, cube.color.b, cube.color.a = r, g, b, 0.35
+        label = Marker(header=header, ns="labels", id=k, type=Marker.TEXT_VIEW_FACING, action=Marker.ADD,
+                       scale=Vector3(x=0.0, y=0.0, z=0.12), lifetime=life,
+                       text=f"{texts[obj.text_index]} {obj.score:.2f}")
+        label.pose.position = Point(x=obj.box.position.x, y=obj.box.position.y,
+                                    z=obj.box.position.z + 0.5 * obj.box_size.z + 0.1)
+        label.pose.orientation.w = 1.0
+        label.color.r, label.color.g, label.color.b, label.color.a = 1.0, 1.0, 1.0, 1.0
+        out.markers += [cube, label]
+    return out

@@ -193,8 +193,11 @@ def replay_and_query(source, texts: Sequence[str], checkpoint: Optional[str] = N
             if not response.success:
                 break
             c, lo, hi = response.centroids[i], response.bbox_min[i], response.bbox_max[i]
+            from sas_ros.query_client import _object_dict
+
             answers.append(dict(text=text, count=int(response.counts[i]), best_score=float(response.best_scores[i]),
-                                centroid=[c.x, c.y, c.z], bbox_min=[lo.x, lo.y, lo.z], bbox_max=[hi.x, hi.y, hi.z]))
+                                centroid=[c.x, c.y, c.z], bbox_min=[lo.x, lo.y, lo.z], bbox_max=[hi.x, hi.y, hi.z],
+                                objects=[_object_dict(o) for o in response.objects if o.text_index == i]))
         fields = [f.name for f in clouds[-1].fields] if clouds else []
         return dict(frames=len(frames), integrated=node.n_frames, points=len(node.map), labelled_fields=fields,
                     queries=answers, success=bool(response.success), message=response.message,

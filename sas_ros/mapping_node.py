@@ -177,6 +177,9 @@ class MappingNode(Node):
         self.pub_map = self.create_publisher(PointCloud2, "~/map_cloud", 2)
         self.pub_label_map = self.create_publisher(LabelMap, "~/label_map", latched)
         self.pub_stats = self.create_publisher(String, "~/stats", 10)
+        from visualization_msgs.msg import MarkerArray
+
+        self.pub_objects = self.create_publisher(MarkerArray, "~/objects", latched)  # the last query's objects
         self.poses = PoseSource(self, cfg.pose_source, cfg.map_frame, cfg.pose_topic,
                                 sensor_frame=cfg.camera_frame, tolerance=cfg.pose_tolerance,
                                 tf_backend=cfg.tf_backend, tf_cache_time=cfg.tf_cache_time, drop=self._drop)
@@ -575,21 +578,30 @@ class MappingNode(Node):
         # 0 in the request means the node's default (query_threshold / query_max_points); the
         # Mapper bounds the rest (ServiceLimits) and raises Rejected naming the limit
         answers = self.mapper.query(list(request.texts), float(request.threshold) or None,
-                                    int(request.max_points) or None)
-        for a in answers:
+                                    int(request.max_points) or None, int(request.max_objects) or None)
+        object_index, first = [], 0
+        for i, a in enumerate(answers):
             response.best_scores.append(a.best if np.isfinite(a.best) else 0.0)
             response.counts.append(a.count)
             response.centroids.append(conv.point_msg(a.centroid))
             response.bbox_min.append(conv.point_msg(a.bbox_min))
             response.bbox_max.append(conv.point_msg(a.bbox_max))
+            for inst in a.objects:
+                response.objects.append(conv.detected_object(inst, i, float(a.scores[inst.indices].max())))
+            object_index.append(np.where(a.object_of >= 0, a.object_of + first, -1).astype(np.int32))
+            first += len(a.objects)
+        stamp = self.get_clock().now().to_msg()
         positions = np.concatenate([a.positions for a in answers])
-        response.points = conv.xyz_cloud(positions, self.cfg.map_frame, self.get_clock().now().to_msg(),
+        response.points = conv.xyz_cloud(positions, self.cfg.map_frame, stamp,
                                          scores=np.concatenate([a.scores for a in answers]),
                                          text_index=np.concatenate([np.full(len(a.positions), i, np.uint32)
-                                                                    for i, a in enumerate(answers)]))
+                                                                    for i, a in enumerate(answers)]),
+                                         object=np.concatenate(object_index))
         response.success = True
-        response.message = "; ".join(f"{a.text!r}: {a.count} points (best {b:.3f})"
+        response.message = "; ".join(f"{a.text!r}: {a.count} points, {len(a.objects)} objects (best {b:.3f})"
                                      for a, b in zip(answers, response.best_scores))
+        self.pub_objects.publish(conv.object_markers(response.objects, [a.text for a in answers],
+                                                     self.cfg.map_frame, stamp, self.cfg.marker_lifetime))
         self.query_ms.append((time.perf_counter() - t0) * 1e3)
         return response
 

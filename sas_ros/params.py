@@ -24,6 +24,8 @@ class NodeConfig:
     """ROS-only settings of the mapping node (the pipeline's are in MapperConfig)."""
 
     map_frame: str = opt("map", "fixed frame of the map and of every output")
+    marker_lifetime: float = opt(0.0, "seconds RViz keeps the ~/objects markers of a query (0 = until the next "
+                                      "query replaces them)")
     use_rgbd: bool = opt(True, "subscribe to color/image_raw, depth/image_raw and camera_info")
     use_lidar: bool = opt(False, "subscribe to points (LiDAR PointCloud2)")
     pose_source: str = opt("auto", "auto | tf | pose | odometry (auto: the pose topic once it has spoken, "

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from typing import Optional, Sequence
@@ -25,20 +26,22 @@ def add_ros_arguments(parser: argparse.ArgumentParser, texts: bool = True) -> No
         parser.add_argument("texts", nargs="+", help="one or more texts, each scored separately")
     parser.add_argument("--threshold", type=float, default=0.0, help="min relevance (0 = node default)")
     parser.add_argument("--max-points", type=int, default=0, help="max returned points (0 = node default)")
+    parser.add_argument("--max-objects", type=int, default=0, help="max objects per text (0 = node default)")
     parser.add_argument("--service", default=DEFAULT_SERVICE, help="TextQuery service name")
     parser.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the service")
     parser.add_argument("--json", action="store_true", help="print the answer as JSON")
 
 
 def call_query(texts: Sequence[str], threshold: float = 0.0, max_points: int = 0,
-               service: str = DEFAULT_SERVICE, timeout: float = 10.0, node=None) -> dict:
+               service: str = DEFAULT_SERVICE, timeout: float = 10.0, node=None, max_objects: int = 0) -> dict:
     """Call a ``sas_interfaces/TextQuery`` service and return the answer as plain data.
 
     Args:
         node: an existing rclpy node spun elsewhere; default: a temporary node in its own context.
     Returns:
         dict(success, message, queries=[dict(text, count, best_score, centroid, bbox_min, bbox_max,
-        points (M, 3) list, scores list)]).
+        points (M, 3) list, scores list, objects=[dict(score, best_score, n_points, centroid, box_center,
+        box_size, box_yaw, aabb_min, aabb_max)])]).
     Raises:
         TimeoutError: the service is not available or does not answer within ``timeout``.
         ValueError: no texts or an empty text.
@@ -71,7 +74,7 @@ def call_query(texts: Sequence[str], threshold: float = 0.0, max_points: int = 0
         if not client.wait_for_service(timeout_sec=timeout):
             raise TimeoutError(f"service {service} not available after {timeout:.0f} s (is the mapping node running?)")
         future = client.call_async(TextQuery.Request(texts=texts, threshold=float(threshold),
-                                                     max_points=int(max_points)))
+                                                     max_points=int(max_points), max_objects=int(max_objects)))
         if own:
             executor.spin_until_future_complete(future, timeout_sec=timeout)
         else:  # the caller's executor spins the node
@@ -91,7 +94,8 @@ def call_query(texts: Sequence[str], threshold: float = 0.0, max_points: int = 0
                 out["queries"].append(dict(
                     text=text, count=int(r.counts[i]), best_score=float(r.best_scores[i]),
                     centroid=[c.x, c.y, c.z], bbox_min=[lo.x, lo.y, lo.z], bbox_max=[hi.x, hi.y, hi.z],
-                    points=np.round(xyz[sel], 4).tolist(), scores=np.round(arr["score"][sel], 4).tolist()))
+                    points=np.round(xyz[sel], 4).tolist(), scores=np.round(arr["score"][sel], 4).tolist(),
+                    objects=[_object_dict(o) for o in r.objects if o.text_index == i]))
         return out
     finally:
         if client is not None:
@@ -102,6 +106,17 @@ def call_query(texts: Sequence[str], threshold: float = 0.0, max_points: int = 0
             rclpy.shutdown(context=context)
 
 
+def _object_dict(o) -> dict:
+    import math
+
+    xyz = lambda p: [round(float(p.x), 3), round(float(p.y), 3), round(float(p.z), 3)]  # noqa: E731
+    q = o.box.orientation
+    return dict(score=round(float(o.score), 4), best_score=round(float(o.best_score), 4), n_points=int(o.n_points),
+                centroid=xyz(o.centroid), box_center=xyz(o.box.position), box_size=xyz(o.box_size),
+                box_yaw=round(2.0 * math.atan2(float(q.z), float(q.w)), 4), aabb_min=xyz(o.aabb_min),
+                aabb_max=xyz(o.aabb_max))
+
+
 def format_answer(answer: dict) -> str:
     if not answer["success"]:
         return f"query failed: {answer['message']}"
@@ -110,7 +125,13 @@ def format_answer(answer: dict) -> str:
         fmt = lambda v: "(" + ", ".join(f"{x:.2f}" for x in v) + ")"  # noqa: E731
         lines.append(f"{q['text']!r}: {q['count']} points above threshold, best score {q['best_score']:.3f}")
         if q["points"]:
-            lines.append(f"    centroid {fmt(q['centroid'])}, box {fmt(q['bbox_min'])} .. {fmt(q['bbox_max'])}")
+            lines.append(f"    all matches: centroid {fmt(q['centroid'])}, box {fmt(q['bbox_min'])} .. "
+                         f"{fmt(q['bbox_max'])}")
+        if q.get("objects"):
+            lines.append(f"    {'#':>3} {'score':>6} {'voxels':>7}  {'centre (m)':<22} {'size (m)':<20} yaw")
+            for k, o in enumerate(q["objects"]):
+                lines.append(f"    {k:>3} {o['score']:>6.3f} {o['n_points']:>7}  {fmt(o['box_center']):<22} "
+                             f"{fmt(o['box_size']):<20} {math.degrees(o['box_yaw']):.0f} deg")
     return "\n".join(lines)
 
 
@@ -122,6 +143,7 @@ def run_cli(args) -> int:
         texts = [texts]
     answer = call_query(texts or [], threshold=float(getattr(args, "threshold", 0.0) or 0.0),
                         max_points=int(getattr(args, "max_points", 0) or 0),
+                        max_objects=int(getattr(args, "max_objects", 0) or 0),
                         service=getattr(args, "service", None) or DEFAULT_SERVICE,
                         timeout=float(getattr(args, "timeout", 10.0) or 10.0))
     if getattr(args, "json", False):

@@ -178,6 +178,27 @@ def test_fusion_mode_labels_and_queries(scene):
     assert none.best < 1.0 and none.count == 0 and len(none.positions) == 0 and np.isnan(none.centroid).all()
     with pytest.raises(Rejected, match=r"\[-1, 1\]"):  # a cosine threshold beyond 1 is refused
         mapper.query(["chair"], threshold=1.01)
+    # objects: separate ground-truth chairs, never one box around all of them (the test:
+    # each object's box inside one ground-truth chair's box grown by 10 cm, no chair twice)
+    a = mapper.query(["chair"], threshold=0.6, max_points=5000)[0]
+    chair = scene.class_names.index("chair")
+    inst, pos = scene.points.instances, scene.points.positions
+    boxes = {i: (pos[inst == i].min(0) - 0.1, pos[inst == i].max(0) + 0.1)
+             for i in np.unique(inst[scene.points.labels == chair])}
+    assert len(boxes) >= 2
+    owners = []
+    for k, obj in enumerate(a.objects):
+        assert np.array_equal(np.flatnonzero(a.object_of == k), obj.indices)
+        assert obj.n_points >= mapper.config.object_min_points
+        if obj.n_points < 50:  # fragments of a partly seen chair, or a teacher's false positive
+            continue
+        inside = [i for i, (lo, hi) in boxes.items() if np.all(obj.aabb_min >= lo) and np.all(obj.aabb_max <= hi)]
+        assert len(inside) == 1, (k, obj.aabb_min, obj.aabb_max, inside)
+        owners.append(inside[0])
+    assert len(owners) >= 2 and len(set(owners)) == len(owners)  # two objects are two chairs
+    assert len(mapper.query(["chair"], threshold=0.6, max_points=5000, max_objects=1)[0].objects) == 1
+    with pytest.raises(Rejected, match="max_objects"):
+        mapper.query(["chair"], max_objects=-1)
 
 
 def test_region_labelling_writes_back_only_unmoved_voxels(scene):

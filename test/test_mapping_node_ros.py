@@ -86,6 +86,43 @@ class Live:
         rclpy.shutdown(context=self.context)
 
 
+def _check_objects(scene, live, response, pts, cls):
+    """The query's objects: each is one ground-truth object of the class (its box inside that
+    object's box + 10 cm), its points are the cloud's points with its `object` index, and RViz
+    markers (a box and a label per object) are published on ~/objects."""
+    from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy
+    from visualization_msgs.msg import Marker, MarkerArray
+
+    from sas_core.data import msg_codec as mc
+
+    objects = [o for o in response.objects if o.text_index == 0]
+    assert objects, response.message
+    xyz = mc.cloud_xyz(pts, remove_nans=False)
+    inst = scene.points.instances
+    boxes = [(scene.points.positions[inst == i].min(0) - 0.1, scene.points.positions[inst == i].max(0) + 0.1)
+             for i in np.unique(inst[scene.points.labels == cls])]
+    first = sum(1 for o in response.objects if o.text_index < 0)  # objects are listed text by text
+    for k, o in enumerate(objects):
+        mine = xyz[(pts["object"] == first + k)]
+        assert len(mine) == o.n_points and np.all(pts["text_index"][pts["object"] == first + k] == 0)
+        lo, hi = np.array([o.aabb_min.x, o.aabb_min.y, o.aabb_min.z]), np.array([o.aabb_max.x, o.aabb_max.y, o.aabb_max.z])
+        np.testing.assert_allclose(lo, mine.min(0), atol=1e-5)
+        np.testing.assert_allclose(hi, mine.max(0), atol=1e-5)
+        inside = [np.all(lo >= b_lo) and np.all(hi <= b_hi) for b_lo, b_hi in boxes]
+        assert sum(inside) >= 1, (k, lo, hi)
+    assert [o.score for o in objects] == sorted((o.score for o in objects), reverse=True)
+    markers = []
+    qos = QoSProfile(depth=1, durability=DurabilityPolicy.TRANSIENT_LOCAL, reliability=ReliabilityPolicy.RELIABLE)
+    live.helper.create_subscription(MarkerArray, f"/{live.node.get_name()}/objects", markers.append, qos)
+    assert live.wait(lambda: markers, 10.0), "no ~/objects markers"
+    m = markers[-1].markers
+    assert m[0].action == Marker.DELETEALL and len(m) == 1 + 2 * len(response.objects)
+    cubes = [x for x in m if x.ns == "objects"]
+    assert all(x.type == Marker.CUBE and x.header.frame_id == "map" for x in cubes)
+    assert abs(cubes[0].pose.position.x - objects[0].box.position.x) < 1e-6
+    assert any(x.ns == "labels" and x.text.startswith(scene.class_names[cls]) for x in m)
+
+
 def _gt_labels(scene, positions, max_dist=0.06):
     from scipy.spatial import cKDTree
 
@@ -129,7 +166,7 @@ def test_rgbd_stream_labelled_cloud_and_query(scene, tmp_path):
         response = live.call(live.query, TextQuery.Request(texts=[name, "a chair"], threshold=0.6, max_points=500))
         assert response.success, response.message
         pts = mc.pointcloud2_to_array(response.points)
-        assert [f.name for f in response.points.fields] == ["x", "y", "z", "score", "text_index"]
+        assert [f.name for f in response.points.fields] == ["x", "y", "z", "score", "text_index", "object"]
         mine = pts[pts["text_index"] == 0]
         assert 0 < len(mine) <= 500 and response.counts[0] >= len(mine)
         assert np.all(mine["score"] >= 0.6) and np.all(np.diff(mine["score"]) <= 1e-6)
@@ -144,6 +181,7 @@ def test_rgbd_stream_labelled_cloud_and_query(scene, tmp_path):
         np.testing.assert_allclose([b_hi.x, b_hi.y, b_hi.z], mxyz.max(0), atol=1e-5)
         assert np.all((np.array([c.x, c.y, c.z]) >= lo) & (np.array([c.x, c.y, c.z]) <= hi))
         assert response.best_scores[0] >= mine["score"].max() - 1e-6
+        _check_objects(scene, live, response, pts, cls)
 
         # stats are exposed
         assert live.wait(lambda: live.stats and live.stats[-1]["frames"] == live.node.n_frames, 5.0)

@@ -25,6 +25,7 @@ def add_arguments(parser):
     ros.add_argument("--service", default=None, help="TextQuery service name (default: the node's)")
     ros.add_argument("--threshold", type=float, default=0.0, help="min relevance (0 = node default)")
     ros.add_argument("--max-points", type=int, default=0, help="max returned points (0 = node default)")
+    ros.add_argument("--max-objects", type=int, default=0, help="max objects per text (0 = node default)")
     ros.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the service")
     ros.add_argument("--json", action="store_true", help="print the node's answer as JSON")
 
