@@ -151,6 +151,7 @@ class MappingNode(Node):
     def _setup(self) -> None:
         self.cfg = cfg = declare_config(self, NodeConfig)
         self.mapper_config = declare_config(self, MapperConfig)
+        self.unknown_parameters = self._warn_unknown_parameters()
         if self.mapper_config.mode == "segmenter" and not self.mapper_config.checkpoint:
             from sas_core.models import load_model_paths  # models file: its default distilled checkpoint
 
@@ -642,6 +643,24 @@ class MappingNode(Node):
         return response
 
     # ------------------------------------------------------------------ map persistence
+    def _warn_unknown_parameters(self) -> list:
+        """Parameters given to the node (``-p name:=value``, a YAML file) that it does not have are
+        ignored by ROS without a word; name each, with the closest real one. Returns their names.
+        Called after the config declarations, before the other parts declare theirs (poses, limits),
+        so only names that no part of the node declares are reported (checked against all of them)."""
+        import difflib
+
+        from sas_ros.params import parameter_fields
+
+        given = set(getattr(self, "_parameter_overrides", {}) or {})
+        known = set(parameter_fields()) | set(self._parameters) | {"use_sim_time"}
+        unknown = sorted(n for n in given - known if not n.startswith("qos_overrides."))
+        for name in unknown:
+            close = difflib.get_close_matches(name, sorted(known), n=1)
+            self.get_logger().warning(f"unknown parameter {name!r} ignored"
+                                      + (f" (did you mean {close[0]!r}?)" if close else ""))
+        return unknown
+
     def _setup_maps(self) -> None:
         """map_dir checked, leftover temporaries of killed saves removed, map_file loaded (ValueError:
         refuse to start with one line)."""

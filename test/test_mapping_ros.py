@@ -191,3 +191,17 @@ def test_node_takes_its_checkpoint_from_the_models_file(tmp_path):
     text = out.stdout + out.stderr
     assert out.returncode == 1, text
     assert str(tmp_path / "nets" / "office.pt") in text and "Traceback" not in text, text
+
+
+def test_misspelt_parameters_are_named_with_the_closest_one():
+    live = _Node("sas_param_typo", {"mode": "none", "voxel_siz": 0.1, "voxel_size": 0.08})
+    try:
+        assert live.node.unknown_parameters == ["voxel_siz"]
+        assert live.node.mapper.config.voxel_size == pytest.approx(0.08)
+    finally:
+        live.close()
+    live = _Node("sas_param_ok", {"mode": "none", "pose_wait": 0.2})
+    try:
+        assert live.node.unknown_parameters == []  # every real parameter is known, whichever part declares it
+    finally:
+        live.close()
