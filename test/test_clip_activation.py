@@ -6,6 +6,9 @@ import json
 import numpy as np
 import pytest
 
+# torch.jit (the OpenAI release format we convert) warns that it is deprecated
+pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit:FutureWarning")
+
 torch = pytest.importorskip("torch")
 open_clip = pytest.importorskip("open_clip")
 
