@@ -305,17 +305,10 @@ def format_instance_table(result: dict, markdown: bool = True, title: str = "") 
     rows.append(("mean", pct(result["ap"]), pct(result["ap50"]), pct(result["ap25"]),
                  str(sum(v["gt_instances"] for v in result["per_class"].values())),
                  str(sum(v["predictions"] for v in result["per_class"].values()))))
-    header = ("class", "AP", "AP50", "AP25", "gt", "pred")
-    lines = [title] if title else []
-    if markdown:
-        lines.append("| " + " | ".join(header) + " |")
-        lines.append("|" + "|".join(["---"] + ["---:"] * 5) + "|")
-        lines += ["| " + " | ".join(r) + " |" for r in rows]
-    else:
-        width = max(len(r[0]) for r in rows + [header])
-        fmt = f"{{:<{width}}}  {{:>6}}  {{:>6}}  {{:>6}}  {{:>5}}  {{:>5}}"
-        lines.append(fmt.format(*header))
-        lines += [fmt.format(*r) for r in rows]
+    from sas_core.eval.metrics import table_lines
+
+    lines = table_lines(("class", "AP", "AP50", "AP25", "gt", "pred"), rows, markdown, title,
+                        widths=(6, 6, 6, 5, 5))
     kind = "class-agnostic" if result.get("class_agnostic") else "per class"
     lines.append(f"ScanNet protocol ({kind}; AP over overlaps 0.50:0.05:0.90, min region "
                  f"{result.get('min_region_size', MIN_REGION_SIZE)} points; {result.get('scenes', '?')} scenes)")

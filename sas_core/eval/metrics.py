@@ -189,6 +189,20 @@ def group_means(result: Mapping, groups: Mapping[str, np.ndarray]) -> dict:
     return out
 
 
+def table_lines(header, rows, markdown: bool, title: str = "", widths=None) -> list:
+    """Lines of a per-class table: a name column then right-aligned figures; Markdown or plain text
+    (``widths``: the figure columns' widths, default 6)."""
+    lines = [title] if title else []
+    if markdown:
+        lines.append("| " + " | ".join(header) + " |")
+        lines.append("|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|")
+        return lines + ["| " + " | ".join(r) + " |" for r in rows]
+    widths = widths or (6,) * (len(header) - 1)
+    width = max(len(r[0]) for r in list(rows) + [header])
+    fmt = f"{{:<{width}}}" + "".join(f"  {{:>{w}}}" for w in widths)
+    return lines + [fmt.format(*header)] + [fmt.format(*r) for r in rows]
+
+
 def format_table(result: Mapping, markdown: bool = True, title: str = "") -> str:
     """The per-class table (IoU, accuracy, ground-truth points) and the means as text.
 
@@ -200,17 +214,7 @@ def format_table(result: Mapping, markdown: bool = True, title: str = "") -> str
     rows = [(name, f"{v['iou'] * 100:.1f}", f"{v['acc'] * 100:.1f}", str(v["points"]))
             for name, v in result["per_class"].items()]
     rows.append(("mean", f"{result['miou'] * 100:.1f}", f"{result['macc'] * 100:.1f}", str(result["points"])))
-    header = ("class", "IoU", "Acc", "points")
-    lines = [title] if title else []
-    if markdown:
-        lines.append("| " + " | ".join(header) + " |")
-        lines.append("|" + "|".join(["---"] + ["---:"] * 3) + "|")
-        lines += ["| " + " | ".join(r) + " |" for r in rows]
-    else:
-        width = max(len(r[0]) for r in rows + [header])
-        fmt = f"{{:<{width}}}  {{:>6}}  {{:>6}}  {{:>9}}"
-        lines.append(fmt.format(*header))
-        lines += [fmt.format(*r) for r in rows]
+    lines = table_lines(("class", "IoU", "Acc", "points"), rows, markdown, title, widths=(6, 6, 9))
     note = (f"means over {len(result['iou'])} classes ({result['average']} average; "
             f"{int(np.sum(result['present']))} present); no-feature points: {result['no_feature_points']}")
     lines.append(note)
