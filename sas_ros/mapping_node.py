@@ -756,8 +756,17 @@ def main(args=None) -> int:
     rclpy's signal handlers shut the context down at once (waking the executor); then the workers
     are stopped and joined, the executor and the node destroyed, in that order, so no thread
     publishes into the gone context (they check it, and stop quietly)."""
+    import sys
+
     from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
 
+    argv = list(sys.argv[1:] if args is None else args)
+    own = argv[:argv.index("--ros-args")] if "--ros-args" in argv else argv
+    if "-h" in own or "--help" in own:
+        from sas_ros.params import parameters_help
+
+        print(parameters_help())
+        return 0
     rclpy.init(args=args)
     node = executor = None
     try:

@@ -118,3 +118,23 @@ def declare_config(node, cls):
         node.declare_parameter(f.name, f.default, ParameterDescriptor(description=text, dynamic_typing=True))
         values[f.name] = _coerce(f.name, node.get_parameter(f.name).value, f.default, f.choices)
     return cls(**values)
+
+
+def parameters_help() -> str:
+    """``sas_mapping_node --help``: every parameter with its default and help, from the same config
+    dataclasses the node declares them from."""
+    import textwrap
+
+    lines = ["usage: sas_mapping_node [--ros-args -p NAME:=VALUE ... | --params-file FILE]",
+             "", "The SAS-ROS mapping node. Parameters (defaults; config/rgbd.yaml lists them all):", ""]
+    for cls in node_config_classes():
+        lines.append(f"{cls.__name__}:")
+        for f in config_fields(cls, target="ros"):
+            choices = f" (one of: {', '.join(map(str, f.choices))})" if f.choices else ""
+            default = "" if f.default is None else f.default
+            lines.append(f"  {f.name} = {default!r}")
+            lines += textwrap.wrap(f"{f.help}{choices}", width=96, initial_indent="      ",
+                                   subsequent_indent="      ")
+        lines.append("")
+    lines.append("Topics, services and examples: README.md (ROS interface).")
+    return "\n".join(lines)

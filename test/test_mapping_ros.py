@@ -205,3 +205,14 @@ def test_misspelt_parameters_are_named_with_the_closest_one():
         assert live.node.unknown_parameters == []  # every real parameter is known, whichever part declares it
     finally:
         live.close()
+
+
+def test_node_help_lists_every_parameter(capsys):
+    from sas_ros.mapping_node import main
+    from sas_ros.params import parameter_fields
+
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: sas_mapping_node")
+    for name, f in parameter_fields().items():
+        assert f"  {name} = " in out, name
