@@ -538,8 +538,8 @@ class MappingNode(Node):
                 return
             raise
         self.get_logger().info(
-            f"map {s['points']} points, {s['integrate_hz']} Hz integration "
-            f"({s['integrate_ms_median'] or 0:.1f} ms/frame), frame->cloud "
+            f"map {s['points']} points from {s['frames']} frames and {s['sweeps']} sweeps; "
+            f"{s['integrate_hz']} Hz over the last 10 s ({s['integrate_ms_median'] or 0:.1f} ms/frame), frame->cloud "
             f"{s['frame_to_cloud_ms_median'] or 0:.0f} ms, drops {s['drops']}", throttle_duration_sec=30.0)
 
     # ------------------------------------------------------------------ services
