@@ -2,7 +2,6 @@
 
 import json
 import threading
-import time
 
 import numpy as np
 import pytest
@@ -311,10 +310,11 @@ def test_lidar_stream_with_pose_topic():
         assert live.wait(lambda: pub_pose.get_subscription_count() > 0 and pub_cloud.get_subscription_count() > 0,
                          10.0)
         world = []
-        for sweep in scene.lidar:
+        for k, sweep in enumerate(scene.lidar):
             pub_pose.publish(PoseStamped(header=conv.make_header("map", sweep.stamp),
                                          pose=conv.matrix_to_pose_msg(sweep.pose)))
-            time.sleep(0.2)  # the pose is in the buffer before its sweep
+            # the pose is in the node's buffer before its sweep is sent (an event, not a sleep)
+            assert live.wait(lambda: len(live.node.poses.buffers.get("lidar", ())) > k, 10.0), "pose not received"
             cloud = mc.make_cloud_array(sweep.points, intensity=sweep.intensity.astype(np.float32))
             before = live.node.n_sweeps
             pub_cloud.publish(conv.array_to_cloud(cloud, "lidar", sweep.stamp))
