@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import threading
 import time
+from contextlib import contextmanager
 from typing import Optional, Sequence
 
 import numpy as np
@@ -91,6 +92,37 @@ class FramePlayer:
         self.pub_color.publish(conv.numpy_to_image(frame.color, "rgb8", frame_id, stamp))
 
 
+@contextmanager
+def running_node(name: str, params: dict, helper_name: Optional[str] = None):
+    """A :class:`~sas_ros.mapping_node.MappingNode` (bag topics remapped onto its inputs, ``params``
+    as parameter overrides) and a helper node, spun by one executor in a context of their own;
+    yields ``(node, helper)`` and tears everything down in order on exit."""
+    import rclpy
+    from rclpy.executors import MultiThreadedExecutor
+    from rclpy.parameter import Parameter
+
+    from sas_ros.mapping_node import MappingNode
+
+    context = rclpy.Context()
+    rclpy.init(context=context)
+    executor = MultiThreadedExecutor(num_threads=4, context=context)
+    node = helper = None
+    try:
+        node = MappingNode(name, context=context, cli_args=remap_args(),
+                           parameter_overrides=[Parameter(k, value=v) for k, v in params.items()])
+        helper = rclpy.create_node(helper_name or f"{name}_helper", context=context)
+        executor.add_node(node)
+        executor.add_node(helper)
+        threading.Thread(target=executor.spin, daemon=True).start()
+        yield node, helper
+    finally:
+        executor.shutdown()
+        for n in (node, helper):
+            if n is not None:
+                n.destroy_node()
+        rclpy.shutdown(context=context)
+
+
 def call_service(node, client, request, timeout: float = 10.0):
     """Call a service from a node that is spun by another thread; None on timeout."""
     future = client.call_async(request)
@@ -133,13 +165,10 @@ def replay_and_query(source, texts: Sequence[str], checkpoint: Optional[str] = N
         dict(frames, points, labelled_fields, queries=[dict(text, count, best_score, centroid, bbox_min,
         bbox_max, n_points)], stats, message).
     """
-    import rclpy
-    from rclpy.executors import MultiThreadedExecutor
-    from rclpy.parameter import Parameter
     from sensor_msgs.msg import PointCloud2
 
     from sas_interfaces.srv import TextQuery
-    from sas_ros.mapping_node import MappingNode
+    from sas_ros.query_client import object_dict
 
     frames = load_frames(source, n_frames)
     if not frames:
@@ -147,22 +176,11 @@ def replay_and_query(source, texts: Sequence[str], checkpoint: Optional[str] = N
     mode = mode or ("segmenter" if checkpoint else "fusion")
     params = dict(mode=mode, pose_source="pose", update_period=0.5, checkpoint=checkpoint or "", reliable_inputs=True)
     params.update(parameters or {})
-    context = rclpy.Context()
-    rclpy.init(context=context)
-    executor = MultiThreadedExecutor(num_threads=4, context=context)
-    node = player_node = None
-    try:
-        node = MappingNode(node_name, context=context, cli_args=remap_args(),
-                           parameter_overrides=[Parameter(k, value=v) for k, v in params.items()])
-        player_node = rclpy.create_node("sas_frame_player", context=context)
+    with running_node(node_name, params, "sas_frame_player") as (node, player_node):
         player = FramePlayer(player_node, ground_truth=(mode == "fusion"))
         clouds = []
         player_node.create_subscription(PointCloud2, f"/{node_name}/labelled_cloud", clouds.append, 2)
         client = player_node.create_client(TextQuery, f"/{node_name}/query")
-        executor.add_node(node)
-        executor.add_node(player_node)
-        spin = threading.Thread(target=executor.spin, daemon=True)
-        spin.start()
         if not player.wait_for_subscribers(10.0):
             raise RuntimeError("the mapping node did not subscribe to the camera topics within 10 s")
         period = 1.0 / rate_hz if rate_hz > 0 else 0.0
@@ -193,18 +211,10 @@ def replay_and_query(source, texts: Sequence[str], checkpoint: Optional[str] = N
             if not response.success:
                 break
             c, lo, hi = response.centroids[i], response.bbox_min[i], response.bbox_max[i]
-            from sas_ros.query_client import _object_dict
-
             answers.append(dict(text=text, count=int(response.counts[i]), best_score=float(response.best_scores[i]),
                                 centroid=[c.x, c.y, c.z], bbox_min=[lo.x, lo.y, lo.z], bbox_max=[hi.x, hi.y, hi.z],
-                                objects=[_object_dict(o) for o in response.objects if o.text_index == i]))
+                                objects=[object_dict(o) for o in response.objects if o.text_index == i]))
         fields = [f.name for f in clouds[-1].fields] if clouds else []
         return dict(frames=len(frames), integrated=node.n_frames, points=len(node.map), labelled_fields=fields,
                     queries=answers, success=bool(response.success), message=response.message,
                     stats=node.stats())
-    finally:
-        executor.shutdown()
-        for n in (node, player_node):
-            if n is not None:
-                n.destroy_node()
-        rclpy.shutdown(context=context)

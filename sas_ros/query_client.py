@@ -95,7 +95,7 @@ def call_query(texts: Sequence[str], threshold: float = 0.0, max_points: int = 0
                     text=text, count=int(r.counts[i]), best_score=float(r.best_scores[i]),
                     centroid=[c.x, c.y, c.z], bbox_min=[lo.x, lo.y, lo.z], bbox_max=[hi.x, hi.y, hi.z],
                     points=np.round(xyz[sel], 4).tolist(), scores=np.round(arr["score"][sel], 4).tolist(),
-                    objects=[_object_dict(o) for o in r.objects if o.text_index == i]))
+                    objects=[object_dict(o) for o in r.objects if o.text_index == i]))
         return out
     finally:
         if client is not None:
@@ -106,7 +106,8 @@ def call_query(texts: Sequence[str], threshold: float = 0.0, max_points: int = 0
             rclpy.shutdown(context=context)
 
 
-def _object_dict(o) -> dict:
+def object_dict(o) -> dict:
+    """A DetectedObject as plain data (box yaw from its quaternion about +z)."""
     import math
 
     xyz = lambda p: [round(float(p.x), 3), round(float(p.y), 3), round(float(p.z), 3)]  # noqa: E731

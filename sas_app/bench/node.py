@@ -188,33 +188,18 @@ def bench_query(n_points: int, repeats: int = 7, max_points: int = 5000) -> dict
 
 def bench_live(n_frames: int, duration: float, max_points: int) -> dict:
     """End-to-end latency and RSS of a live node (rclpy over loopback, fusion mode)."""
-    import threading
-
-    import rclpy
-    from rclpy.executors import MultiThreadedExecutor
-    from rclpy.parameter import Parameter
     from sensor_msgs.msg import PointCloud2
 
     from sas_core.data.synthetic import SynthConfig, generate_scene
-    from sas_ros.live_demo import FramePlayer, remap_args
-    from sas_ros.mapping_node import MappingNode
+    from sas_ros.live_demo import FramePlayer, running_node
 
     scene = generate_scene(SynthConfig(seed=2, n_frames=n_frames, with_lidar=False))
-    ctx = rclpy.Context()
-    rclpy.init(context=ctx)
     params = dict(mode="fusion", pose_source="pose", update_period=0.25, max_points=max_points, stats_period=1.0,
                   reliable_inputs=True)
-    node = MappingNode("sas_bench_node", context=ctx, cli_args=remap_args(),
-                       parameter_overrides=[Parameter(k, value=v) for k, v in params.items()])
-    helper = rclpy.create_node("sas_bench_player", context=ctx)
-    player = FramePlayer(helper, ground_truth=True)
-    clouds = []
-    helper.create_subscription(PointCloud2, "/sas_bench_node/labelled_cloud", lambda m: clouds.append(1), 2)
-    ex = MultiThreadedExecutor(num_threads=4, context=ctx)
-    ex.add_node(node)
-    ex.add_node(helper)
-    threading.Thread(target=ex.spin, daemon=True).start()
-    try:
+    with running_node("sas_bench_node", params, "sas_bench_player") as (node, helper):
+        player = FramePlayer(helper, ground_truth=True)
+        clouds = []
+        helper.create_subscription(PointCloud2, "/sas_bench_node/labelled_cloud", lambda m: clouds.append(1), 2)
         player.wait_for_subscribers(15.0)
         # (a) latency: one pass at up to 15 Hz, each frame sent once the node has taken the previous
         # one (no backlog: the figure is the node's own latency, not queueing behind a slow CPU)
@@ -266,11 +251,6 @@ def bench_live(n_frames: int, duration: float, max_points: int) -> dict:
                       rss_mb_per_min_second_half=round(slope, 2), evicted=node.map.n_evicted,
                       map_bytes=node.map.memory_bytes())
         return dict(end_to_end=latency, memory=memory)
-    finally:
-        ex.shutdown()
-        node.destroy_node()
-        helper.destroy_node()
-        rclpy.shutdown(context=ctx)
 
 
 def bench_dense_clip(repeats: int = 3, model_name: str = "ViT-B-16") -> dict:
@@ -313,16 +293,11 @@ def bench_dense_clip(repeats: int = 3, model_name: str = "ViT-B-16") -> dict:
 def bench_teacher_live(n_frames: int, quick: bool) -> dict:
     """The node's teacher worker (dense_clip from a models file) on a 15 Hz stream: ~/stats figures."""
     import tempfile
-    import threading
 
-    import rclpy
     import torch
-    from rclpy.executors import MultiThreadedExecutor
-    from rclpy.parameter import Parameter
 
     from sas_core.data.synthetic import SynthConfig, generate_scene
-    from sas_ros.live_demo import FramePlayer, remap_args
-    from sas_ros.mapping_node import MappingNode
+    from sas_ros.live_demo import FramePlayer, running_node
 
     scene = generate_scene(SynthConfig(seed=2, n_frames=n_frames, with_lidar=False))
     with tempfile.TemporaryDirectory(prefix="sas-bench-teacher-") as folder:
@@ -345,19 +320,10 @@ def bench_teacher_live(n_frames: int, quick: bool) -> dict:
             del model
         with open(f"{folder}/models.yaml", "w") as f:
             f.write(f"clip_model: {name}\nclip_checkpoint: {ckpt}\n")
-        ctx = rclpy.Context()
-        rclpy.init(context=ctx)
         params = dict(mode="fusion", teacher="dense_clip", models_file=f"{folder}/models.yaml", pose_source="pose",
                       update_period=0.5, stats_period=1.0, teacher_queue=1)
-        node = MappingNode("sas_bench_teacher", context=ctx, cli_args=remap_args(),
-                           parameter_overrides=[Parameter(k, value=v) for k, v in params.items()])
-        helper = rclpy.create_node("sas_bench_teacher_player", context=ctx)
-        player = FramePlayer(helper)
-        ex = MultiThreadedExecutor(num_threads=4, context=ctx)
-        ex.add_node(node)
-        ex.add_node(helper)
-        threading.Thread(target=ex.spin, daemon=True).start()
-        try:
+        with running_node("sas_bench_teacher", params, "sas_bench_teacher_player") as (node, helper):
+            player = FramePlayer(helper)
             player.wait_for_subscribers(15.0)
             t_start = time.monotonic()
             for i, f in enumerate(scene.frames):
@@ -373,11 +339,6 @@ def bench_teacher_live(n_frames: int, quick: bool) -> dict:
                         teacher_hz=s["teacher_hz"], teacher_frames_per_s_overall=round(s["teacher_frames"] / wall, 3),
                         teacher_ms_median=s["teacher_ms_median"], teacher_latency_ms_median=s["teacher_latency_ms_median"],
                         integrate_ms_median=s["integrate_ms_median"], drops=s["drops"], torch_threads=torch.get_num_threads())
-        finally:
-            ex.shutdown()
-            node.destroy_node()
-            helper.destroy_node()
-            rclpy.shutdown(context=ctx)
 
 
 def main(argv: list[str]) -> dict:
