@@ -646,8 +646,7 @@ class MappingNode(Node):
     def _warn_unknown_parameters(self) -> list:
         """Parameters given to the node (``-p name:=value``, a YAML file) that it does not have are
         ignored by ROS without a word; name each, with the closest real one. Returns their names.
-        Called after the config declarations, before the other parts declare theirs (poses, limits),
-        so only names that no part of the node declares are reported (checked against all of them)."""
+        Known: every config field the node declares (``parameter_fields``) and anything declared so far."""
         import difflib
 
         from sas_ros.params import parameter_fields
