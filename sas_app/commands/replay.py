@@ -59,7 +59,7 @@ def add_arguments(parser):
     pipeline = parser.add_argument_group("mapping pipeline (the node's parameters; default --mode: segmenter "
                                          "with --checkpoint, else none)")
     # offline there are no queries, one full labelling pass, and no live teacher images
-    add_config_arguments(pipeline, MapperConfig, skip=OFFLINE_SKIP)
+    add_config_arguments(pipeline, MapperConfig, skip=OFFLINE_SKIP, aliases={"vocabulary": "--vocab"})
 
 
 def _mapper_config(args):
