@@ -1,6 +1,7 @@
 """The mistakes newcomers make end in one line on stderr, exit code 1 (2 for usage), no traceback;
 --debug / SAS_DEBUG=1 shows the traceback."""
 
+import re
 import subprocess
 import sys
 
@@ -16,7 +17,8 @@ def _run(capsys, argv):
 
 
 def _one_line(err):
-    lines = [ln for ln in err.strip().splitlines() if ln.strip()]
+    # progress bars (tqdm's "... [00:00, ?frame/s]") are not error lines
+    lines = [ln for ln in re.split(r"[\r\n]", err) if ln.strip() and not re.search(r"\[\d\d:\d\d.*/s\]\s*$", ln)]
     assert len(lines) == 1 and "Traceback" not in err, err
     return lines[0]
 
@@ -83,3 +85,34 @@ def test_output_suffix_and_folder_are_checked_first(capsys, tmp_path):
     rc, err = _run(capsys, ["query", "a chair", "--checkpoint", "x.pt", "--cloud", "y.ply", "--out", str(folder)])
     assert rc == 1 and "is a folder" in _one_line(err)
     assert not (tmp_path / "q.png").exists()
+
+
+def test_wrong_kind_of_file_is_named(capsys, tmp_path):
+    """A `sas fuse` output passed as a checkpoint is called fused features, with the command to use."""
+    torch = pytest.importorskip("torch")
+    fused = tmp_path / "scene0000_00_0.pt"
+    torch.save({"feat": torch.zeros(4, 8, dtype=torch.float16), "mask_full": torch.ones(4, dtype=torch.bool)}, fused)
+    cloud = tmp_path / "c.ply"
+    cloud.write_text("ply\nformat ascii 1.0\nelement vertex 1\nproperty float x\nproperty float y\n"
+                     "property float z\nend_header\n0 0 0\n")
+    rc, err = _run(capsys, ["segment", str(fused), str(cloud), "--out", str(tmp_path / "o.ply")])
+    line = _one_line(err)
+    assert rc == 1 and "fused 2D features" in line and "sas distill" in line, line
+    assert "load_openscene_checkpoint" not in line and not (tmp_path / "o.ply").exists()
+
+
+def test_simulated_teacher_on_real_frames_names_a_real_teacher(capsys, tmp_path):
+    """Frames without ground-truth labels (a replay export) and the default simulated teacher."""
+    import shutil
+    data = tmp_path / "data"
+    assert cli.main(["synth", "--out", str(data), "--width", "48", "--height", "36", "--points-per-m2", "300",
+                     "--frames", "2"]) == 0
+    labels = [p for p in data.rglob("label") if p.is_dir()]
+    assert labels
+    for p in labels:
+        shutil.rmtree(p)
+    capsys.readouterr()
+    rc, err = _run(capsys, ["fuse", "--data", str(data / "openscene"), "--out", str(tmp_path / "fused")])
+    line = _one_line(err)
+    assert rc == 1 and "ground-truth labels" in line and "dense_clip" in line, line
+    assert not any((tmp_path / "fused").glob("*.pt"))

@@ -99,5 +99,5 @@ def test_truncated_corrupt_missing_and_foreign_files(tmp_path, openscene_sd):
     with pytest.raises(FileNotFoundError, match="nope.pt"):
         load_checkpoint(tmp_path / "nope.pt")
     foreign = _write(tmp_path / "openscene.pth.tar", openscene_sd, "module.net3d.")
-    with pytest.raises(CheckpointError, match="load_openscene_checkpoint"):
+    with pytest.raises(CheckpointError, match="sas import-checkpoint"):
         load_checkpoint(foreign)

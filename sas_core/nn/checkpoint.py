@@ -255,6 +255,29 @@ def save_checkpoint(path, model: nn.Module, config: Optional[Dict[str, Any]] = N
     return path
 
 
+def describe_foreign_file(obj) -> str:
+    """One sentence saying what a loaded file that is not our checkpoint looks like, and what to do.
+
+    People pass the wrong ``.pth`` more often than a corrupt one: a ``sas fuse`` output (OpenScene's
+    fused-feature layout, ``feat`` + ``mask_full``), an OpenScene/SAS release checkpoint (weights
+    under ``state_dict``, or a bare state dict), or an OpenScene scene file (a tuple of arrays).
+    """
+    if isinstance(obj, Mapping) and {"feat", "mask_full"} <= set(obj):
+        return ("It holds fused 2D features (feat + mask_full, what `sas fuse` writes), not network weights: "
+                "train a network from them with `sas distill`, or pass its checkpoint (e.g. "
+                "<distill --out>/last.pt) instead.")
+    if isinstance(obj, Mapping):
+        sd = obj.get("state_dict", obj)
+        if isinstance(sd, Mapping) and sd and all(isinstance(k, str) for k in sd):
+            return ("It looks like an OpenScene/SAS release checkpoint (network weights only): convert it once "
+                    "with `sas import-checkpoint SOURCE OUTPUT --arch MinkUNet18A --clip-model ViT-B-32`.")
+        return f"It is a dictionary with keys {sorted(map(str, obj))[:6]}; expected a file written by `sas distill`."
+    if isinstance(obj, (tuple, list)):
+        return ("It holds a sequence of arrays (an OpenScene scene file?); pass it as data, and a checkpoint "
+                "written by `sas distill` or `sas import-checkpoint` as the model.")
+    return f"It holds a {type(obj).__name__}; expected a file written by `sas distill` or `sas import-checkpoint`."
+
+
 def load_checkpoint(path, map_location="cpu") -> Tuple[MinkUNetBase, Dict[str, Any], Dict[str, Any]]:
     """Load a checkpoint written by :func:`save_checkpoint`.
 
@@ -269,9 +292,8 @@ def load_checkpoint(path, map_location="cpu") -> Tuple[MinkUNetBase, Dict[str, A
     """
     obj = _torch_load(path, map_location)
     if not isinstance(obj, Mapping) or obj.get("format") != FORMAT:
-        hint = (" It looks like an OpenScene checkpoint: use load_openscene_checkpoint(path, arch)."
-                if isinstance(obj, Mapping) else "")
-        raise CheckpointError(f"{path}: not a SAS-ROS backbone checkpoint (no format={FORMAT!r}).{hint}")
+        raise CheckpointError(f"{path}: not a SAS-ROS backbone checkpoint (no format={FORMAT!r}). "
+                              f"{describe_foreign_file(obj)}")
     if int(obj.get("format_version", 0)) > FORMAT_VERSION:
         raise CheckpointError(f"{path}: written by a newer version (format_version {obj['format_version']})")
     try:

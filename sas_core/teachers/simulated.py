@@ -218,7 +218,9 @@ class SimulatedTeacher:
 
         Returns (obj (H, W) int64 with -1 where no prediction, keys (M,), classes (M,))."""
         if frame.semantic is None:
-            raise ValueError(f"simulated teacher {self.name!r} needs frame.semantic (ground truth)")
+            raise ValueError(f"simulated teacher {self.name!r} needs ground-truth labels (frame.semantic), which "
+                             "only the synthetic world has; for real recordings choose a real teacher: dense_clip "
+                             "or mask_clip, with local CLIP weights (README: Real weights and real datasets)")
         sem = np.asarray(frame.semantic, np.int64)
         if frame.instance is not None:
             inst = np.asarray(frame.instance, np.int64)
