@@ -16,7 +16,7 @@ import sys
 # Order shown in ``sas --help``; module name = command name with '-' replaced by '_'.
 COMMANDS = (
     "synth", "fuse", "capability", "distill", "eval", "segment", "query", "replay", "bag-info", "demo", "bench",
-    "models", "import-checkpoint",
+    "play", "models", "import-checkpoint",
 )
 
 

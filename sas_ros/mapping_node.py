@@ -518,6 +518,7 @@ class MappingNode(Node):
                     integrate_hz=round(self.integrate_rate.hz(now), 2), integrate_ms_median=med(self.integrate_ms),
                     update_ms_median=med(self.update_ms), query_ms_median=med(self.query_ms),
                     frame_to_cloud_ms_median=med(self.e2e_ms), queue=len(self.queue), drops=dict(self.drops),
+                    sync_unmatched=getattr(self._sync, "unmatched", None),  # None with message_filters
                     evicted=s["evicted"], map_bytes=s["map_bytes"], mode=s["mode"],
                     vocabulary_size=s["vocabulary_size"],
                     teacher=("+".join(t.name for t in self.mapper.teachers) if s["mode"] == "fusion" else None),

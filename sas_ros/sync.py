@@ -2,9 +2,12 @@
 
 ``message_filters.ApproximateTimeSynchronizer`` is used when importable; otherwise
 :class:`ApproximateSync`, a small pure-Python equivalent: each input keeps a bounded queue of
-recent messages; when a message arrives, the newest combination whose stamps all lie within
-``slop`` seconds of each other is emitted (once), and older messages are dropped. Callbacks do
-constant work per message (queues are short), so they never block.
+recent messages; when a message arrives, the combination of it with the closest message of each
+other input is emitted (once) when all stamps lie within ``slop`` seconds of each other. Only the
+emitted messages leave the queues: an older message whose partner is still in flight stays until
+the partner arrives or it falls off its bounded queue (counted in ``unmatched``), so messages that
+arrive out of order across topics (a multi-threaded executor, a fast replay) still pair up.
+Callbacks do constant work per message (queues are short), so they never block.
 """
 
 from __future__ import annotations
@@ -37,10 +40,14 @@ class ApproximateSync:
         self.queues = [deque(maxlen=max(1, queue_size)) for _ in range(n_inputs)]
         self._lock = threading.Lock()
         self.matched = 0
+        self.unmatched = 0  # messages that fell off a full queue without a partner
 
     def add(self, index: int, msg) -> None:
         with self._lock:
-            self.queues[index].append((_stamp(msg), msg))
+            q = self.queues[index]
+            if len(q) == q.maxlen:
+                self.unmatched += 1
+            q.append((_stamp(msg), msg))
             match = self._find(index)
         if match is not None:
             self.matched += 1
@@ -63,9 +70,8 @@ class ApproximateSync:
         if max(stamps) - min(stamps) > self.slop:
             return None
         msgs = [self.queues[j][k][1] for j, k in enumerate(chosen)]
-        for j, k in enumerate(chosen):  # drop the used messages and everything older
-            for _ in range(k + 1):
-                self.queues[j].popleft()
+        for j, k in enumerate(chosen):  # only the used messages leave (older ones may still pair)
+            del self.queues[j][k]
         return msgs
 
 

@@ -144,7 +144,15 @@ def test_approximate_sync_fallback():
     sync.add(0, msg(10.133, "c2"))   # 67 ms from d2: outside the slop
     sync.add(0, msg(10.205, "c3"))   # pairs with d2
     assert out == [("c1", "d1"), ("c3", "d2")]
-    assert sync.matched == 2 and all(len(q) == 0 for q in sync.queues)
+    assert sync.matched == 2 and [len(q) for q in sync.queues] == [2, 0]  # c0 and c2 wait for partners
+    # out of order across topics (as a multi-threaded executor delivers a fast replay): c0's depth
+    # comes after later pairs and still pairs with it
+    sync.add(1, msg(10.001, "d0"))
+    assert out[-1] == ("c0", "d0") and sync.matched == 3
+    # a full queue drops its oldest message, counted
+    for k in range(6):
+        sync.add(0, msg(20.0 + k, f"x{k}"))
+    assert sync.unmatched == 2 and len(sync.queues[0]) == 5
 
 
 def test_pose_buffer_tolerance():
