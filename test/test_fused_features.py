@@ -118,3 +118,23 @@ def test_scene_name():
     assert scene_name("/d/scannet_3d/train/scene0000_00_vh_clean_2.pth") == "scene0000_00"
     assert scene_name("17DRP5sb8fy_region0.pth") == "17DRP5sb8fy_region0"
     assert scene_name("scene0000_00") == "scene0000_00"
+
+
+def test_text_space_record(tmp_path):
+    """`sas fuse` records the text space beside the features; another space in the same folder and a
+    broken record are refused with a clear error."""
+    from sas_core.data.fused_features import TEXT_SPACE_FILE, read_text_space, write_text_space
+    from sas_core.text import SyntheticTextEncoder, text_encoder_from_config
+
+    assert read_text_space(tmp_path) is None
+    enc = SyntheticTextEncoder(("wall", "chair"), dim=16)
+    write_text_space(tmp_path, enc.config(), "sim_dense")
+    write_text_space(tmp_path, enc.config(), "sim_mask")  # the same space: fine
+    rec = read_text_space(tmp_path)
+    again = text_encoder_from_config(rec["text_encoder"])
+    assert again.config() == enc.config() and rec["teacher"] == "sim_mask"
+    with pytest.raises(ValueError, match="another text space"):
+        write_text_space(tmp_path, {"kind": "open_clip", "model": "ViT-B-16", "checkpoint": None}, "dense_clip")
+    (tmp_path / TEXT_SPACE_FILE).write_text("{not json")
+    with pytest.raises(ValueError, match="not a text space record"):
+        read_text_space(tmp_path)

@@ -10,6 +10,8 @@ text encoder's weights default to the models file's (``--models``, see docs/mode
 
 from __future__ import annotations
 
+import sys
+
 from sas_app.commands import add_models_argument, apply_model_paths
 
 HELP = "distil fused 2D features into a sparse 3D network"
@@ -27,7 +29,8 @@ def add_arguments(parser):
     parser.add_argument("--data", required=True, help="dataset root in the OpenScene layout (<root>/<split>/*.pth)")
     parser.add_argument("--features", required=True, help="folder of fused 2D feature files (sas fuse)")
     parser.add_argument("--split", default="train", help="training split (default: train)")
-    parser.add_argument("--val-split", default="val", help="validation split with labels ('' for none; default: val)")
+    parser.add_argument("--val-split", default=None,
+                        help="validation split with labels ('' for none; default: val when DATA has one)")
     parser.add_argument("--superpoints", default=SuperpointConfig.method,
                         choices=field_choices(SuperpointConfig, "method"),
                         help="graph: ScanNet segmentator (indoor); points: every point its own (nuScenes) "
@@ -35,8 +38,9 @@ def add_arguments(parser):
     parser.add_argument("--vocabulary", "--vocab", default="scannet20",
                         help="class vocabulary for TESD and validation (default: scannet20)")
     t = parser.add_argument_group("text space of the fused features")
-    t.add_argument("--text-encoder", default="open_clip", choices=("open_clip", "synthetic"),
-                   help="open_clip (default) or the synthetic text space")
+    t.add_argument("--text-encoder", default=None, choices=("open_clip", "synthetic"),
+                   help="open_clip or the synthetic text space (default: the one `sas fuse` recorded in the "
+                        "features folder's text_space.json, else open_clip)")
     add_config_arguments(t, DenseClipConfig, prefix="clip-", only=("model", "checkpoint"))
     t.add_argument("--text-dim", type=int, default=512, help="synthetic text space size (default: 512)")
     add_models_argument(t)
@@ -48,7 +52,8 @@ def run(args) -> int:
     import json
 
     from sas_core.config import config_from_args
-    from sas_core.text import SyntheticTextEncoder, class_embeddings, parse_vocabulary
+    from sas_core.data.fused_features import read_text_space
+    from sas_core.text import SyntheticTextEncoder, class_embeddings, parse_vocabulary, text_encoder_from_config
     from sas_core.train.datasets import OpenSceneScenes
     from sas_core.train.distill import DistillConfig, distill, init_distributed
 
@@ -59,7 +64,14 @@ def run(args) -> int:
 
         cfg.device = f"cuda:{rank % max(1, torch.cuda.device_count())}"
     names = parse_vocabulary(args.vocabulary)
-    if args.text_encoder == "synthetic":
+    recorded = read_text_space(args.features) if args.features else None
+    if recorded is not None and args.text_encoder is None:
+        # the space the features were fused in (sas fuse wrote it); --text-encoder and its flags win
+        encoder = text_encoder_from_config(recorded["text_encoder"])
+    elif recorded is not None and args.text_encoder and args.text_encoder != recorded["text_encoder"]["kind"]:
+        raise ValueError(f"--text-encoder {args.text_encoder}, but {args.features} was fused in the "
+                         f"{recorded['text_encoder']['kind']} text space (text_space.json): drop the flag")
+    elif args.text_encoder == "synthetic":
         encoder = SyntheticTextEncoder(names, dim=args.text_dim)
     else:
         from sas_core.text import OpenClipTextEncoder
@@ -70,6 +82,12 @@ def run(args) -> int:
     train = OpenSceneScenes(args.data, args.split, args.features, superpoints=args.superpoints)
     train_scenes = [train[i] for i in range(len(train))]
     val_scenes = None
+    if args.val_split is None:
+        from pathlib import Path
+
+        args.val_split = "val" if (Path(args.data) / "val").is_dir() else ""
+        if not args.val_split and rank == 0:
+            print(f"no val split in {args.data}: training without validation", file=sys.stderr)
     if args.val_split:
         val = OpenSceneScenes(args.data, args.val_split, None, superpoints="points")
         val_scenes = [val[i] for i in range(len(val))]

@@ -155,9 +155,9 @@ def _print_reports(reports, header, as_json):
 
 def _run_synthetic(args, config) -> int:
     from sas_core.config import config_from_args
-    from sas_core.data.fused_features import save_scene_features
-    from sas_core.geometry.multiview import fuse_frames
+    from sas_core.data.fused_features import save_scene_features, write_text_space
     from sas_core.data.synthetic import SynthConfig, generate_scene
+    from sas_core.geometry.multiview import fuse_frames
 
     t0 = time.perf_counter()
     scene = generate_scene(config_from_args(SynthConfig, args, with_lidar=False), progress=not args.quiet)
@@ -169,6 +169,7 @@ def _run_synthetic(args, config) -> int:
         fused = fuse_frames(scene.points.positions, frames, teacher, config, args.device,
                             progress=not args.quiet, total=len(frames))
         if args.out:
+            write_text_space(args.out, encoder.config(), teacher.name)
             paths = save_scene_features(args.out, f"{scene.name}_{teacher.name}", fused.features, fused.mask,
                                         n_files=args.n_files, n_split_points=args.split_points,
                                         single_file=args.single_file)
@@ -189,7 +190,7 @@ def _run_synthetic(args, config) -> int:
 def _run_dataset(args, config) -> int:
     import numpy as np
 
-    from sas_core.data.fused_features import fused_feature_paths, save_scene_features, scene_name
+    from sas_core.data.fused_features import fused_feature_paths, save_scene_features, scene_name, write_text_space
     from sas_core.data.openscene import list_scenes, load_openscene_scene
     from sas_core.geometry.multiview import fuse_frames
     from sas_core.text import parse_vocabulary
@@ -218,6 +219,7 @@ def _run_dataset(args, config) -> int:
             frames = itertools.islice(frames, 0, None, args.frame_step)
             fused = fuse_frames(cloud.positions, frames, teacher, config, args.device, progress=not args.quiet)
             if args.out:
+                write_text_space(args.out, encoder.config(), teacher.name)
                 paths = save_scene_features(args.out, sid, fused.features, fused.mask, n_files=args.n_files,
                                             n_split_points=args.split_points, single_file=args.single_file)
                 print(f"{sid}: {int(fused.mask.sum())}/{len(fused)} points got a {teacher.name} feature; "

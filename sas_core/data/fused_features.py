@@ -253,3 +253,55 @@ def load_scene_features(feature_dir, scene: str, n_points: Optional[int] = None,
         mask |= m
     return FusedFeatures(features, mask, mask.to(torch.int32))
 
+
+
+TEXT_SPACE_FILE = "text_space.json"
+"""Written by ``sas fuse`` beside the feature files: which text space the features live in."""
+
+_TEXT_SPACE_MAX_BYTES = 1 << 20
+
+
+def write_text_space(feature_dir, text_encoder: dict, teacher: str) -> Path:
+    """Record the text space of a folder of fused features (``text_space.json``, atomic).
+
+    ``text_encoder`` is the teacher's text encoder ``.config()``; a folder already recording another
+    text space is refused (features of two spaces in one folder cannot be distilled together)."""
+    import json
+
+    from sas_core.io import atomic_write_text
+
+    feature_dir = Path(feature_dir)
+    record = {"text_encoder": dict(text_encoder), "teacher": str(teacher)}
+    have = read_text_space(feature_dir)
+    if have is not None and have["text_encoder"] != record["text_encoder"]:
+        raise ValueError(f"{feature_dir} holds features in another text space ({_describe(have['text_encoder'])}, "
+                         f"teacher {have.get('teacher')}); write {teacher}'s features into another folder")
+    feature_dir.mkdir(parents=True, exist_ok=True)
+    path = feature_dir / TEXT_SPACE_FILE
+    atomic_write_text(path, json.dumps(record, indent=2, sort_keys=True) + "\n")
+    return path
+
+
+def read_text_space(feature_dir) -> Optional[dict]:
+    """The record :func:`write_text_space` wrote, or None (folders from OpenScene's scripts have none)."""
+    import json
+
+    path = Path(feature_dir) / TEXT_SPACE_FILE
+    if not path.is_file():
+        return None
+    if path.stat().st_size > _TEXT_SPACE_MAX_BYTES:
+        raise ValueError(f"{path}: {path.stat().st_size} bytes is too large for a text space record")
+    try:
+        record = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{path}: not a text space record ({exc})") from None
+    if not isinstance(record, dict) or not isinstance(record.get("text_encoder"), dict) \
+            or "kind" not in record["text_encoder"]:
+        raise ValueError(f"{path}: not a text space record (needs a text_encoder with a kind)")
+    return record
+
+
+def _describe(encoder: dict) -> str:
+    if encoder.get("kind") == "open_clip":
+        return f"open_clip {encoder.get('model')}"
+    return f"{encoder.get('kind')} ({encoder.get('dim', '?')}-d)"
