@@ -406,29 +406,42 @@ def _bar_chart(rows, path: Path) -> None:
     plt.close(fig)
 
 
-def _figure_png(images, titles, path: Path, suptitle: str, colorbar=None) -> None:
+def _figure_png(images, titles, path: Path, suptitle: str, colorbar=None, legend=None) -> None:
+    """Panels side by side; ``colorbar`` a ScalarMappable, ``legend`` (labels, class names): a swatch
+    per class present, in :func:`sas_core.viz.label_colors`' colours."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
 
+    from sas_core import viz
     from sas_core.io import atomic_path
 
-    fig, axes = plt.subplots(1, len(images), figsize=(5 * len(images), 4.6), squeeze=False)
+    extra = 1.8 if legend is not None else 0.0
+    fig, axes = plt.subplots(1, len(images), figsize=(5 * len(images) + extra, 4.6), squeeze=False)
     for ax, img, title in zip(axes[0], images, titles):
         ax.imshow(img)
         ax.set_title(title, fontsize=9)
         ax.axis("off")
     if colorbar is not None:
         fig.colorbar(colorbar, ax=axes[0].tolist(), shrink=0.8, label="cosine similarity")
+    if legend is not None:
+        labels, names = legend
+        present = [int(v) for v in np.unique(labels) if 0 <= int(v) < len(names)]
+        colors = viz.label_colors(np.array(present, dtype=np.int64)) / 255.0
+        fig.legend(handles=[Patch(facecolor=c, edgecolor="black", label=names[v]) for v, c in zip(present, colors)],
+                   loc="center right", fontsize=8, frameon=False)
+        fig.subplots_adjust(right=1.0 - extra / (5 * len(images) + extra))
     fig.suptitle(suptitle, fontsize=10)
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=110)
     plt.close(fig)
 
 
-def _topdown(positions, pred, gt, path: Path, title: str, resolution: float = 0.03) -> None:
-    """Labelled scene next to its ground truth, seen from above (ceiling points dropped)."""
+def _topdown(positions, pred, gt, path: Path, title: str, class_names, resolution: float = 0.03) -> None:
+    """Labelled scene next to its ground truth, seen from above (ceiling points dropped), with a
+    legend of the classes either shows."""
     from sas_core import viz
     from sas_core.types import IGNORE_LABEL
 
@@ -437,7 +450,8 @@ def _topdown(positions, pred, gt, path: Path, title: str, resolution: float = 0.
     bounds = np.stack([p[:, :2].min(0), p[:, :2].max(0)])
     imgs = [viz.topdown_image(p, labels=lab[keep], resolution=resolution, bounds=bounds, point_size=2)
             for lab in (pred, gt)]
-    _figure_png(imgs, ["prediction (SP + TESD)", "ground truth"], path, title)
+    _figure_png(imgs, ["prediction (SP + TESD)", "ground truth"], path, title,
+                legend=(np.concatenate([pred[keep], gt[keep]]), class_names))
 
 
 def _heatmap(positions, scores, gt, path: Path, title: str, resolution: float = 0.03) -> None:
@@ -611,7 +625,7 @@ def write_report(out: Path, rows: Sequence[dict], results: Dict[str, Dict[str, d
         feats = scene_point_features(model, scene, world.config.voxel_size, input_color=world.config.input_color)
         pred = label_points(feats, None, world.text)
         _topdown(scene.positions, pred, scene.labels, out / "topdown.png",
-                 f"{scene.name} (held out): SAS (SP+TESD) labels vs ground truth - SYNTHETIC")
+                 f"{scene.name} (held out): SAS (SP+TESD) labels vs ground truth - SYNTHETIC", world.class_names)
         files["topdown"] = out / "topdown.png"
         import torch
 
