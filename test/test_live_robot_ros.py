@@ -131,6 +131,19 @@ class Robot:
         else:
             self.pub_color.publish(c.numpy_to_image(frame.color, "rgb8", frame_id, stamp))
 
+    def wait_for_tf(self, stamp, timeout=10.0):
+        """Wait until the node can look up the camera pose at ``stamp`` (an event, not a sleep)."""
+        from sas_ros.poses import PoseUnavailable
+
+        def known():
+            try:
+                self.node.poses.lookup(OPTICAL, stamp)
+                return True
+            except PoseUnavailable:
+                return False
+
+        return wait_until(known, timeout)
+
     def handled(self):
         return self.node.n_frames + sum(self.node.drops.values())
 
@@ -171,7 +184,7 @@ def test_poses_only_from_tf_with_compressed_colour_map_lies_on_the_ground_truth(
                 robot.publish_tf(f.stamp, f.pose, span if i == 1 else None)
             else:
                 robot.publish_tf(f.stamp, f.pose, span if i == 0 else None)
-                time.sleep(0.02)
+                assert robot.wait_for_tf(f.stamp)  # this half: the TF is in before the images
                 robot.publish_images(f)
             assert wait_until(lambda: robot.handled() > before, 10.0), robot.node.drops
         node = robot.node
@@ -231,13 +244,12 @@ def test_reliable_inputs_lose_no_frame_at_20_hz():
         robot.publish_tf(scene.frames[0].stamp, scene.frames[0].pose, span)
         for f in scene.frames:  # TF for every stamp first, as a bag player would have it
             robot.publish_tf(f.stamp, f.pose)
-        time.sleep(0.2)
+        assert robot.wait_for_tf(scene.frames[-1].stamp)
         t0 = time.monotonic()
         for i, f in enumerate(scene.frames):
             robot.publish_images(f)
             time.sleep(max(0.0, t0 + (i + 1) / 20.0 - time.monotonic()))
         assert wait_until(lambda: robot.handled() >= 40, 60.0), (robot.node.n_frames, robot.node.drops)
-        time.sleep(0.5)
         assert robot.node.n_frames == 40 and not robot.node.drops, (robot.node.n_frames, robot.node.drops)
     finally:
         robot.close()
@@ -317,7 +329,7 @@ def test_live_fusion_with_a_tiny_dense_clip_teacher(scene, tmp_path):
         for i, f in enumerate(frames):
             before = robot.handled()
             robot.publish_tf(f.stamp, f.pose, span if i == 0 else None)
-            time.sleep(0.02)
+            assert robot.wait_for_tf(f.stamp)
             robot.publish_images(f)
             assert wait_until(lambda: robot.handled() > before, 20.0), node.drops
         assert wait_until(lambda: node.teacher_pending == 0, 60.0)
