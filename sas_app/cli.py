@@ -15,7 +15,8 @@ import sys
 
 # Order shown in ``sas --help``; module name = command name with '-' replaced by '_'.
 COMMANDS = (
-    "synth", "fuse", "capability", "distill", "eval", "segment", "query", "replay", "bag-info", "demo", "bench",
+    "synth", "fuse", "capability", "distill", "eval", "segment", "query", "replay", "bag-info", "view", "demo",
+    "bench",
     "models", "import-checkpoint",
 )
 
