@@ -37,7 +37,8 @@ from typing import Callable, List, Optional, Sequence
 import numpy as np
 
 __all__ = ["COLOR_MODES", "LiveBackend", "OfflineBackend", "QueryView", "ViewScene", "Viewer", "browser_args",
-           "find_browser", "load_view_scene", "open_page", "screenshot", "start_server"]
+           "find_browser", "load_view_scene", "open_page", "screenshot", "start_server", "stop_server",
+           "synthetic_room_map"]
 
 #: "Colour by" choices of the viewer.
 COLOR_MODES = ("rgb", "label", "score", "relevance")
@@ -158,8 +159,8 @@ def load_view_scene(path, segmenter=None, vocabulary: Optional[Sequence[str]] = 
             of a cloud that has none, and labels it when it has no labels (or ``vocabulary`` is given).
         vocabulary: class names of the labels (default: the map's; a PLY / .pth: required to name
             its labels, else "class 0", ...).
-        trajectory: a trajectory file or folder (:func:`read_trajectory`); a ``.pth`` in the
-            OpenScene layout finds its ``2d/<scene>/pose`` by itself.
+        trajectory: a trajectory file or folder (:func:`read_trajectory`); by default a map
+            folder's ``trajectory.npy`` and a ``.pth``'s OpenScene ``2d/<scene>/pose``.
     """
     from sas_core.infer import load_point_cloud
 
@@ -185,6 +186,8 @@ def load_view_scene(path, segmenter=None, vocabulary: Optional[Sequence[str]] = 
             names = [str(c) for c in (manifest.get("vocabulary") or data.get("class_names", []))]
         voxel = float(manifest.get("voxel_size", data["voxel_size"]))
         source = f"map {path} ({len(pos)} voxels of {voxel * 100:.0f} cm)"
+        if trajectory is None and (path / "trajectory.npy").is_file():
+            trajectory = path / "trajectory.npy"
     else:
         cloud = load_point_cloud(path)
         pos, labels = cloud.positions, cloud.labels
@@ -219,6 +222,26 @@ def load_view_scene(path, segmenter=None, vocabulary: Optional[Sequence[str]] = 
     return ViewScene(positions=np.ascontiguousarray(pos, np.float32), rgb=np.ascontiguousarray(rgb, np.uint8),
                      labels=labels, scores=scores, class_names=names, features=feats, trajectory=traj,
                      voxel_size=voxel, source=source)
+
+
+def synthetic_room_map(folder, seed: int = 3, n_frames: int = 12, text_dim: int = 64, overwrite: bool = False):
+    """Write the map folder of a synthetic room as the live node builds it (mode fusion, the
+    simulated teacher, ``text_dim``-dim synthetic text space; ``~/save_map``'s format) and its
+    camera trajectory ``<folder>/trajectory.npy`` (T, 4, 4); returns the folder. For the tests,
+    the README screenshot and trying the viewer: ``sas view FOLDER --synthetic-text``."""
+    from sas_core.data.synthetic import SynthConfig, generate_scene
+    from sas_core.io import atomic_path
+    from sas_core.mapping import Mapper, MapperConfig
+
+    room = generate_scene(SynthConfig(seed=int(seed), n_frames=int(n_frames), with_lidar=False))
+    mapper = Mapper(MapperConfig(mode="fusion", vocabulary=",".join(room.class_names), text_dim=int(text_dim)))
+    for f in room.frames:
+        mapper.integrate_rgbd(f)
+    mapper.label_pass(full=True)
+    folder = mapper.save(folder, overwrite=overwrite)
+    with atomic_path(Path(folder) / "trajectory.npy") as tmp:
+        np.save(tmp, np.stack([f.pose for f in room.frames]))
+    return folder
 
 
 # ---------------------------------------------------------------------------------------- backends
@@ -717,10 +740,24 @@ class Viewer:
 
 def start_server(host: str = "127.0.0.1", port: int = 8080, verbose: bool = False):
     """A ``viser.ViserServer`` on ``host:port`` (viser takes the next free port when it is taken;
-    ``server.get_port()`` says which)."""
+    ``server.get_port()`` says which). viser's banner, which it prints to stdout whatever
+    ``verbose`` says, is kept out of stdout (``--json`` outputs stay one JSON object)."""
+    import contextlib
+    import io
+
     import viser
 
-    return viser.ViserServer(host=host, port=int(port), verbose=verbose)
+    with contextlib.redirect_stdout(io.StringIO()):
+        return viser.ViserServer(host=host, port=int(port), verbose=verbose)
+
+
+def stop_server(server) -> None:
+    """``server.stop()`` without viser's "Server stopped" line on stdout."""
+    import contextlib
+    import io
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        server.stop()
 
 
 def find_browser() -> Optional[str]:

@@ -30,17 +30,13 @@ def synth():
 @pytest.fixture(scope="module")
 def saved_map(synth, tmp_path_factory):
     """A map folder as the node's ~/save_map writes it: live fusion (simulated teacher) over 8 frames."""
+    from sas_app.viewer import synthetic_room_map
     from sas_core.mapping import Mapper, MapperConfig
 
+    folder = synthetic_room_map(tmp_path_factory.mktemp("view") / "room", seed=3, n_frames=8)
     mapper = Mapper(MapperConfig(mode="fusion", vocabulary=",".join(synth.class_names), text_dim=64))
-    for f in synth.frames:
-        mapper.integrate_rgbd(f)
-    mapper.label_pass(full=True)
-    root = tmp_path_factory.mktemp("view")
-    folder = mapper.save(root / "room")
-    traj = root / "traj.npy"
-    np.save(traj, np.stack([f.pose for f in synth.frames]))
-    return folder, traj, mapper
+    mapper.load(folder)
+    return folder, folder / "trajectory.npy", mapper
 
 
 def _backend(folder, traj=None):
@@ -54,7 +50,7 @@ def _backend(folder, traj=None):
 
 def test_map_folder_loads_and_queries_as_the_mapper_does(saved_map, synth):
     folder, traj, mapper = saved_map
-    backend = _backend(folder, traj)
+    backend = _backend(folder)  # finds its trajectory.npy
     scene = backend.scene
     data = mapper.export()
     np.testing.assert_array_equal(scene.positions, data["positions"])
@@ -143,11 +139,11 @@ def test_trajectory_errors(tmp_path):
 
 @pytest.fixture
 def server():
-    from sas_app.viewer import start_server
+    from sas_app.viewer import start_server, stop_server
 
     s = start_server("127.0.0.1", 8400)
     yield s
-    s.stop()
+    stop_server(s)
 
 
 def test_viewer_subsets_hides_classes_and_colours(server, saved_map):
@@ -313,3 +309,74 @@ def test_cli_screenshot(saved_map, tmp_path, capsys):
     img = np.asarray(Image.open(out))
     assert img.shape[:2] == (600, 800)
     assert img[..., :3].std() > 10  # not a blank page
+
+
+# ---------------------------------------------------------------------------------------- live (--ros)
+
+@pytest.mark.ros
+@pytest.mark.slow
+def test_live_mode_shows_the_node_cloud_growing(server, synth):
+    pytest.importorskip("rclpy")
+    from conftest import wait_until
+
+    from sas_app.viewer import LiveBackend
+    from sas_ros.live_demo import FramePlayer, running_node
+    from sas_ros.live_view import LiveMapClient
+
+    name = f"sas_view_node_{np.random.default_rng().integers(1 << 30)}"
+    params = dict(mode="fusion", pose_source="pose", update_period=0.3, reliable_inputs=True, text_dim=64,
+                  vocabulary=",".join(synth.class_names))
+    browser = None
+    with running_node(name, params, "sas_view_player") as (node, helper):
+        client = LiveMapClient(f"/{name}", timeout=20)
+        viewer = None
+        try:
+            player = FramePlayer(helper, ground_truth=True)
+            assert player.wait_for_subscribers(10)
+            backend = LiveBackend(client)
+            viewer = Viewer(server, backend, poll=0.2)
+            use_browser = find_browser() is not None
+            if use_browser:
+                from playwright.sync_api import sync_playwright
+
+                from sas_app.viewer import open_page, wait_for_client
+
+                pw = sync_playwright().start()
+                browser, page = open_page(pw, f"http://127.0.0.1:{server.get_port()}/", 800, 600)
+                bclient = wait_for_client(server, 30)
+            sizes, coverage = [], []
+            for step in range(3):
+                for f in synth.frames[step * 2:step * 2 + 2]:
+                    player.publish(f)
+                n = node.n_frames
+                assert wait_until(lambda: node.n_frames >= 2 * (step + 1), 20), (n, node.n_frames)
+                node.update_event.set()
+                assert wait_until(lambda: viewer.scene is not None and len(viewer.scene) == len(node.map)
+                                  and len(node.map) > (sizes[-1] if sizes else 0), 30)
+                sizes.append(len(viewer.scene))
+                if use_browser:
+                    img = bclient.get_render(height=600, width=800, transport_format="png", timeout=60)
+                    coverage.append(float((img[..., 3] > 0).mean()))
+            assert sizes == sorted(sizes) and sizes[-1] > sizes[0], sizes
+            assert viewer.scene.class_names == list(synth.class_names)  # from ~/label_map
+            if use_browser:
+                assert coverage[-1] > coverage[0], coverage  # more of the page is covered by the map
+            # the text box asks the node (~/query) and draws its objects
+            view = viewer.query_now("a chair")
+            assert view.ok and view.points is not None and len(view.points), view.message
+            assert viewer.drawn_query == "a chair"
+            # ~/set_vocabulary from the vocabulary box
+            viewer.vocab_box.value = "chair, table, floor"
+            viewer._set_vocabulary()
+            assert "3 classes" in viewer.result.content
+            assert wait_until(lambda: client.latest()[2] == ["chair", "table", "floor"], 20)
+            viewer.vocab_box.value = "chair, flying saucer"
+            viewer._set_vocabulary()
+            assert "unchanged" in viewer.result.content and "saucer" in viewer.result.content
+        finally:
+            if browser is not None:
+                browser.close()
+                pw.stop()
+            if viewer is not None:
+                viewer.close()
+            client.close()

@@ -108,7 +108,7 @@ def run(args) -> int:
     import sys
     import time
 
-    from sas_app.viewer import Viewer, screenshot, start_server
+    from sas_app.viewer import Viewer, screenshot, start_server, stop_server
 
     if args.ros == bool(args.map):
         raise ValueError("give a MAP to view, or --ros to attach to a running node (not both)")
@@ -162,6 +162,6 @@ def run(args) -> int:
         if viewer is not None:
             viewer.close()
         if server is not None:
-            server.stop()
+            stop_server(server)
         if client is not None:
             client.close()
