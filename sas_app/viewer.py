@@ -32,7 +32,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, List, Optional, Sequence
+from typing import List, Optional, Sequence
 
 import numpy as np
 
@@ -40,8 +40,8 @@ __all__ = ["COLOR_MODES", "LiveBackend", "OfflineBackend", "QueryView", "ViewSce
            "find_browser", "load_view_scene", "open_page", "screenshot", "start_server", "stop_server",
            "synthetic_room_map"]
 
-#: "Colour by" choices of the viewer.
-COLOR_MODES = ("rgb", "label", "score", "relevance")
+#: "Colour by" choices of the viewer (instance: the map's / cloud's object ids, when it has them).
+COLOR_MODES = ("rgb", "label", "score", "instance", "relevance")
 #: Colour of points below the relevance threshold (and of unlabelled points in label mode: the palette's).
 DIM_COLOR = np.array((200, 200, 200), np.uint8)
 RELEVANCE_CMAP = "turbo"
@@ -63,6 +63,8 @@ class ViewScene:
         class_names: the vocabulary behind ``labels``.
         features: (N, D) float16 unit features (queries need them), or None.
         trajectory: (T, 4, 4) camera-to-map poses, or None.
+        instance: (N,) int64 object id of each point (-1 = none; ``sas segment --instances``'s
+            PLY property, a map's or the live cloud's ``instance``), or None.
         voxel_size: grid cell of the object grouping (the map's voxel size).
         source: a line saying where it came from.
         synthetic: the synthetic world's text space (outputs say so).
@@ -75,6 +77,7 @@ class ViewScene:
     class_names: List[str] = field(default_factory=list)
     features: Optional[np.ndarray] = None
     trajectory: Optional[np.ndarray] = None
+    instance: Optional[np.ndarray] = None
     voxel_size: float = 0.05
     source: str = ""
     synthetic: bool = False
@@ -166,7 +169,7 @@ def load_view_scene(path, segmenter=None, vocabulary: Optional[Sequence[str]] = 
 
     path = Path(path)
     names = list(vocabulary) if vocabulary else []
-    feats = scores = None
+    feats = scores = instance = None
     voxel = 0.05
     if path.is_dir():
         from sas_core.geometry.voxel_map import map_arrays_path, read_map_manifest
@@ -180,6 +183,7 @@ def load_view_scene(path, segmenter=None, vocabulary: Optional[Sequence[str]] = 
         labels = np.asarray(data["labels"], np.int64)
         scores = np.asarray(data["scores"], np.float32)
         feats = data.get("features")
+        instance = data.get("instance")
         if feats is not None and (feats.ndim != 2 or len(feats) != len(pos) or feats.shape[1] == 0):
             feats = None
         if not names:
@@ -198,6 +202,7 @@ def load_view_scene(path, segmenter=None, vocabulary: Optional[Sequence[str]] = 
 
             d = read_ply(path)
             scores = d["score"].astype(np.float32) if "score" in d else None
+            instance = d["instance"].astype(np.int64) if "instance" in d else None
         if path.suffix.lower() == ".pth" and trajectory is None:
             trajectory = _openscene_poses(path)
         if segmenter is not None:
@@ -221,6 +226,7 @@ def load_view_scene(path, segmenter=None, vocabulary: Optional[Sequence[str]] = 
     traj = read_trajectory(trajectory) if trajectory is not None else None
     return ViewScene(positions=np.ascontiguousarray(pos, np.float32), rgb=np.ascontiguousarray(rgb, np.uint8),
                      labels=labels, scores=scores, class_names=names, features=feats, trajectory=traj,
+                     instance=None if instance is None or len(instance) != len(pos) else np.asarray(instance, np.int64),
                      voxel_size=voxel, source=source)
 
 
@@ -352,7 +358,7 @@ class LiveBackend:
             return version, None
         if version != self._version:
             self._scene = ViewScene(positions=cloud["positions"], rgb=cloud["colors"], labels=cloud.get("labels"),
-                                    scores=cloud.get("scores"), class_names=list(names),
+                                    scores=cloud.get("scores"), class_names=list(names), instance=cloud.get("instance"),
                                     source=f"live node {self.client.node_name}")
             self._version = version
         return version, self._scene
@@ -365,8 +371,11 @@ class LiveBackend:
         if not ans["success"]:
             return QueryView(text, threshold, ok=False, message=ans["message"])
         q = ans["queries"][0]
-        return QueryView(text, threshold, points=np.asarray(q["points"], np.float32).reshape(-1, 3),
-                         point_scores=np.asarray(q["scores"], np.float32), objects=q["objects"], count=q["count"],
+        scores = np.asarray(q["scores"], np.float32)
+        # threshold 0 asks for the node's default: colour from the lowest score it returned
+        used = float(scores.min()) if len(scores) and threshold == 0.0 else threshold
+        return QueryView(text, used, points=np.asarray(q["points"], np.float32).reshape(-1, 3),
+                         point_scores=scores, objects=q["objects"], count=q["count"],
                          best=q["best_score"], message=f"{q['count']} points >= threshold, best {q['best_score']:.3f}, "
                                                        f"{len(q['objects'])} objects (node)")
 
@@ -658,6 +667,9 @@ class Viewer:
         scene, mode, view = self.scene, self.color_by.value, self.query_view
         if mode == "label" and scene.labels is not None:
             return label_colors(scene.labels[idx])
+        if mode == "instance" and scene.instance is not None:
+            inst = scene.instance[idx]
+            return np.where((inst < 0)[:, None], DIM_COLOR, label_colors(np.where(inst < 0, 0, inst % 251 + 4)))
         if mode == "score" and scene.scores is not None:
             s = scene.scores[idx]
             return _cmap_colors((s - np.nanmin(scene.scores)) / max(float(np.ptp(scene.scores)), 1e-6), "viridis")
@@ -710,8 +722,9 @@ class Viewer:
             else:
                 self.colorbar.visible = False
             if scene.labels is not None and self._legend_names:
-                lab = scene.labels[(scene.labels >= 0) & (scene.labels < len(self._legend_names))]
-                self.legend.content = legend_html(self._legend_names, np.bincount(lab, minlength=len(self._legend_names)))
+                k = len(self._legend_names)
+                lab = scene.labels[(scene.labels >= 0) & (scene.labels < k)]
+                self.legend.content = legend_html(self._legend_names, np.bincount(lab, minlength=k))
             for h in self._traj_nodes:
                 h.visible = bool(self.show_traj.value)
             self.info.content = (f"{html.escape(scene.source)}  \n{len(idx):,} of {len(scene):,} points shown"

@@ -118,13 +118,60 @@ def test_ply_and_pth_with_a_checkpoint(tmp_path, synth):
     np.testing.assert_allclose(view.relevance, expected, atol=2e-3)
     # a labelled PLY as sas segment writes it: labels and scores read back, names from --vocabulary
     ply = tmp_path / "seg.ply"
+    inst = np.where(scene.labels == 0, np.arange(len(pts)) % 3, -1).astype(np.int32)
     write_ply(ply, pts, colors=(synth.points.colors[::20] * 255).astype(np.uint8), labels=scene.labels,
-              scores=scene.scores)
+              scores=scene.scores, instance=inst)
     back = load_view_scene(ply, vocabulary=["chair", "table", "floor"])
     np.testing.assert_array_equal(back.labels, scene.labels)
+    np.testing.assert_array_equal(back.instance, inst)
     np.testing.assert_allclose(back.scores, scene.scores, atol=1e-6)
     assert back.features is None and not OfflineBackend(back).can_query
     assert "--checkpoint" in OfflineBackend(back).reason
+
+
+def test_cli_backend_of_a_cloud_with_a_checkpoint(tmp_path, synth, monkeypatch):
+    """`sas view cloud.npy --checkpoint C`: features and labels from the checkpoint (vocabulary as sas
+    segment's default), queries by its text encoder; without one the viewer says why it cannot query."""
+    pytest.importorskip("torch")
+    from sas_app.cli import build_parser
+    from sas_app.commands.view import offline_backend
+    from sas_core.nn import build_model, save_checkpoint
+    from sas_core.text import SCANNET_20, SyntheticTextEncoder
+
+    monkeypatch.delenv("SAS_MODELS", raising=False)  # no models file gives a default checkpoint
+    monkeypatch.delenv("SAS_MODELS_DIR", raising=False)
+    ckpt = tmp_path / "tiny.pth"
+    save_checkpoint(ckpt, build_model("MinkUNet14A", 3, 16), {"voxel_size": 0.05,
+                                                              "text_encoder": SyntheticTextEncoder(dim=16).config()})
+    cloud = tmp_path / "cloud.npy"
+    np.save(cloud, np.c_[synth.points.positions[::40], synth.points.colors[::40]].astype(np.float32))
+    parser = build_parser(lazy=False)
+    backend = offline_backend(parser.parse_args(["view", str(cloud), "--checkpoint", str(ckpt)]))
+    assert backend.can_query and backend.scene.class_names == list(SCANNET_20) and backend.scene.synthetic
+    assert backend.scene.labels.shape == (len(backend.scene),)
+    assert backend.query("a chair", 0.0).ok
+    plain = offline_backend(parser.parse_args(["view", str(cloud)]))
+    assert not plain.can_query and "--checkpoint" in plain.reason
+    assert plain.scene.labels is None and plain.scene.class_names == []
+
+
+def test_instance_colours(server):
+    from sas_core.viz import label_colors
+
+    n = 1000
+    scene = ViewScene(positions=np.random.default_rng(0).random((n, 3)).astype(np.float32),
+                      rgb=np.zeros((n, 3), np.uint8), instance=np.arange(n) % 5 - 1)
+    viewer = Viewer(server, OfflineBackend(scene))
+    try:
+        viewer.color_by.value = "instance"
+        idx = viewer.shown_indices()
+        c = viewer.colors(idx)
+        none = scene.instance[idx] < 0
+        assert (c[none] == 200).all() and len(np.unique(c[~none], axis=0)) == 4
+        assert not (c[~none] == 200).all(1).any()
+        np.testing.assert_array_equal(c[~none], label_colors(scene.instance[idx][~none] % 251 + 4))
+    finally:
+        viewer.close()
 
 
 def test_trajectory_errors(tmp_path):
@@ -309,6 +356,18 @@ def test_cli_screenshot(saved_map, tmp_path, capsys):
     img = np.asarray(Image.open(out))
     assert img.shape[:2] == (600, 800)
     assert img[..., :3].std() > 10  # not a blank page
+
+
+@pytest.mark.slow
+def test_bench_view_measures_in_the_browser():
+    _browser_or_skip()
+    from sas_app.bench.view import main
+
+    out = main(["--points", "3000", "--shown", "1000", "--seconds", "1", "--size", "640x480", "--port", "8440"])
+    (run,) = out["runs"]
+    assert run["points"] == 3000 and run["shown"] == 1000 and run["load_s"] > 0
+    assert run["fps"] > 0 and run["fps_subsampled"] > 0  # frames were really drawn while orbiting
+    json.dumps(out)
 
 
 # ---------------------------------------------------------------------------------------- live (--ros)

@@ -45,7 +45,7 @@ def add_arguments(parser):
     shot.add_argument("--screenshot", metavar="PNG", default=None,
                       help="render the viewer once in headless Chromium, save it as PNG and exit")
     shot.add_argument("--query", default=None, help="with --screenshot: run this query first")
-    shot.add_argument("--color-by", default=None, choices=("rgb", "label", "score", "relevance"),
+    shot.add_argument("--color-by", default=None, choices=("rgb", "label", "score", "instance", "relevance"),
                       help="with --screenshot: colour mode (default: relevance with --query, else rgb)")
     shot.add_argument("--size", default="1280x800", help="with --screenshot: page size WxH in pixels")
     ros = parser.add_argument_group("live node (--ros)")
