@@ -15,8 +15,8 @@ import sys
 
 # Order shown in ``sas --help``; module name = command name with '-' replaced by '_'.
 COMMANDS = (
-    "synth", "fuse", "capability", "distill", "eval", "segment", "query", "replay", "bag-info", "demo", "bench",
-    "play", "models", "import-checkpoint",
+    "synth", "fuse", "capability", "distill", "eval", "segment", "query", "replay", "bag-info", "play", "view",
+    "demo", "bench", "models", "import-checkpoint",
 )
 
 

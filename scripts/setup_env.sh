@@ -5,7 +5,9 @@
 #      reinstalled only when requirements.txt changes;
 #   3. the sas_interfaces package (msg/) built with cmake from the rosidl wheels, once per
 #      content of msg/;
-#   4. a tf2_msgs package (TFMessage only, scripts/tf2_msgs/) the same way, once per content,
+#   4. Debian's chromium (the browser of `sas view --screenshot` and the browser test), when missing and
+#      apt is usable; otherwise a note, and the browser test skips;
+#   5. a tf2_msgs package (TFMessage only, scripts/tf2_msgs/) the same way, once per content,
 #      and ONLY when `import tf2_msgs` fails (a full ROS install keeps its own).
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
@@ -26,6 +28,19 @@ case "$libs" in
     apt-get update -qq && apt-get install -y -qq libusb-1.0-0 >/dev/null ;;
 esac
 
+# Debian's chromium: Playwright drives it for `sas view --screenshot` and the browser test (Playwright's
+# own browser downloads are blocked on these machines). Optional: without it only those two are missing.
+if [ -z "${SAS_CHROMIUM:-}" ] && ! command -v chromium >/dev/null 2>&1; then
+  if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null 2>&1; then
+    say "installing chromium (for sas view --screenshot and the browser test)"
+    { apt-get update -qq && apt-get install -y -qq chromium >/dev/null; } \
+      || say "chromium could not be installed: sas view --screenshot is unavailable and the browser test skips"
+  else
+    say "chromium is not installed (sudo apt-get install chromium, or set SAS_CHROMIUM to a Chromium):"
+    say "  sas view --screenshot is unavailable and the browser test skips"
+  fi
+fi
+
 PY="${SAS_PYTHON:-$(command -v python3.11 || true)}"
 [ -n "$PY" ] || { say "python3.11 not found; set SAS_PYTHON to a Python 3.11 interpreter"; exit 1; }
 REQ_HASH="$(sha256sum "$SAS_ROOT/requirements.txt" | cut -c1-16)"
@@ -39,7 +54,7 @@ if [ "$(cat "$STAMP" 2>/dev/null)" != "$REQ_HASH" ]; then
   start=$(date +%s)
   "$SAS_VENV/bin/python" -m pip install -q --disable-pip-version-check -r "$SAS_ROOT/requirements.txt" 2>&1 \
     | grep -v "is ignored: it is neither a file nor a directory" || true
-  "$SAS_VENV/bin/python" -c "import torch, torchvision, open3d, rclpy, rosbags" \
+  "$SAS_VENV/bin/python" -c "import torch, torchvision, open3d, rclpy, rosbags, viser, playwright" \
     || { say "environment check failed"; exit 1; }
   echo "$REQ_HASH" > "$STAMP"
   say "requirements installed in $(( $(date +%s) - start )) s"
