@@ -361,3 +361,59 @@ def test_cli_scene_labels_and_mask_loss_on_tiny_data(tmp_path, capsys):
                  "--text-encoder", "synthetic", "--text-dim", "16", "--arch", "MinkUNet14A", "--epochs", "1",
                  "--out", str(tmp_path / "run2"), "--quiet", "--loss", "point,mask"]) == 1
     assert "masks" in capsys.readouterr().err
+
+
+def test_synth_writes_scene_lists_and_fuse_saves_masks(tmp_path):
+    from sas_app.cli import main
+    from sas_core.train.masks import SceneMasks
+    from sas_core.train.scene_labels import load_scene_labels
+
+    out = tmp_path / "synth"
+    assert main(["synth", "--out", str(out), "--width", "64", "--height", "48", "--frames", "3", "--points-per-m2",
+                 "40", "--no-bag", "--no-lidar"]) == 0
+    manifest = json.loads((out / "synth.json").read_text())
+    scene = manifest["scenes"][0]
+    split = out / "openscene" / scene["split"]
+    assert load_scene_labels(split) == {scene["name"]: tuple(scene["classes"])}
+    feat = tmp_path / "feat"
+    assert main(["fuse", "--data", str(out / "openscene"), "--split", scene["split"], "--teacher", "sim_mask",
+                 "--out", str(feat), "--save-masks", "--quiet"]) == 0
+    masks = SceneMasks.load(feat / f"{scene['name']}.masks.npz")
+    assert len(masks) > 3 and masks.n_points == scene["n_points"] and masks.features is not None
+    # a dense teacher has no masks: one clear error
+    assert main(["fuse", "--data", str(out / "openscene"), "--split", scene["split"], "--teacher", "sim_dense",
+                 "--out", str(tmp_path / "f2"), "--save-masks", "--quiet"]) == 1
+
+
+def test_synthetic_rooms_can_leave_classes_out():
+    from sas_core.data.synthetic import SynthConfig, generate_scene
+
+    base = dict(seed=3, n_frames=0, width=32, height=24, with_lidar=False, points_per_m2=10.0)
+    full = generate_scene(SynthConfig(**base))
+    again = generate_scene(SynthConfig(**base, absent_classes=()))
+    assert np.array_equal(full.vertices, again.vertices)  # the default room is unchanged
+    gone = ("sofa", "bed", "chair", "bathtub", "shower curtain")
+    part = generate_scene(SynthConfig(**base, absent_classes=gone))
+    present = set(part.present_classes())
+    assert not present & set(gone) and {"wall", "floor", "table"} <= present
+    assert set(gone) & set(full.present_classes())
+    with pytest.raises(ValueError, match="not wall/floor"):
+        generate_scene(SynthConfig(**base, absent_classes=("floor",)))
+
+
+def test_bench_seeds_room_subsets_and_row_builders():
+    from sas_app.bench import seeds
+
+    pick = seeds.absent_classes(0, 8)
+    assert pick(0) == pick(0) and pick(0) != pick(1) and len(pick(0)) == 8
+    assert not {"wall", "floor"} & set(pick(0))
+
+    def extra_rows(ctx):
+        return [{"key": "x", "method": "x", "setting": "held_out", "miou": 1.0}]
+
+    try:
+        assert seeds.register_row_builder(extra_rows) is extra_rows
+        seeds.register_row_builder(extra_rows)
+        assert seeds._builders().count(extra_rows) == 1
+    finally:
+        seeds.ROW_BUILDERS.remove(extra_rows)
