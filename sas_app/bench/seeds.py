@@ -11,7 +11,8 @@ vocabulary), then side by side, with the demo's distillation settings but ``--ep
   present in it) restricts the TESD pseudo-labels, and the embeddings-specialisation adapter refines the
   fused targets before distillation (soft guidance);
 * ``mask``: + the mask-level loss (MaskField / XMask3D): the simulated mask teacher's masks of every
-  frame back-projected onto the points, ``--loss point,superpoint,mask`` in stage 1 and 2.
+  frame back-projected onto the points, ``--loss point,superpoint,mask`` in stage 1 and 2;
+* ``scene_labels_tesd`` (ablation, ``--variants``): the lists in the TESD pseudo-labels only, no adapter.
 
 Every row is evaluated on the distillation rooms ("own_map") and on held-out rooms ("held_out", no scene
 list used in training or at test time), with mIoU / mAcc (OpenScene protocol) and boundary mIoU (points
@@ -50,7 +51,11 @@ VARIANTS = (
     ("sas", "SP Dis. + TESD (SAS, as today)", {}, False),
     ("scene_labels", "+ scene-level labels (3DSS-VLG: masked pseudo-labels, adapter)", {}, True),
     ("mask", "+ mask-level loss (MaskField / XMask3D)", {"loss": "point,superpoint,mask"}, False),
+    # ablation of the scene-label row (not run by default): lists in the TESD pseudo-labels only, no adapter
+    ("scene_labels_tesd", "+ scene-level labels in TESD pseudo-labels only (no adapter)", {"scene_adapter": False},
+     True),
 )
+DEFAULT_VARIANTS = ("sas", "scene_labels", "mask")
 
 #: modules whose ``seed_rows(ctx)`` is called when importable (helper `splat` adds the Gaussian rows there)
 OPTIONAL_BUILDERS = ("sas_app.bench.seeds_gaussians",)
@@ -193,8 +198,9 @@ def main(argv: list) -> dict:
     parser.add_argument("--quick", action="store_true", help="the demo's --quick world (smoke test)")
     parser.add_argument("--boundary-radius", type=float, nargs="+", default=[0.05, 0.10],
                         help="boundary bands in metres (default: 0.05 0.10)")
-    parser.add_argument("--variants", nargs="+", default=[k for k, *_ in VARIANTS],
-                        choices=[k for k, *_ in VARIANTS], help="built-in rows to train")
+    parser.add_argument("--variants", nargs="+", default=list(DEFAULT_VARIANTS),
+                        choices=[k for k, *_ in VARIANTS],
+                        help=f"built-in rows to train (default: {' '.join(DEFAULT_VARIANTS)})")
     parser.add_argument("--progress", action="store_true", help="show progress bars")
     args = parser.parse_args(argv)
     t0 = time.time()
