@@ -123,8 +123,11 @@ def _log(msg: str, t0: float) -> None:
 # pipeline pieces
 
 
-def make_rooms(cfg: DemoConfig):
-    """(train scenes, test scenes) of the synthetic world."""
+def make_rooms(cfg: DemoConfig, absent=None):
+    """(train scenes, test scenes) of the synthetic world.
+
+    ``absent``: optional ``room index -> class names`` left out of that room (``SynthConfig.absent_classes``;
+    rooms 0..train_rooms-1 train, the next ones are held out)."""
     from sas_core.data.synthetic import SynthConfig, generate_scene
 
     base = SynthConfig()
@@ -134,7 +137,7 @@ def make_rooms(cfg: DemoConfig):
     def room(i):
         return generate_scene(SynthConfig(seed=cfg.seed * 1000 + i, n_frames=cfg.frames, width=cfg.width,
                                           height=cfg.height, with_lidar=False, points_per_m2=cfg.points_per_m2,
-                                          **size))
+                                          absent_classes=tuple(absent(i)) if absent else (), **size))
 
     train = [room(i) for i in range(cfg.train_rooms)]
     test = [room(cfg.train_rooms + i) for i in range(cfg.test_rooms)]
@@ -215,8 +218,10 @@ class World:
     timings: dict = field(default_factory=dict)
 
 
-def prepare_world(cfg: DemoConfig, t0: Optional[float] = None) -> World:
-    """Steps 1-6: rooms, teachers, capability, multi-view fusion, teacher fusion, superpoints."""
+def prepare_world(cfg: DemoConfig, t0: Optional[float] = None, absent=None) -> World:
+    """Steps 1-6: rooms, teachers, capability, multi-view fusion, teacher fusion, superpoints.
+
+    ``absent``: optional classes left out per room (:func:`make_rooms`)."""
     import torch
 
     from sas_core.teachers import make_simulated_pair
@@ -229,7 +234,7 @@ def prepare_world(cfg: DemoConfig, t0: Optional[float] = None) -> World:
     encoder = SyntheticTextEncoder(names, dim=cfg.text_dim, seed=cfg.seed)
     text = class_embeddings(encoder, names)
     t = time.time()
-    train, test = make_rooms(cfg)
+    train, test = make_rooms(cfg, absent)
     timings["rooms_s"] = time.time() - t
     _log(f"synthetic world: {len(train)} training + {len(test)} held-out rooms "
          f"({sum(len(s.points) for s in train + test)} points, {cfg.frames} frames each)", t0)

@@ -291,11 +291,13 @@ class Segmenter:
                 out.append((chunk.half() if half else chunk.float()) @ t.T)
         return torch.cat(out).float() if out else torch.zeros((0, t.shape[0]), device=self.device)
 
-    def classify(self, features) -> Tuple[np.ndarray, np.ndarray]:
+    def classify(self, features, allowed=None) -> Tuple[np.ndarray, np.ndarray]:
         """Label every point with the closest class of the vocabulary.
 
         Args:
             features: (N, C) torch or NumPy, L2-normalised (as :meth:`features` returns).
+            allowed: optional (K,) bool, the scene's label list (3DSS-VLG,
+                :mod:`sas_core.train.scene_labels`): absent classes are masked (-999) and never chosen.
 
         Returns:
             labels (N,) int64 index into the vocabulary; scores (N,) float32 cosine of that class.
@@ -303,6 +305,12 @@ class Segmenter:
         if self.text_embeddings is None:
             raise ValueError("no vocabulary: call set_vocabulary(names) first")
         s = self._scores(features, self.text_embeddings)
+        if allowed is not None:
+            from sas_core.train.scene_labels import mask_scores
+
+            if len(allowed) != s.shape[1]:
+                raise ValueError(f"allowed classes ({len(allowed)}) do not match the {s.shape[1]}-class vocabulary")
+            s = mask_scores(s, allowed)
         score, label = s.max(dim=1)
         return label.cpu().numpy().astype(np.int64), score.cpu().numpy().astype(np.float32)
 

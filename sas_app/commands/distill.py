@@ -3,7 +3,9 @@
 Data in the OpenScene layout (``--data ROOT`` with ``ROOT/<split>/<scene>.pth``) and fused 2D
 feature files from `sas fuse` (``--features DIR``). Multi-process: launch with
 ``torchrun --nproc_per_node N -m sas_app.cli distill ...`` (gloo on CPU, NCCL on CUDA).
-Interrupted runs continue from ``<out>/last.pt`` (``--no-resume`` starts over). Every
+Interrupted runs continue from ``<out>/last.pt`` (``--no-resume`` starts over). Options of related
+systems: ``--scene-labels PATH`` (3DSS-VLG scene-level labels) and ``--loss point,superpoint,mask``
+(the mask-level loss of MaskField / XMask3D, masks in ``<features>/<scene>.masks.npz``). Every
 :class:`sas_core.train.distill.DistillConfig` field is a flag with the dataclass default; the CLIP
 text encoder's weights default to the models file's (``--models``, see docs/models.md).
 """
@@ -37,6 +39,11 @@ def add_arguments(parser):
                              f"(default: {SuperpointConfig.method})")
     parser.add_argument("--vocabulary", "--vocab", default="scannet20",
                         help="class vocabulary for TESD and validation (default: scannet20)")
+    parser.add_argument("--scene-labels", default=None, metavar="PATH",
+                        help="scene-level labels (3DSS-VLG): a folder of <scene>.labels.txt (one class per line) or "
+                             "a JSON manifest {scene: [classes]}; TESD pseudo-labels keep to each scene's list and, "
+                             "with --scene-adapter (default), the embeddings-specialisation adapter refines the "
+                             "targets first")
     t = parser.add_argument_group("text space of the fused features")
     t.add_argument("--text-encoder", default=None, choices=("open_clip", "synthetic"),
                    help="open_clip or the synthetic text space (default: the one `sas fuse` recorded in the "
@@ -79,8 +86,23 @@ def run(args) -> int:
         apply_model_paths(args, {"clip_model": "clip_model", "clip_checkpoint": "clip_checkpoint"})
         encoder = OpenClipTextEncoder(args.clip_model, args.clip_checkpoint)
     text = class_embeddings(encoder, names)
-    train = OpenSceneScenes(args.data, args.split, args.features, superpoints=args.superpoints)
+    scene_labels = None
+    if args.scene_labels:
+        from sas_core.train.scene_labels import load_scene_labels
+
+        scene_labels = load_scene_labels(args.scene_labels)
+    train = OpenSceneScenes(args.data, args.split, args.features, superpoints=args.superpoints,
+                            scene_labels=scene_labels, masks="mask" in cfg.loss_terms)
     train_scenes = [train[i] for i in range(len(train))]
+    if scene_labels is not None:
+        from sas_core.train.scene_labels import attach_scene_labels
+
+        missing = attach_scene_labels(train_scenes, scene_labels, names)
+        if missing and rank == 0:
+            import sys
+
+            print(f"note: {len(missing)} of {len(train_scenes)} training scenes have no scene label list "
+                  f"(unrestricted): {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}", file=sys.stderr)
     val_scenes = None
     if args.val_split is None:
         from pathlib import Path

@@ -28,6 +28,10 @@ def add_arguments(parser):
     parser.add_argument("--vocabulary", "--vocab", default="scannet20",
                         help="vocabulary the labels index (scannet20, matterport21/40/80/160, nuscenes16, a file, "
                              "or comma-separated names)")
+    parser.add_argument("--scene-labels", default=None, metavar="PATH",
+                        help="with --checkpoint --data: classify each scene among the classes of its scene-level "
+                             "label list only (3DSS-VLG; a folder of <scene>.labels.txt or a JSON manifest); "
+                             "scenes without a list are unrestricted")
     parser.add_argument("--long-tail", action="store_true",
                         help="Matterport3D K=21/40/80/160 from one set of features (with --checkpoint)")
     parser.add_argument("--openscene-other", action="store_true",
@@ -360,6 +364,9 @@ def run(args) -> int:
     if args.long_tail:
         from pathlib import Path
 
+        if args.scene_labels:
+            raise ValueError("--scene-labels is not supported with --long-tail")
+
         root = Path(args.data)
         ks = [k for k, d in LONG_TAIL_DIRS.items() if (root / d / args.split).is_dir()]
         if 21 not in ks:
@@ -403,13 +410,24 @@ def run(args) -> int:
 
     names = parse_vocabulary(args.vocabulary)
     seg.set_vocabulary(names, openscene_other=args.openscene_other)
+    scene_labels, restricted = None, 0
+    if args.scene_labels:
+        from sas_core.train.scene_labels import load_scene_labels
+
+        scene_labels = load_scene_labels(args.scene_labels)
     preds, gts = [], []
     for path in tqdm(_scenes(args.data, args.limit), desc="scenes"):
         cloud = load_point_cloud(path)
         if cloud.labels is None:
             raise ValueError(f"{path}: no ground-truth labels")
         feats, mask = _scene_features(seg, path, cloud, args)
-        p, _ = seg.classify(feats)
+        allowed = None
+        if scene_labels is not None and path.stem in scene_labels:
+            from sas_app.commands.segment import scene_allowed
+
+            allowed = scene_allowed(args.scene_labels, path.stem, names, scene_labels)
+            restricted += 1
+        p, _ = seg.classify(feats, allowed)
         if mask is not None:
             p[~mask] = 256
         preds.append(p)
@@ -418,5 +436,8 @@ def run(args) -> int:
     _report(result, names, f"{args.checkpoint} on {args.data} ({args.feature_type})", args)
     payload = {**to_json(result), "scenes": len(preds), "feature_type": args.feature_type,
                "checkpoint": str(args.checkpoint)}
+    if scene_labels is not None:
+        print(f"scene labels: {restricted} of {len(preds)} scenes classified among their listed classes")
+        payload["scene_labels"] = {"path": str(args.scene_labels), "restricted_scenes": restricted}
     _write(args, payload, format_table(result))
     return 0

@@ -56,6 +56,9 @@ def add_arguments(parser):
     d.add_argument("--single-file", action="store_true", help="write <scene>.pt (nuScenes naming)")
     d.add_argument("--frame-step", type=int, default=1, help="use every k-th frame of a scene")
     d.add_argument("--overwrite", action="store_true", help="redo scenes whose files exist (default: skip)")
+    d.add_argument("--save-masks", action="store_true",
+                   help="also write the mask teacher's 2D masks back-projected onto the points, <out>/<scene>.masks.npz "
+                        "(teachers sim_mask, mask_clip), for `sas distill --loss point,superpoint,mask`")
     t = parser.add_argument_group("teacher")
     t.add_argument("--teacher", nargs="+", choices=TEACHERS, default=None,
                    help="teacher(s) (default: sim_dense sim_mask with --synthetic, else sim_dense)")
@@ -190,6 +193,12 @@ def _run_synthetic(args, config) -> int:
 def _run_dataset(args, config) -> int:
     import numpy as np
 
+    if args.save_masks:
+        from sas_core.train.masks import has_masks
+
+        if not args.out:
+            raise ValueError("--save-masks writes next to the fused features: give --out")
+
     from sas_core.data.fused_features import fused_feature_paths, save_scene_features, scene_name, write_text_space
     from sas_core.data.openscene import list_scenes, load_openscene_scene
     from sas_core.geometry.multiview import fuse_frames
@@ -206,6 +215,8 @@ def _run_dataset(args, config) -> int:
     if not scenes:
         raise ValueError(f"no scenes in {root / args.split}")
     teachers = _make_teachers(names, vocabulary, args)
+    if args.save_masks and not all(has_masks(t) for t, _ in teachers):
+        raise ValueError(f"--save-masks needs a mask teacher (sim_mask, mask_clip), got {', '.join(names)}")
     reports = {t.name: [] for t, _ in teachers}
     for name in scenes:
         sid = scene_name(name)
@@ -224,6 +235,14 @@ def _run_dataset(args, config) -> int:
                                             n_split_points=args.split_points, single_file=args.single_file)
                 print(f"{sid}: {int(fused.mask.sum())}/{len(fused)} points got a {teacher.name} feature; "
                       f"wrote {len(paths)} file(s) to {args.out}", file=sys.stderr)
+            if args.out and args.save_masks:
+                from sas_core.train.masks import mask_file, scene_masks_from_views, teacher_mask_views
+
+                _, frames = load_openscene_scene(root, sid, split=args.split)
+                frames = itertools.islice(frames, 0, None, args.frame_step)
+                masks = scene_masks_from_views(cloud.positions, teacher_mask_views(frames, teacher))
+                path = masks.save(mask_file(args.out, sid))
+                print(f"{sid}: {len(masks)} masks back-projected onto the points -> {path}", file=sys.stderr)
             if args.report:
                 if np.all(cloud.labels == 255):
                     raise ValueError(f"{sid}: no point labels, cannot --report")

@@ -19,6 +19,10 @@ def add_arguments(parser):
                              "class per line, or comma-separated names \"chair,table,lamp\" (default: scannet20)")
     parser.add_argument("--templates", default=None,
                         help="prompt template with {} or an ensemble name (default: \"a {} in a scene\")")
+    parser.add_argument("--scene-labels", default=None, metavar="PATH",
+                        help="scene-level labels (3DSS-VLG): the classes present, as a <scene>.labels.txt (one class "
+                             "per line), a folder of them or a JSON manifest {scene: [classes]} (scene = the cloud's "
+                             "file stem); classes not listed are never chosen")
     parser.add_argument("--out", default="segmented.ply", help="labelled PLY to write; labels also go to <out>.npy")
     parser.add_argument("--fused", default=None,
                         help="optional OpenScene fused 2D feature file (.pt) of this cloud: 2D-3D ensemble")
@@ -50,6 +54,18 @@ def instance_config(args):
     from sas_core.instances.clustering import InstanceConfig
 
     return config_from_args(InstanceConfig, args, prefix="instance-")
+
+
+def scene_allowed(spec, scene: str, names, labels=None):
+    """(K,) bool classes of ``scene``'s label list in ``spec`` (``--scene-labels``), None without one.
+
+    ``labels``: an already loaded {scene: classes} of ``spec``."""
+    if not spec:
+        return None
+    from sas_core.train.scene_labels import class_mask, load_scene_labels, scene_list
+
+    labels = load_scene_labels(spec) if labels is None else labels
+    return class_mask(scene_list(labels, scene, str(spec)), names, scene)
 
 
 def write_instances(out, instances, names, n_points: int, source: str) -> "Path":
@@ -95,7 +111,8 @@ def run(args) -> int:
         dense = torch.zeros((len(cloud), seg.dim), dtype=torch.float16)
         dense[mask] = feat
         feats, used_2d = seg.ensemble(feats, dense, mask.numpy())
-    labels, scores = seg.classify(feats)
+    allowed = scene_allowed(args.scene_labels, Path(args.cloud).stem, names)
+    labels, scores = seg.classify(feats, allowed)
     out = Path(args.out)
     extra, instances = {}, None
     if args.instances:

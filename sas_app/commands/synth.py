@@ -67,6 +67,9 @@ def run(args) -> int:
         scene = generate_scene(cfg, progress=True)
         bar.set_postfix_str(f"write {scene.name}")
         written = write_openscene_scene(scene, root, split=splits[i], progress=True)
+        from sas_core.train.scene_labels import write_scene_labels
+
+        labels_txt = write_scene_labels(Path(written["pth"]).parent, scene.name, scene.present_classes())
         bags = {}
         if storages:
             from sas_core.data.rosbag_io import write_bag
@@ -78,7 +81,7 @@ def run(args) -> int:
             "name": scene.name, "seed": cfg.seed, "split": splits[i],
             "room_size_m": [round(float(x), 3) for x in scene.room_size], "n_points": len(scene.points),
             "n_frames": len(scene.frames), "n_lidar_sweeps": len(scene.lidar),
-            "classes": scene.present_classes(), "pth": str(written["pth"]), "frames_2d": str(written["dir_2d"]),
+            "classes": scene.present_classes(), "pth": str(written["pth"]), "scene_labels": str(labels_txt), "frames_2d": str(written["dir_2d"]),
             "bags": bags, **{k: str(v) for k, v in overview.items()}})
     bar.close()
     seconds = time.perf_counter() - t0

@@ -62,6 +62,9 @@ class SynthConfig:
     room_min: tuple = opt((6.0, 5.0), "smallest room footprint (m)")
     room_max: tuple = opt((9.0, 7.0), "largest room footprint (m)")
     name: Optional[str] = opt(None, "scene name; None: 'synth_<seed:05d>'")
+    absent_classes: tuple = opt((), "object classes left out of the room (their placements are skipped; not wall "
+                                    "or floor): rooms holding a subset of the classes, for scene-level labels",
+                                cli=False, ros=False)
 
 
 @dataclass
@@ -526,10 +529,11 @@ WALL_MOUNTED = frozenset({"door", "window", "picture", "curtain"})
 class _Room:
     """Places objects without overlap (3-D axis-aligned boxes with a margin)."""
 
-    def __init__(self, rng, size, builder: _MeshBuilder):
+    def __init__(self, rng, size, builder: _MeshBuilder, absent=()):
         self.rng, self.builder = rng, builder
         self.Lx, self.Ly, self.H = size
         self.boxes: list[np.ndarray] = []  # (6,) xmin ymin zmin xmax ymax zmax
+        self.absent = frozenset(absent)  # classes never placed (SynthConfig.absent_classes)
 
     def wall_frame(self, wall: int):
         """(origin xy, tangent xy, inward normal xy, length) of wall 0..3 (y=0, x=Lx, y=Ly, x=0)."""
@@ -561,6 +565,8 @@ class _Room:
 
     def place(self, name, parts, size, center_xy, yaw, z0=0.0, margin=0.05, extra_boxes=()):
         """Add the object if its box (plus ``extra_boxes`` kept free) overlaps nothing."""
+        if name in self.absent:
+            return None
         box = self.aabb(center_xy, size, yaw, z0, margin)
         boxes = [box] + list(extra_boxes)
         if not all(self.free(b) for b in boxes):
@@ -579,6 +585,8 @@ class _Room:
         Wall-mounted builders (door, window, picture, curtain) have their back at y = 0, the
         others are centred on the origin.
         """
+        if name in self.absent:
+            return None
         parts, size = parts_size or BUILDERS[name](self.rng)
         back_at_zero = name in WALL_MOUNTED
         w, d, h = size
@@ -649,7 +657,7 @@ def _furnish(room: _Room):
             room.against_wall("curtain", wall=k, along=along, z0=0.25, parts_size=(cp, csize), tries=1, margin=0.0)
     # bathroom corner: bathtub with a shower curtain, toilet, sink
     tub = room.against_wall("bathtub")
-    if tub is not None:
+    if tub is not None and "shower curtain" not in room.absent:
         c, yaw, k, s, tsize = tub
         origin, tangent, normal, length = room.wall_frame(k)
         parts, size = _shower_curtain(rng, w=tsize[0] - 0.1)
@@ -959,7 +967,11 @@ def generate_scene(config: Optional[SynthConfig] = None, progress: bool = False)
     H = float(rng.uniform(2.6, 3.0))
     builder = _MeshBuilder()
     _room_shell(builder, rng, (Lx, Ly, H))
-    _furnish(_Room(rng, (Lx, Ly, H), builder))
+    absent = tuple(config.absent_classes)
+    bad = [c for c in absent if c not in CLASS_INDEX or c in ("wall", "floor")]
+    if bad:
+        raise ValueError(f"absent_classes must be object classes of {', '.join(SCANNET_20)} (not wall/floor): {bad}")
+    _furnish(_Room(rng, (Lx, Ly, H), builder, absent))
     vertices, triangles, labels, instances, colors, normals, inst_labels = builder.build()
     intr = default_intrinsics(config.width, config.height, config.hfov_deg)
     scene = SyntheticScene(

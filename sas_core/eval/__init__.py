@@ -7,6 +7,8 @@ NumPy only (no torch), so it can be imported anywhere.
 from sas_core.eval.metrics import (  # noqa: F401
     LONG_TAIL_K,
     NO_FEATURE,
+    boundary_mask,
+    boundary_miou,
     confusion_matrix,
     evaluate,
     format_table,

@@ -44,6 +44,10 @@ class SceneData:
         superpoints: (N,) int64 superpoint id per point.
         labels: optional (N,) int64 ground truth (255 = ignore), used for validation only.
         colors: optional (N, 3) float32 in [0, 1].
+        classes: optional scene-level label list, the names of the classes present
+            (:mod:`sas_core.train.scene_labels`, 3DSS-VLG); None: unrestricted.
+        masks: optional :class:`sas_core.train.masks.SceneMasks`, 2D masks back-projected onto the
+            points (the mask-level loss, MaskField / XMask3D).
     """
 
     name: str
@@ -53,6 +57,8 @@ class SceneData:
     superpoints: np.ndarray
     labels: Optional[np.ndarray] = None
     colors: Optional[np.ndarray] = None
+    classes: Optional[tuple] = None
+    masks: Optional[object] = None
 
     def __post_init__(self):
         self.positions = np.ascontiguousarray(self.positions, dtype=np.float32).reshape(-1, 3)
@@ -79,6 +85,10 @@ class SceneData:
                 raise ValueError(f"scene {self.name!r}: features {feats.shape} do not match the "
                                  f"{int(self.mask.sum())} masked points")
             self.features = feats
+        if self.classes is not None:
+            self.classes = tuple(str(c) for c in self.classes)
+        if self.masks is not None and self.masks.n_points != n:
+            raise ValueError(f"scene {self.name!r}: masks are over {self.masks.n_points} points, the scene has {n}")
 
     @property
     def n_points(self) -> int:
@@ -97,9 +107,10 @@ class SceneData:
 
 
 def scene_from_arrays(name: str, positions, features=None, mask=None, superpoints=None, labels=None,
-                      colors=None) -> SceneData:
+                      colors=None, classes=None, masks=None) -> SceneData:
     """Build a :class:`SceneData`; ``features`` may be full (N, C) (rows outside ``mask`` dropped)
-    or compact (mask.sum(), C); ``superpoints=None`` makes every point its own superpoint."""
+    or compact (mask.sum(), C); ``superpoints=None`` makes every point its own superpoint;
+    ``classes``: the scene-level label list; ``masks``: :class:`~sas_core.train.masks.SceneMasks`."""
     positions = np.asarray(positions, dtype=np.float32).reshape(-1, 3)
     n = len(positions)
     if features is not None:
@@ -109,7 +120,8 @@ def scene_from_arrays(name: str, positions, features=None, mask=None, superpoint
             features = features[mask]
         features = features.astype(np.float16)
     sp = np.arange(n, dtype=np.int64) if superpoints is None else _to_numpy(superpoints)
-    return SceneData(name, positions, features, mask, sp, None if labels is None else _to_numpy(labels), colors)
+    return SceneData(name, positions, features, mask, sp, None if labels is None else _to_numpy(labels), colors,
+                     classes, masks)
 
 
 def _to_numpy(x) -> np.ndarray:
@@ -185,10 +197,14 @@ class OpenSceneScenes:
             (OpenScene writes several random view samples per scene; ``feature_sample`` picks one
             by index, modulo their number); None for evaluation-only loading.
         superpoints: "graph" (computed once, cached next to each scene file) or "points" (nuScenes).
+        scene_labels: optional {scene: class names} (:func:`sas_core.train.scene_labels.load_scene_labels`)
+            set as each scene's ``classes``.
+        masks: load ``<feature_root>/<scene>.masks.npz`` (:mod:`sas_core.train.masks`) as each
+            scene's ``masks``; a scene without the file is an error.
     """
 
     def __init__(self, root, split: str = "train", feature_root=None, superpoints: str = "graph",
-                 feature_sample: int = 0):
+                 feature_sample: int = 0, scene_labels: Optional[dict] = None, masks: bool = False):
         self.root = Path(root)
         folder = self.root / split
         if not folder.is_dir():
@@ -202,6 +218,10 @@ class OpenSceneScenes:
         self.superpoints = superpoints
         self.feature_sample = int(feature_sample)
         self.names = [f.stem for f in self.files]
+        self.scene_labels = dict(scene_labels or {})
+        self.masks = bool(masks)
+        if self.masks and self.feature_root is None:
+            raise ValueError("masks are stored next to the fused features: give a feature folder")
 
     def __len__(self) -> int:
         return len(self.files)
@@ -232,7 +252,16 @@ class OpenSceneScenes:
                 raise ValueError(f"fused features of {name!r} have a mask of {len(mask)} points, the scene "
                                  f"has {len(coords)}")
         sp = compute_superpoints(coords, None, self.superpoints, scene_path=path)
-        return SceneData(name, coords, feats, mask, sp, labels, (colors + 1.0) / 2.0)
+        scene_masks = None
+        if self.masks:
+            from sas_core.train.masks import SceneMasks, mask_file
+
+            f = mask_file(self.feature_root, name)
+            if not f.is_file():
+                raise FileNotFoundError(f"no masks for scene {name!r}: {f} (write them with `sas fuse --save-masks`)")
+            scene_masks = SceneMasks.load(f)
+        return SceneData(name, coords, feats, mask, sp, labels, (colors + 1.0) / 2.0,
+                         self.scene_labels.get(name), scene_masks)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -11,6 +11,16 @@ Modes (the bottom half of the paper's Table 3):
 * ``sp``: superpoint distillation (eq. 10) all epochs, no TESD;
 * ``sp_tesd``: superpoint distillation, plus TESD in the last ``stage2_fraction`` of epochs (SAS).
 
+Options from related systems (issue #15):
+
+* ``loss``: the stage-1/2 distillation terms, comma-separated from ``point``, ``superpoint``, ``mask``
+  (default by mode: ``point`` for pixel_point, ``point,superpoint`` otherwise). ``mask`` adds the
+  mask-level loss of MaskField / XMask3D (:mod:`sas_core.train.masks`; every training scene needs
+  ``masks``); ``point`` is OpenScene's pixel-point loss without ``superpoint`` and eq. 10's L_p with it.
+* scene-level labels (3DSS-VLG, :mod:`sas_core.train.scene_labels`): scenes with ``classes`` get
+  TESD pseudo-labels restricted to their list and, with ``scene_adapter``, targets specialised by the
+  residual adapter (:mod:`sas_core.train.adapter`) before distillation (embeddings soft guidance).
+
 Engineering: tqdm progress bars; a JSON-lines log (``<out_dir>/log.jsonl``: one line per step and
 one per epoch with the validation mIoU); a checkpoint after every epoch (``<out_dir>/last.pt``,
 written atomically by :func:`sas_core.nn.save_checkpoint`) holding model, optimizer, scheduler,
@@ -38,6 +48,7 @@ from sas_core.config import opt
 from sas_core.train.datasets import Batch, DataConfig, VoxelDataset, collate, epoch_batches
 
 MODES = ("pixel_point", "sp", "sp_tesd")
+LOSS_TERMS = ("point", "superpoint", "mask")
 
 
 @dataclass
@@ -69,6 +80,20 @@ class DistillConfig:
     progress: bool = opt(True, "tqdm progress bars")
     log_every: int = opt(1, "write a step line to log.jsonl every N steps")
     threads: int = opt(0, "torch CPU threads for training (0: leave torch's setting)")
+    loss: str = opt("", "distillation terms of stage 1 and 2, comma-separated from point, superpoint, mask "
+                        "('': by --mode: point for pixel_point, point,superpoint otherwise); mask: the mask-level "
+                        "loss (MaskField / XMask3D), needs <features>/<scene>.masks.npz")
+    mask_weight: float = opt(1.0, "weight of the mask-level loss")
+    mask_target: str = opt("fused", "target of a mask: fused (mean fused 2D feature over its points) or teacher "
+                                    "(the mask's own 2D feature stored with it)", choices=("fused", "teacher"))
+    membership_weight: float = opt(0.0, "weight of MaskField's focal + Dice mask-membership terms with Hungarian "
+                                        "matching (0: off; needs mask in --loss)")
+    scene_adapter: bool = opt(True, "with scene labels: train 3DSS-VLG's embeddings-specialisation adapter on the "
+                                    "fused targets and distil against its output (soft guidance)")
+    adapter_epochs: int = opt(20, "epochs of the embeddings-specialisation adapter")
+    adapter_alpha: float = opt(0.05, "adapter residual ratio (3DSS-VLG: 0.05)")
+    adapter_reduction: int = opt(4, "adapter hidden width = feature size / reduction (768 -> 192)")
+    adapter_lr: float = opt(1e-2, "adapter Adam learning rate")
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -81,6 +106,21 @@ class DistillConfig:
             raise ValueError("max_voxels must be >= 1")
         if self.lr <= 0 or self.final_lr < 0:
             raise ValueError("learning rates must be positive")
+        terms = self.loss_terms
+        unknown = [t for t in terms if t not in LOSS_TERMS]
+        if unknown or not terms:
+            raise ValueError(f"--loss {self.loss!r}: choose a comma-separated subset of {', '.join(LOSS_TERMS)}")
+        if self.mode == "pixel_point" and "superpoint" in terms:
+            raise ValueError("mode pixel_point has no superpoint term; use --mode sp or sp_tesd")
+        if self.membership_weight > 0 and "mask" not in terms:
+            raise ValueError("membership_weight needs the mask term (--loss ...,mask)")
+
+    @property
+    def loss_terms(self) -> tuple:
+        """The stage-1/2 distillation terms (``loss``, or the mode's default)."""
+        if not str(self.loss).strip():
+            return ("point",) if self.mode == "pixel_point" else ("point", "superpoint")
+        return tuple(t.strip() for t in str(self.loss).split(",") if t.strip())
 
     @property
     def stage1_epochs(self) -> int:
@@ -196,6 +236,22 @@ class Distiller:
         self.class_names = list(class_names)
         if len(self.class_names) != self.text.shape[0]:
             raise ValueError(f"{len(self.class_names)} class names for {self.text.shape[0]} text embeddings")
+        train_scenes = list(train_scenes)
+        from sas_core.train.scene_labels import scene_class_masks
+
+        self.allowed = {k: torch.from_numpy(v).to(self.device)
+                        for k, v in scene_class_masks(train_scenes, self.class_names).items() if v is not None}
+        self.adapter_history: list = []
+        if self.allowed and config.scene_adapter and config.adapter_epochs > 0:
+            from sas_core.train.adapter import AdapterConfig, specialize_scenes
+
+            acfg = AdapterConfig(reduction=config.adapter_reduction, alpha=config.adapter_alpha,
+                                 epochs=config.adapter_epochs, lr=config.adapter_lr, seed=config.seed)
+            train_scenes, self.adapter_history = specialize_scenes(train_scenes, self.text, self.class_names, acfg,
+                                                                   str(self.device))
+        self._masks = {}
+        if "mask" in config.loss_terms:
+            self._masks = self._prepare_masks(train_scenes)
         self.text_encoder_config = text_encoder_config or {}
         data_cfg = DataConfig(voxel_size=config.voxel_size, augment=config.augment, input_color=config.input_color)
         self.train = VoxelDataset(list(train_scenes), data_cfg, seed=config.seed)
@@ -230,6 +286,57 @@ class Distiller:
         if self.rank == 0:
             self.out_dir.mkdir(parents=True, exist_ok=True)
         self.log_path = self.out_dir / "log.jsonl"
+
+    def _prepare_masks(self, scenes) -> dict:
+        """{scene: (mask ids (P,), point indices (P,), targets (M, C))} torch tensors for the mask loss."""
+        import torch
+
+        from sas_core.train.masks import fused_mask_targets
+
+        missing = [s.name for s in scenes if s.masks is None]
+        if missing:
+            raise ValueError(f"the mask loss needs masks for every training scene; none for {missing[:5]} "
+                             "(sas_core.train.masks; `sas fuse --save-masks`)")
+        out = {}
+        for s in scenes:
+            m = s.masks
+            if self.cfg.mask_target == "teacher":
+                if m.features is None:
+                    raise ValueError(f"scene {s.name!r}: its masks have no features (mask_target 'teacher')")
+                tgt, valid = np.asarray(m.features, np.float32), np.ones(len(m), bool)
+            else:
+                tgt, valid = fused_mask_targets(m, s.features, s.mask)
+            if tgt.shape[1] != self.dim:
+                raise ValueError(f"scene {s.name!r}: mask targets are {tgt.shape[1]}-d, features {self.dim}-d")
+            keep = np.flatnonzero(valid)
+            remap = np.full(len(m), -1, np.int64)
+            remap[keep] = np.arange(len(keep))
+            ids = remap[m.mask_ids()]
+            ok = ids >= 0
+            out[s.name] = (torch.from_numpy(ids[ok]).to(self.device), torch.from_numpy(m.indices[ok]).to(self.device),
+                           torch.from_numpy(tgt[keep]).to(self.device))
+        return out
+
+    def _batch_masks(self, batch: Batch):
+        """Per scene of the batch: (mask ids (P,), voxel rows (P,), targets (M, C)), rows into the batch."""
+        parts = []
+        for b, name in enumerate(batch.names):
+            ids, idx, tgt = self._masks[name]
+            lo = int(batch.offsets[b])
+            parts.append((ids, lo + batch.inverse[b].to(self.device)[idx], tgt))
+        return parts
+
+    def _batch_allowed(self, batch: Batch):
+        """(M, K) bool classes allowed per voxel by its scene's label list, or None (no lists)."""
+        import torch
+
+        if not any(name in self.allowed for name in batch.names):
+            return None
+        allowed = torch.ones((batch.n_voxels, len(self.class_names)), dtype=torch.bool, device=self.device)
+        for b, name in enumerate(batch.names):
+            if name in self.allowed:
+                allowed[int(batch.offsets[b]):int(batch.offsets[b + 1])] = self.allowed[name]
+        return allowed
 
     # -- checkpoints -------------------------------------------------------------------------------
     @property
@@ -320,6 +427,7 @@ class Distiller:
         import torch
 
         from sas_core.train.losses import point_loss, superpoint_distillation_loss, tesd_loss
+        from sas_core.train.masks import mask_loss, membership_loss
 
         gen = torch.Generator().manual_seed(int(np.random.SeedSequence([self.cfg.seed, epoch, step, self.rank])
                                                 .generate_state(1)[0]))
@@ -329,11 +437,29 @@ class Distiller:
         sel = self._sample(torch.nonzero(batch.supervised).squeeze(1), gen)
         f3d, f2d, seg = out[sel], batch.target[sel], batch.superpoints[sel]
         terms = {}  # name -> (local sum, local count)
-        if self.cfg.mode == "pixel_point":
-            terms["point"] = point_loss(f3d, f2d, reduction="sum")
-        else:
+        chosen = self.cfg.loss_terms
+        if "superpoint" in chosen:
             lp, lsp = superpoint_distillation_loss(f3d, f2d, seg, reduction="sum")
-            terms["point"], terms["superpoint"] = lp, lsp
+            terms["superpoint"] = lsp
+            if "point" in chosen:
+                terms["point"] = lp
+        elif "point" in chosen:
+            terms["point"] = point_loss(f3d, f2d, reduction="sum")
+        if "mask" in chosen:
+            parts = self._batch_masks(batch)
+            base, ids, rows, tgts = 0, [], [], []
+            for i, r, t in parts:
+                ids.append(i + base)
+                rows.append(r)
+                tgts.append(t)
+                base += len(t)
+            terms["mask"] = mask_loss(out, torch.cat(ids), torch.cat(rows), torch.cat(tgts), reduction="sum")
+            if self.cfg.membership_weight > 0:
+                fs, fc, ds, dc = out.sum() * 0.0, 0, out.sum() * 0.0, 0
+                for i, r, t in parts:
+                    (a, na), (d, nd) = membership_loss(out, i, r, len(t), reduction="sum")
+                    fs, fc, ds, dc = fs + a, fc + na, ds + d, dc + nd
+                terms["membership_focal"], terms["membership_dice"] = (fs, fc), (ds, dc)
         if tesd:
             with torch.no_grad():
                 ens = []
@@ -345,7 +471,9 @@ class Distiller:
                 ens = torch.cat(ens)
             sel_t = self._sample(torch.arange(batch.n_voxels, device=out.device), gen)
             seg_t = batch.superpoints[sel_t]
-            p_lab, sp_lab = self.tesd.pseudo_labels(ens[sel_t], seg_t, self.text)  # eq. 12
+            allowed = self._batch_allowed(batch)  # scene-level labels (3DSS-VLG): absent classes masked
+            p_lab, sp_lab = self.tesd.pseudo_labels(ens[sel_t], seg_t, self.text,
+                                                    allowed=None if allowed is None else allowed[sel_t])  # eq. 12
             lpt, lspt = tesd_loss(out[sel_t], seg_t, p_lab, sp_lab, self.text, self.cfg.tesd_temperature,
                                   reduction="sum")  # eq. 13
             terms["tesd_point"], terms["tesd_superpoint"] = lpt, lspt
@@ -354,7 +482,8 @@ class Distiller:
         result, total = {}, out.sum() * 0.0
         for k, n in zip(names, counts):
             value = terms[k][0] * (self.world / max(n, 1.0))  # DDP averages gradients over processes
-            weight = self.cfg.tesd_weight if k.startswith("tesd") else 1.0
+            weight = (self.cfg.tesd_weight if k.startswith("tesd") else self.cfg.mask_weight if k == "mask"
+                      else self.cfg.membership_weight if k.startswith("membership") else 1.0)
             total = total + weight * value
             result[k] = float(terms[k][0].detach()) / max(terms[k][1], 1)
         result["loss"] = total

@@ -122,7 +122,8 @@ class TemporalEnsemble:
     @staticmethod
     @torch.no_grad()
     def pseudo_labels(ensemble: torch.Tensor, seg: torch.Tensor, text: torch.Tensor,
-                      point_from_superpoint: bool = True) -> Tuple[torch.Tensor, torch.Tensor]:
+                      point_from_superpoint: bool = True, allowed: Optional[torch.Tensor] = None
+                      ) -> Tuple[torch.Tensor, torch.Tensor]:
         """Eq. 12: (point labels (M,), superpoint labels (L,)) from the ensemble and the text.
 
         ``ensemble`` (M, C), ``seg`` (M,) superpoint ids (made contiguous, sorted unique order),
@@ -130,11 +131,23 @@ class TemporalEnsemble:
         labels: with ``point_from_superpoint`` (default, as the authors' public code) each point
         takes its superpoint's label (the superpoint-averaged ensemble mapped back onto the
         points); otherwise the argmax of the point's own ensemble (eq. 12 read literally).
+        ``allowed``: optional (M, K) bool, the classes of each row's scene-level label list
+        (3DSS-VLG, :mod:`sas_core.train.scene_labels`): absent classes get -999 before the argmax,
+        so no pseudo-label names a class absent from its scene (a superpoint lies in one scene).
         """
         ids, n = contiguous_ids(seg)
         means, _ = segment_mean(ensemble.float(), ids, n)
-        sp = text_labels(means, text, normalize=True)[0]
-        point = sp[ids] if point_from_superpoint else text_labels(ensemble, text, normalize=True)[0]
+        if allowed is None:
+            sp = text_labels(means, text, normalize=True)[0]
+            point = sp[ids] if point_from_superpoint else text_labels(ensemble, text, normalize=True)[0]
+            return point, sp
+        from sas_core.train.scene_labels import masked_text_labels
+
+        allowed = allowed.to(torch.bool)
+        sp_allowed = torch.zeros((n, allowed.shape[1]), dtype=torch.bool, device=allowed.device)
+        sp_allowed[ids] = allowed  # every row of a superpoint has the same list
+        sp = masked_text_labels(means, text, sp_allowed)[0]
+        point = sp[ids] if point_from_superpoint else masked_text_labels(ensemble, text, allowed)[0]
         return point, sp
 
     # -- checkpointing ---------------------------------------------------------------------------
