@@ -41,7 +41,7 @@ def test_separate_objects_get_separate_stable_ids():
     vmap, floor, a, b = _room()
     inst = VoxelInstances()
     st = inst.update(vmap)
-    assert st["changed"] == len(vmap) and st["instances"] == 3
+    assert st["changed"] == len(vmap) and inst.count(vmap) == 3
     ia, ib, i_floor = _one_id(inst, vmap, a), _one_id(inst, vmap, b), _one_id(inst, vmap, floor)
     assert len({ia, ib, i_floor}) == 3  # chairs touch the floor but have another label
     # nothing changed: nothing regrouped, same ids
@@ -155,7 +155,7 @@ def test_mapper_keeps_ids_through_save_and_load(tmp_path):
     with mapper.lock:
         mapper.map = vmap
     st = mapper.update_instances()
-    assert st["instances"] == 3 and st["ms"] >= 0
+    assert st["changed"] == len(vmap) and st["ms"] >= 0 and mapper.stats()["instances"] == 3
     data = mapper.export()
     assert data["instance"].dtype == np.int32 and len(data["instance"]) == len(data["positions"])
     folder = mapper.save(tmp_path / "m")
@@ -173,7 +173,7 @@ def test_mapper_keeps_ids_through_save_and_load(tmp_path):
     np.savez(old, **arrays)
     assert other.load(old) == len(vmap)
     assert np.all(other.export()["instance"] == -1)
-    assert other.update_instances()["instances"] == 3
+    assert other.update_instances()["changed"] == len(vmap) and other.stats()["instances"] == 3
     ids = other.export()["instance"]
     groups = {tuple(np.unique(ids[data["instance"] == k]).tolist()) for k in np.unique(data["instance"])}
     assert all(len(g) == 1 for g in groups) and len(groups) == 3  # the same partition
@@ -237,3 +237,25 @@ def test_live_room_instances_are_the_chairs_and_stay_stable():
     for top in owners:
         mine = ids_full[data["instance"] == top]
         assert (mine == np.bincount(mine[mine >= 0]).argmax()).mean() > 0.95
+
+
+def test_sliced_updates_group_as_one_update():
+    """A mass change (a vocabulary change relabels every voxel) regrouped in slices of a few
+    voxels, the lock free in between, gives the partition of one update."""
+    vmap, floor, a, b = _room()
+    bridge = _add(vmap, _box((7, 4, 3), (16, 4, 3)), CHAIR)
+    whole, sliced = VoxelInstances(), VoxelInstances()
+    whole.update(vmap)
+    calls = 0
+    while True:
+        st = sliced.update(vmap, max_changed=97)
+        calls += 1
+        assert st["changed"] <= 97
+        if not st["remaining"]:
+            break
+    assert calls > 5
+    x, y = whole.export(vmap), sliced.export(vmap)
+    assert np.all((x >= 0) == (y >= 0))
+    pairs = set(zip(x.tolist(), y.tolist()))
+    assert len(pairs) == len(set(x.tolist())) == len(set(y.tolist()))  # one-to-one: the same partition
+    assert len({int(v) for v in x[np.isin(vmap.slots(), np.concatenate([a, b, bridge]))]}) == 1

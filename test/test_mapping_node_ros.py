@@ -142,7 +142,7 @@ def _check_instances(scene, live, response, pts, arr):
         assert (ids == top).mean() > 0.8, (k, np.unique(ids, return_counts=True))
         owners.append(int(top))
     assert owners and len(set(owners)) == len(owners), owners
-    assert live.node.mapper.instances.last["instances"] >= len(owners)
+    assert live.node.mapper.stats()["instances"] >= len(owners)
 
 
 def _gt_labels(scene, positions, max_dist=0.06):

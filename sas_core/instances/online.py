@@ -71,8 +71,12 @@ class VoxelInstances:
 
     Attributes:
         n_updates: updates that regrouped something.
-        last: plain-data figures of the last :meth:`update` (changed, region, merged, new, full).
+        last: plain-data figures of the last :meth:`update` (changed, region, merged, new, left,
+            remaining, full).
     """
+
+    #: tracked slots whose voxel key is re-checked at an update when no voxel left the map
+    SPOT_CHECK = 256
 
     def __init__(self):
         self.reset()
@@ -85,6 +89,7 @@ class VoxelInstances:
         self._tracked = np.zeros(0, bool)         # (C,) the slot's state is valid
         self._id_label = np.zeros(0, np.int64)    # (I,) label of each id
         self._next = 0
+        self._seen = None                         # (map ref, n_evicted, n_integrations) at the last sync
         self.n_updates = 0
         self.last: dict = {}
 
@@ -102,6 +107,8 @@ class VoxelInstances:
     def _fresh(self, labels: np.ndarray) -> np.ndarray:
         """New ids for ``labels`` (one each)."""
         n = len(labels)
+        if self._next + n >= np.iinfo(np.int32).max:
+            raise OverflowError("instance ids exhausted (int32); reset and regroup (update(full=True))")
         ids = np.arange(self._next, self._next + n, dtype=np.int64)
         if self._next + n > len(self._id_label):
             grown = np.zeros(max(2 * len(self._id_label), self._next + n, 1024), np.int64)
@@ -109,103 +116,131 @@ class VoxelInstances:
             self._id_label = grown
         self._id_label[ids] = labels
         self._next += n
-        if self._next >= np.iinfo(np.int32).max:
-            raise OverflowError("instance ids exhausted (int32); run update(full=True) on a fresh VoxelInstances")
         return ids
 
-    @staticmethod
-    def _live(vmap):
-        """(slots, keys, labels) of the live voxels, in key order."""
-        live = vmap.slots()
-        key = pack_keys(vmap.keys_of(live))
-        return live, key, np.asarray(vmap.labels[live], np.int64)
+    def _keys(self, vmap, slots: np.ndarray) -> np.ndarray:
+        return pack_keys(vmap.keys_of(slots))
 
-    def _sync(self, vmap, live: np.ndarray, key: np.ndarray) -> int:
-        """Bring the per-slot state in line with the map's live slots: evicted slots are dropped;
-        slots holding another voxel than the snapshot's start new, except that when tracked
-        voxels went away and others appeared (slots moved), ids are looked up by voxel key.
-        Returns the number of voxels that left."""
-        self._grow(vmap.capacity)
-        same = self._tracked[live] & (self._key[live] == key)
-        still = np.zeros(len(self._id), bool)
-        still[live[same]] = True
-        gone = np.flatnonzero(self._tracked & ~still)
-        stale = np.flatnonzero(~same)
-        rec_id = np.full(len(stale), -1, np.int32)
-        rec_lab = np.full(len(stale), _NEW, np.int64)
-        if len(gone) and len(stale):  # voxels that moved to another slot keep their id and label
-            gkey = self._key[gone]
-            order = np.argsort(gkey, kind="stable")
-            gkey = gkey[order]
-            j = np.minimum(np.searchsorted(gkey, key[stale]), len(gkey) - 1)
-            hit = gkey[j] == key[stale]
-            src = gone[order[j[hit]]]
-            rec_id[hit], rec_lab[hit] = self._id[src], self._lab[src]
-        self._tracked[gone] = False
-        self._id[gone] = -1
-        s = live[stale]
-        self._key[s], self._id[s], self._lab[s], self._tracked[s] = key[stale], rec_id, rec_lab, True
-        return int(len(gone))
+    def _unchanged_slots(self, vmap) -> bool:
+        """True when no voxel can have left or moved since the last sync: the same map, no
+        eviction / removal since (``n_evicted``), no reset (``n_integrations`` did not go back),
+        and a sample of tracked slots still holds its voxels."""
+        if self._seen is None:
+            return False
+        ref, evicted, integrations = self._seen
+        if ref() is not vmap or vmap.n_evicted != evicted or vmap.n_integrations < integrations:
+            return False
+        tracked = np.flatnonzero(self._tracked[: vmap.capacity])
+        if len(tracked) == 0:
+            return True
+        s = tracked[:: max(1, len(tracked) // self.SPOT_CHECK)]
+        return bool(np.all(vmap.valid[s]) and np.array_equal(self._key[s], self._keys(vmap, s)))
+
+    def _sync(self, vmap) -> int:
+        """Bring the per-slot state in line with the map: evicted slots are dropped; slots holding
+        another voxel than the snapshot's start new, except that when tracked voxels went away and
+        others appeared (slots moved), ids are looked up by voxel key. Returns the number of
+        voxels that left. O(new voxels) when nothing left the map, O(N) otherwise."""
+        import weakref
+
+        C = vmap.capacity
+        self._grow(C)
+        if self._unchanged_slots(vmap):
+            s = np.flatnonzero(vmap.valid[:C] & ~self._tracked[:C])  # new voxels at free / fresh slots
+            self._key[s], self._id[s], self._lab[s], self._tracked[s] = self._keys(vmap, s), -1, _NEW, True
+            gone_n = 0
+        else:
+            live = vmap.slots()
+            key = self._keys(vmap, live)
+            same = self._tracked[live] & (self._key[live] == key)
+            still = np.zeros(len(self._id), bool)
+            still[live[same]] = True
+            gone = np.flatnonzero(self._tracked & ~still)
+            stale = np.flatnonzero(~same)
+            rec_id = np.full(len(stale), -1, np.int32)
+            rec_lab = np.full(len(stale), _NEW, np.int64)
+            if len(gone) and len(stale):  # voxels that moved to another slot keep their id and label
+                gkey = self._key[gone]
+                order = np.argsort(gkey, kind="stable")
+                gkey = gkey[order]
+                j = np.minimum(np.searchsorted(gkey, key[stale]), len(gkey) - 1)
+                hit = gkey[j] == key[stale]
+                src = gone[order[j[hit]]]
+                rec_id[hit], rec_lab[hit] = self._id[src], self._lab[src]
+            self._tracked[gone] = False
+            self._id[gone] = -1
+            s = live[stale]
+            self._key[s], self._id[s], self._lab[s], self._tracked[s] = key[stale], rec_id, rec_lab, True
+            gone_n = int(len(gone))
+        self._seen = (weakref.ref(vmap), vmap.n_evicted, vmap.n_integrations)
+        return gone_n
 
     # ------------------------------------------------------------------ update
-    def update(self, vmap, full: bool = False) -> dict:
+    def update(self, vmap, full: bool = False, max_changed: int = 0) -> dict:
         """Regroup what changed since the last update (``full``: the whole map; splits are found).
+
+        Args:
+            max_changed: regroup at most this many changed voxels now (0: all); the rest stay
+                changed for the next call (``remaining``), so a caller holding a lock can release
+                it between slices after a vocabulary change relabelled the whole map.
 
         Returns:
             plain data: ``changed`` (voxels regrouped), ``region`` (with their neighbours),
             ``merged`` (ids merged into older ones), ``new`` (fresh ids), ``left`` (evicted),
-            ``instances`` (ids in use), ``full``.
+            ``remaining`` (changed voxels left for the next call), ``full``.
         """
-        live, key, lab = self._live(vmap)
-        left = self._sync(vmap, live, key)
+        left = self._sync(vmap)
+        C = vmap.capacity
+        labels = np.asarray(vmap.labels[:C], np.int64)
         if full:
-            changed = np.arange(len(live))
+            changed = vmap.slots()
         else:
-            changed = np.flatnonzero(self._lab[live] != lab)
-        stats = dict(changed=int(len(changed)), region=0, merged=0, new=0, left=left, full=bool(full))
+            changed = np.flatnonzero(self._tracked[:C] & (self._lab[:C] != labels))
+        remaining = 0
+        if max_changed and not full and len(changed) > max_changed:
+            remaining = len(changed) - int(max_changed)
+            changed = changed[: int(max_changed)]
+        stats = dict(changed=int(len(changed)), region=0, merged=0, new=0, left=left, remaining=remaining,
+                     full=bool(full))
         if len(changed):
-            stats.update(self._regroup(live, key, lab, changed, full))
-            self._lab[live[changed]] = lab[changed]
+            stats.update(self._regroup(vmap, labels, changed, full))
+            self._lab[changed] = labels[changed]
             self.n_updates += 1
-        stats["instances"] = int(len(np.unique(self._id[live][self._id[live] >= 0])))
         self.last = stats
         return stats
 
-    def _regroup(self, live, key, lab, changed, full: bool) -> dict:
-        labelled = (lab >= 0) & (lab != IGNORE_LABEL)
-        if np.all(key[1:] > key[:-1]):
-            order, skey = None, key
-        else:  # keys from the stored positions are sorted unless a running mean crossed a voxel border
-            order = np.argsort(key, kind="stable")
-            skey = key[order]
+    def _regroup(self, vmap, labels: np.ndarray, changed: np.ndarray, full: bool) -> dict:
+        good = (labels >= 0) & (labels != IGNORE_LABEL)
+        vs = float(vmap.config.voxel_size)
+        changed = changed[np.argsort(self._key[changed], kind="stable")]  # key order: lookups run ~4x faster
+        centres = vmap.centers(changed)
         a_parts, b_parts = [], []
-        ck = key[changed]
-        for delta in (_HALF if full else _DELTAS).tolist():
-            nk = ck + delta
-            j = np.minimum(np.searchsorted(skey, nk), len(skey) - 1)
-            hit = skey[j] == nk
-            nb = j[hit] if order is None else order[j[hit]]
-            a = changed[hit]
-            ok = labelled[a] & (lab[nb] == lab[a])
+        for off in (_OFFSETS[_DELTAS > 0] if full else _OFFSETS):  # full: each link seen from one side
+            nb = vmap.lookup(centres + (off * vs).astype(np.float32))
+            hit = nb >= 0
+            a, b = changed[hit], nb[hit]
+            ok = good[a] & (labels[b] == labels[a])
             a_parts.append(a[ok])
-            b_parts.append(nb[ok])
-        a = np.concatenate(a_parts)
-        b = np.concatenate(b_parts)
-        nodes = np.unique(np.concatenate([changed, b]))            # indices into live
-        na, nb = np.searchsorted(nodes, a), np.searchsorted(nodes, b)
-        comp = _components(len(nodes), na, nb)
+            b_parts.append(b[ok])
+        a, b = np.concatenate(a_parts), np.concatenate(b_parts)
+        mark = np.zeros(len(labels), bool)  # (C,) a mask, not np.unique: linear, no sort or hash
+        mark[changed] = True
+        mark[b] = True
+        nodes = np.flatnonzero(mark)                               # slots
+        where = np.empty(len(labels), np.int64)
+        where[nodes] = np.arange(len(nodes))
+        comp = _components(len(nodes), where[a], where[b])
         n_comp = int(comp.max()) + 1 if len(comp) else 0
-        node_lab = lab[nodes]
+        node_lab = labels[nodes]
         comp_lab = np.full(n_comp, IGNORE_LABEL, np.int64)
         comp_lab[comp] = node_lab
-        comp_ok = (comp_lab >= 0) & (comp_lab != IGNORE_LABEL)
+        comp_ok = (comp_lab >= 0) & (comp_lab != IGNORE_LABEL)  # a component has one label (links need it)
         # the ids the members had, where that id's instance has the component's label
-        old = self._id[live[nodes]].astype(np.int64)
+        old = self._id[nodes].astype(np.int64)
         cand = (old >= 0) & comp_ok[comp]
         cand[cand] = self._id_label[old[cand]] == node_lab[cand]
         pc, pi = comp[cand], old[cand]
         merged = 0
-        comp_id = np.full(n_comp, -1, np.int64)
         if full:
             comp_id, remap = self._match(pc, pi, n_comp)
         else:
@@ -213,12 +248,11 @@ class VoxelInstances:
         need = np.flatnonzero(comp_ok & (comp_id < 0))
         comp_id[need] = self._fresh(comp_lab[need])
         if remap is not None:  # merged (or, full: dropped) ids change everywhere in the map
-            ids = self._id[live].astype(np.int64)
+            ids = self._id.astype(np.int64)
             has = ids >= 0
             ids[has] = remap[ids[has]]
-            self._id[live] = ids.astype(np.int32)
-        node_id = np.where(comp_ok[comp], comp_id[comp], -1)
-        self._id[live[nodes]] = node_id.astype(np.int32)
+            self._id = ids.astype(np.int32)
+        self._id[nodes] = np.where(comp_ok[comp], comp_id[comp], -1).astype(np.int32)
         return dict(region=int(len(nodes)), merged=int(merged), new=int(len(need)))
 
     def _unify(self, pc: np.ndarray, pi: np.ndarray, n_comp: int):
@@ -285,19 +319,31 @@ class VoxelInstances:
 
     def restore(self, vmap, ids) -> None:
         """Take saved ids (``export`` order) for the voxels of a freshly loaded map; their labels
-        as they are now count as grouped."""
-        self.reset()
-        live, key, lab = self._live(vmap)
+        as they are now count as grouped. Ids far beyond the number of voxels (not written by
+        :meth:`export`) are renumbered 0.. in their order, so memory stays bounded."""
         ids = np.asarray(ids, np.int64).reshape(-1)
+        live = vmap.slots()
         if len(ids) != len(live):
             raise ValueError(f"{len(ids)} instance ids for {len(live)} voxels")
+        self.reset()
         self._grow(vmap.capacity)
+        lab = np.asarray(vmap.labels[live], np.int64)
         ok = (ids >= 0) & (lab >= 0) & (lab != IGNORE_LABEL)
         ids = np.where(ok, ids, -1)
+        if len(ids) and ids.max() > 16 * len(ids) + 65536:  # sparse ids (not ours): renumbered in order
+            used = np.unique(ids[ok])
+            ids = np.where(ok, np.searchsorted(used, ids), -1)
         self._next = int(ids.max()) + 1 if len(ids) else 0
         self._id_label = np.zeros(max(self._next, 1024), np.int64)
         self._id_label[ids[ok]] = lab[ok]
-        self._id[live], self._key[live], self._lab[live], self._tracked[live] = ids, key, lab, True
+        self._id[live], self._key[live], self._lab[live], self._tracked[live] = ids, self._keys(vmap, live), lab, True
+
+    def count(self, vmap) -> int:
+        """Instances in use (ids held by at least one live voxel)."""
+        C = min(vmap.capacity, len(self._id))
+        ids = self._id[:C][self._tracked[:C] & vmap.valid[:C]]
+        ids = ids[ids >= 0]
+        return int(np.count_nonzero(np.bincount(ids, minlength=1))) if len(ids) else 0
 
     def sizes(self, vmap) -> dict:
         """{id: voxels} of the instances in use."""
