@@ -16,6 +16,11 @@ API (:func:`sas_core.instances.instances_for_query`) on a ~1M-voxel map (rooms t
 and exact scores) then the grouping; both are timed, and the chairs it returns are checked against
 the ground-truth chair boxes (expanded by 10 cm).
 
+Per-voxel instance ids kept in the map (:mod:`sas_core.instances.online`): the cost per update
+(a) on a room streamed frame by frame through the Mapper (integrate, label pass, instance update,
+as the node does) and (b) on the 1M-voxel map: the first grouping, a full regroup, an update with
+nothing changed, and 640x480 frames (stride 2) of the same room integrated into its first tile.
+
     sas bench instances --json [--seeds 0 1 2] [--frames 40] [--voxels 1000000] [--quick]
 """
 
