@@ -259,11 +259,19 @@ def _map_update_rows(args, vmap) -> dict:
     from sas_core.geometry.voxel_map import rgbd_points
     from sas_core.instances.online import VoxelInstances
 
+    from sas_core.geometry.voxel_map import LOCK_SLICE
+
     inst = VoxelInstances()
-    t = time.perf_counter()
-    first = inst.update(vmap)
-    out = {"voxels": int(len(vmap)), "first_grouping_ms": round((time.perf_counter() - t) * 1e3, 1),
-           "instances": inst.count(vmap)}
+    slices = []
+    while True:  # as Mapper.update_instances does it: LOCK_SLICE changed voxels per lock hold
+        t = time.perf_counter()
+        st = inst.update(vmap, max_changed=LOCK_SLICE)
+        slices.append((time.perf_counter() - t) * 1e3)
+        if not st["remaining"]:
+            break
+    out = {"voxels": int(len(vmap)), "first_grouping_ms": round(float(np.sum(slices)), 1),
+           "first_grouping_slices": len(slices), "first_grouping_longest_slice_ms": round(float(np.max(slices)), 1),
+           "first_grouping_median_slice_ms": round(float(np.median(slices)), 1), "instances": inst.count(vmap)}
     full, same = [], []
     for _ in range(2):
         t = time.perf_counter()
