@@ -199,6 +199,8 @@ class QueryAnswer:
         objects: the matching voxels split into objects (:class:`sas_core.instances.Instance`,
             ``indices`` into ``positions``), best first; empty unless asked for.
         object_of: (M,) int32 index into ``objects`` of each returned voxel (-1: in none).
+        instance: (M,) int32 the map's instance id of each returned voxel (:meth:`Mapper.update_instances`;
+            -1: none or not grouped yet).
     """
 
     text: str
@@ -212,6 +214,7 @@ class QueryAnswer:
     bbox_max: np.ndarray
     objects: list = field(default_factory=list)
     object_of: Optional[np.ndarray] = None
+    instance: Optional[np.ndarray] = None
 
 
 def check_device(device: str) -> str:
@@ -850,7 +853,8 @@ class Mapper:
                 nan = np.full(3, np.nan, np.float32)
                 out.append(QueryAnswer(text, res.slots, p, res.scores, int(res.count), float(res.best_score),
                                        p.mean(0) if len(p) else nan, p.min(0) if len(p) else nan,
-                                       p.max(0) if len(p) else nan.copy()))
+                                       p.max(0) if len(p) else nan.copy(),
+                                       instance=self.instances.ids_of(self.map, res.slots)))
         for a in out:  # outside the lock: only the copied positions are needed
             self._group_objects(a, int(max_objects))
         return out

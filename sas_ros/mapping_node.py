@@ -606,7 +606,8 @@ class MappingNode(Node):
                                          scores=np.concatenate([a.scores for a in answers]),
                                          text_index=np.concatenate([np.full(len(a.positions), i, np.uint32)
                                                                     for i, a in enumerate(answers)]),
-                                         object=np.concatenate(object_index))
+                                         object=np.concatenate(object_index),
+                                         instance=np.concatenate([a.instance for a in answers]).astype(np.int32))
         response.success = True
         response.message = "; ".join(f"{a.text!r}: {a.count} points, {len(a.objects)} objects (best {b:.3f})"
                                      for a, b in zip(answers, response.best_scores))

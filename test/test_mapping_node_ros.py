@@ -141,6 +141,7 @@ def _check_instances(scene, live, response, pts, arr):
         top = np.bincount(ids[ids >= 0]).argmax()
         assert (ids == top).mean() > 0.8, (k, np.unique(ids, return_counts=True))
         owners.append(int(top))
+        assert np.array_equal(pts["instance"][pts["object"] == k], ids)  # the reply carries the same ids
     assert owners and len(set(owners)) == len(owners), owners
     assert live.node.mapper.stats()["instances"] >= len(owners)
 
@@ -188,7 +189,8 @@ def test_rgbd_stream_labelled_cloud_and_query(scene, tmp_path):
         response = live.call(live.query, TextQuery.Request(texts=[name, "a chair"], threshold=0.6, max_points=500))
         assert response.success, response.message
         pts = mc.pointcloud2_to_array(response.points)
-        assert [f.name for f in response.points.fields] == ["x", "y", "z", "score", "text_index", "object"]
+        assert [f.name for f in response.points.fields] == ["x", "y", "z", "score", "text_index", "object",
+                                                            "instance"]
         mine = pts[pts["text_index"] == 0]
         assert 0 < len(mine) <= 500 and response.counts[0] >= len(mine)
         assert np.all(mine["score"] >= 0.6) and np.all(np.diff(mine["score"]) <= 1e-6)
