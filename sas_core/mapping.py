@@ -989,6 +989,7 @@ class Mapper:
             fused = sum(int(a.sums.numel() * 4) for a in self._accs if a.sums is not None)
             return dict(points=len(self.map), frames=self.n_frames, sweeps=self.n_sweeps, passes=self.n_passes,
                         teacher_frames=self.n_teacher_frames,
-                        evicted=int(self.map.n_evicted), map_bytes=int(self.map.memory_bytes()) + fused,
+                        evicted=int(self.map.n_evicted),
+                        map_bytes=int(self.map.memory_bytes()) + fused + self.instances.memory_bytes(),
                         feature_dim=int(self.map.feature_dim), mode=self.mode, vocabulary_size=len(self.vocabulary),
                         instances=self.instances.count(self.map))

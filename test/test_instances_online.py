@@ -42,6 +42,7 @@ def test_separate_objects_get_separate_stable_ids():
     inst = VoxelInstances()
     st = inst.update(vmap)
     assert st["changed"] == len(vmap) and inst.count(vmap) == 3
+    assert 17 * vmap.capacity <= inst.memory_bytes() <= 17 * vmap.capacity + 8 * 4096
     ia, ib, i_floor = _one_id(inst, vmap, a), _one_id(inst, vmap, b), _one_id(inst, vmap, floor)
     assert len({ia, ib, i_floor}) == 3  # chairs touch the floor but have another label
     # nothing changed: nothing regrouped, same ids

@@ -85,7 +85,7 @@ class VoxelInstances:
         """Forget every id (a new map)."""
         self._id = np.full(0, -1, np.int32)       # (C,) instance id per slot
         self._key = np.zeros(0, np.int64)         # (C,) voxel key the slot's state belongs to
-        self._lab = np.full(0, _NEW, np.int64)    # (C,) label the slot had when last grouped
+        self._lab = np.full(0, _NEW, np.int32)    # (C,) label the slot had when last grouped
         self._tracked = np.zeros(0, bool)         # (C,) the slot's state is valid
         self._id_label = np.zeros(0, np.int64)    # (I,) label of each id
         self._next = 0
@@ -158,7 +158,7 @@ class VoxelInstances:
             gone = np.flatnonzero(self._tracked & ~still)
             stale = np.flatnonzero(~same)
             rec_id = np.full(len(stale), -1, np.int32)
-            rec_lab = np.full(len(stale), _NEW, np.int64)
+            rec_lab = np.full(len(stale), _NEW, np.int32)
             if len(gone) and len(stale):  # voxels that moved to another slot keep their id and label
                 gkey = self._key[gone]
                 order = np.argsort(gkey, kind="stable")
@@ -344,6 +344,10 @@ class VoxelInstances:
         ids = self._id[:C][self._tracked[:C] & vmap.valid[:C]]
         ids = ids[ids >= 0]
         return int(np.count_nonzero(np.bincount(ids, minlength=1))) if len(ids) else 0
+
+    def memory_bytes(self) -> int:
+        """Bytes of the per-slot state (17 per slot: id, voxel key, label, flag) and the id table."""
+        return int(sum(a.nbytes for a in (self._id, self._key, self._lab, self._tracked, self._id_label)))
 
     def sizes(self, vmap) -> dict:
         """{id: voxels} of the instances in use."""
