@@ -26,6 +26,9 @@ NumPy out. It holds its own lock (``threading.RLock``), so a node calls it from 
   :meth:`Mapper.refit_query_basis` refits the query store in slices as well;
 * :meth:`Mapper.query` answers free-text queries (per text: slots, positions, scores, count,
   best score, centroid, box);
+* :meth:`Mapper.update_instances` keeps an instance id per voxel (same-label voxels connected on
+  the grid, regrouped where the map changed: :mod:`sas_core.instances.online`); :meth:`Mapper.export`
+  and :meth:`Mapper.save` carry them (``instance``, int32, -1 none);
 * :meth:`Mapper.save` / :meth:`Mapper.load`, :meth:`Mapper.reset`, :meth:`Mapper.stats`.
 
 Bad input raises :class:`Rejected`, a ``ValueError`` whose ``reason`` is a fixed code
@@ -54,6 +57,7 @@ import numpy as np
 from sas_core.config import opt
 from sas_core.geometry.voxel_map import LOCK_SLICE, VoxelMap, VoxelMapConfig, rgbd_points
 from sas_core.infer import PRECISIONS
+from sas_core.instances.online import VoxelInstances
 from sas_core.text import check_template, check_texts, check_vocabulary, clip_text, parse_vocabulary
 from sas_core.types import CameraIntrinsics, Frame
 
@@ -155,6 +159,11 @@ class MapperConfig:
     object_link_distance: float = opt(0.0, "matching voxels in neighbouring grid cells of this size (m) belong to "
                                            "one object (0 = voxel_size: touching voxels; larger values bridge gaps "
                                            "but merge objects with the floor near them)")
+    instance_update_every: int = opt(1, "keep per-voxel instance ids (same-label voxels connected on the grid, "
+                                        "sas_core.instances.online): regroup what changed every n-th labelling "
+                                        "pass (0 = never)")
+    instance_full_every: int = opt(0, "every n-th instance update regroups the whole map, which also splits "
+                                      "objects cut in two (0 = never; incremental updates only merge)")
 
 
 @dataclass
@@ -190,6 +199,8 @@ class QueryAnswer:
         objects: the matching voxels split into objects (:class:`sas_core.instances.Instance`,
             ``indices`` into ``positions``), best first; empty unless asked for.
         object_of: (M,) int32 index into ``objects`` of each returned voxel (-1: in none).
+        instance: (M,) int32 the map's instance id of each returned voxel (:meth:`Mapper.update_instances`;
+            -1: none or not grouped yet).
     """
 
     text: str
@@ -203,6 +214,7 @@ class QueryAnswer:
     bbox_max: np.ndarray
     objects: list = field(default_factory=list)
     object_of: Optional[np.ndarray] = None
+    instance: Optional[np.ndarray] = None
 
 
 def check_device(device: str) -> str:
@@ -239,6 +251,25 @@ def strided_frame(frame: Frame, stride: int) -> Frame:
     pick = lambda a: None if a is None else np.ascontiguousarray(a[sl])  # noqa: E731
     return Frame(color=pick(frame.color), depth=depth, intrinsics=intr, pose=frame.pose, stamp=frame.stamp,
                  semantic=pick(frame.semantic), instance=pick(frame.instance), frame_id=frame.frame_id)
+
+
+def _saved_instances(path, n: int) -> Optional[np.ndarray]:
+    """The ``instance`` array of a saved map (None when it has none, e.g. a map saved before
+    instance ids were kept, or when its length is not ``n``). Reads only that member of the
+    ``map.npz`` that :meth:`VoxelMap.load` has just checked."""
+    from pathlib import Path
+
+    from sas_core.geometry.voxel_map import MAP_NPZ, map_arrays_path
+
+    base = Path(path)
+    npz = base / MAP_NPZ if base.is_dir() else map_arrays_path(base)
+    with np.load(npz, allow_pickle=False) as z:
+        if "instance" not in z.files:
+            return None
+        ids = np.asarray(z["instance"])
+    if ids.ndim != 1 or len(ids) != n or ids.dtype.kind not in "iu":
+        return None
+    return ids.astype(np.int64)
 
 
 def _numpy(x) -> np.ndarray:
@@ -302,6 +333,8 @@ class Mapper:
         self.class_text: Optional[np.ndarray] = None
         self.n_frames = self.n_sweeps = self.n_passes = 0
         self.n_changes = 0              # bumped by every change of the map's content (autosave compares it)
+        self.instances = VoxelInstances()  # per-voxel instance ids (update_instances)
+        self.n_instance_updates = 0
         self._teacher_needs_gt = False  # the built-in simulated teacher reads frame.semantic
         self.fusion_config = None
         if cfg.mode not in MODES:
@@ -820,7 +853,8 @@ class Mapper:
                 nan = np.full(3, np.nan, np.float32)
                 out.append(QueryAnswer(text, res.slots, p, res.scores, int(res.count), float(res.best_score),
                                        p.mean(0) if len(p) else nan, p.min(0) if len(p) else nan,
-                                       p.max(0) if len(p) else nan.copy()))
+                                       p.max(0) if len(p) else nan.copy(),
+                                       instance=self.instances.ids_of(self.map, res.slots)))
         for a in out:  # outside the lock: only the copied positions are needed
             self._group_objects(a, int(max_objects))
         return out
@@ -844,9 +878,44 @@ class Mapper:
 
     # ------------------------------------------------------------------ state
     def export(self) -> dict:
-        """The live voxels' arrays (see VoxelMap.export), taken under the lock."""
+        """The live voxels' arrays (see VoxelMap.export) plus ``instance`` (N,) int32 (-1: none or not
+        grouped yet), taken under the lock."""
         with self.lock:
-            return self.map.export()
+            data = self.map.export()
+            data["instance"] = self.instances.export(self.map)
+            return data
+
+    def update_instances(self, full: bool = False) -> dict:
+        """Regroup the voxels whose label or existence changed since the last call into instances
+        (:class:`sas_core.instances.online.VoxelInstances`; ``full``: the whole map, which also
+        splits objects cut in two). Every ``instance_full_every``-th call is a full one.
+
+        An incremental update takes the lock for at most ``LOCK_SLICE`` changed voxels at a time
+        and releases it in between (a vocabulary change relabels the whole map); a full one holds
+        it throughout (seconds on 1M voxels: ``sas bench instances``). Returns the figures of
+        the update (summed over its slices) plus ``ms``: the wall time with the lock held."""
+        import time
+
+        every = int(self.config.instance_full_every)
+        with self.lock:
+            self.n_instance_updates += 1
+            full = bool(full) or (every > 0 and self.n_instance_updates % every == 0)
+        total, held = None, 0.0
+        while True:
+            with self.lock:
+                t0 = time.perf_counter()
+                st = self.instances.update(self.map, full=full, max_changed=0 if full else LOCK_SLICE)
+                held += time.perf_counter() - t0
+            if total is None:
+                total = dict(st)
+            else:
+                for k in ("changed", "region", "merged", "new", "left"):
+                    total[k] += st[k]
+                total["remaining"] = st["remaining"]
+            if not st["remaining"] or not st["changed"]:
+                break
+        total["ms"] = round(held * 1e3, 3)
+        return total
 
     def save(self, path, overwrite: bool = False):
         """Write the map as one map folder ``path`` (``map.npz``, ``map.ply``, ``manifest.json`` with
@@ -860,13 +929,15 @@ class Mapper:
 
         with self.lock:
             data = self.map.export()
+            data["instance"] = self.instances.export(self.map)
             names = list(self.vocabulary) or None
             voxel_size = self.map.config.voxel_size
         return write_map(path, data, voxel_size, names, overwrite=overwrite)
 
     def load(self, path) -> int:
         """Replace the map by one written by :meth:`save` (a map folder, checked against its manifest;
-        voxel size must match). The saved class
+        voxel size must match), with its instance ids (``instance``; a map saved without them gets
+        them at the next :meth:`update_instances`). The saved class
         names become the vocabulary when this mapper's text encoder knows them; otherwise the map
         is relabelled with the current vocabulary. Returns the number of voxels.
 
@@ -877,8 +948,15 @@ class Mapper:
             vmap, names = VoxelMap.load(path, self.map.config)
         except (OSError, ValueError, KeyError) as exc:
             raise Rejected("bad_map", f"cannot load map {path}: {exc}") from None
+        try:
+            saved_ids = _saved_instances(path, len(vmap))
+        except (OSError, ValueError, KeyError):  # replaced meanwhile: the ids are regrouped instead
+            saved_ids = None
         with self.lock:
             self.map = vmap
+            self.instances.reset()
+            if saved_ids is not None:
+                self.instances.restore(vmap, saved_ids)
             self.n_changes += 1
             for acc in self._accs:
                 acc.reset()
@@ -896,6 +974,7 @@ class Mapper:
         """Forget the map (and the fused sums); vocabulary and counters stay."""
         with self.lock:
             self.map.reset()
+            self.instances.reset()
             self.n_changes += 1
             if self.class_text is not None:
                 self.map.set_anchor(self.class_text)
@@ -910,5 +989,7 @@ class Mapper:
             fused = sum(int(a.sums.numel() * 4) for a in self._accs if a.sums is not None)
             return dict(points=len(self.map), frames=self.n_frames, sweeps=self.n_sweeps, passes=self.n_passes,
                         teacher_frames=self.n_teacher_frames,
-                        evicted=int(self.map.n_evicted), map_bytes=int(self.map.memory_bytes()) + fused,
-                        feature_dim=int(self.map.feature_dim), mode=self.mode, vocabulary_size=len(self.vocabulary))
+                        evicted=int(self.map.n_evicted),
+                        map_bytes=int(self.map.memory_bytes()) + fused + self.instances.memory_bytes(),
+                        feature_dim=int(self.map.feature_dim), mode=self.mode, vocabulary_size=len(self.vocabulary),
+                        instances=self.instances.count(self.map))

@@ -12,7 +12,7 @@ Inputs (relative names, remap them; sensor-data QoS, or reliable keep-all with `
   TransformBuffer), a ``pose`` topic or odometry (see :mod:`sas_ros.poses`), and in fusion mode
   with the simulated teacher also ``semantic/image_raw`` and ``instance/image_raw`` (16UC1 ground
   truth of the synthetic world; instance + 1, 0 = none).
-Outputs: ``~/labelled_cloud`` (x, y, z, rgb, label, score), ``~/map_cloud`` (x, y, z, rgb),
+Outputs: ``~/labelled_cloud`` (x, y, z, rgb, label, score, instance), ``~/map_cloud`` (x, y, z, rgb),
   ``~/label_map`` (transient local), ``~/stats`` (std_msgs/String JSON: rates, latencies, drops).
 Services: ``~/query`` (TextQuery), ``~/set_vocabulary``, ``~/save_map``, ``~/load_map``,
   ``~/reset`` (Trigger). Every request is bounded (:class:`sas_core.mapping.ServiceLimits`:
@@ -124,6 +124,7 @@ class MappingNode(Node):
         self.integrate_ms: deque = deque(maxlen=200)
         self.update_ms: deque = deque(maxlen=50)
         self.query_ms: deque = deque(maxlen=50)
+        self.instance_ms: deque = deque(maxlen=50)  # per-voxel instance updates that regrouped something
         self.e2e_ms: deque = deque(maxlen=200)
         self._pending_recv: list = []   # receive times of frames integrated since the last publish
         self._recv_lock = threading.Lock()
@@ -476,12 +477,18 @@ class MappingNode(Node):
                 self._drop("error", f"labelling pass failed: {exc!r}\n{traceback.format_exc(limit=3)}")
 
     def update_labels(self) -> None:
-        """One labelling pass (the Mapper's), then the query-basis refit when one is due (also after
-        a vocabulary change with no new data)."""
+        """One labelling pass (the Mapper's), every ``instance_update_every``-th pass the instance
+        ids of what changed (:meth:`Mapper.update_instances`), then the query-basis refit when one
+        is due (also after a vocabulary change with no new data)."""
         t0 = time.perf_counter()
         self.n_updates += 1
         if self.mapper.label_pass():
             self.update_ms.append((time.perf_counter() - t0) * 1e3)
+        every = int(self.mapper_config.instance_update_every)
+        if every > 0 and self.n_updates % every == 0:
+            st = self.mapper.update_instances()
+            if st["changed"]:
+                self.instance_ms.append(st["ms"])
         self.mapper.refit_query_basis(running=lambda: self.running)
 
     def publish_clouds(self) -> None:
@@ -494,7 +501,8 @@ class MappingNode(Node):
             return
         labels = np.where(data["labels"] < 0, IGNORE_LABEL, data["labels"])
         self.pub_labelled.publish(conv.xyz_cloud(data["positions"], frame, stamp, colors=data["colors"],
-                                                 labels=labels, scores=data["scores"]))
+                                                 labels=labels, scores=data["scores"],
+                                                 instance=data["instance"].astype(np.int32)))
         if self.cfg.publish_map_cloud:
             self.pub_map.publish(conv.xyz_cloud(data["positions"], frame, stamp, colors=data["colors"]))
         now = time.monotonic()
@@ -517,6 +525,7 @@ class MappingNode(Node):
         return dict(points=s["points"], frames=s["frames"], sweeps=s["sweeps"], updates=self.n_updates,
                     integrate_hz=round(self.integrate_rate.hz(now), 2), integrate_ms_median=med(self.integrate_ms),
                     update_ms_median=med(self.update_ms), query_ms_median=med(self.query_ms),
+                    instance_ms_median=med(self.instance_ms), instances=s["instances"],
                     frame_to_cloud_ms_median=med(self.e2e_ms), queue=len(self.queue), drops=dict(self.drops),
                     sync_unmatched=getattr(self._sync, "unmatched", None),  # None with message_filters
                     evicted=s["evicted"], map_bytes=s["map_bytes"], mode=s["mode"],
@@ -598,7 +607,8 @@ class MappingNode(Node):
                                          scores=np.concatenate([a.scores for a in answers]),
                                          text_index=np.concatenate([np.full(len(a.positions), i, np.uint32)
                                                                     for i, a in enumerate(answers)]),
-                                         object=np.concatenate(object_index))
+                                         object=np.concatenate(object_index),
+                                         instance=np.concatenate([a.instance for a in answers]).astype(np.int32))
         response.success = True
         response.message = "; ".join(f"{a.text!r}: {a.count} points, {len(a.objects)} objects (best {b:.3f})"
                                      for a, b in zip(answers, response.best_scores))

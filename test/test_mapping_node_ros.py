@@ -122,6 +122,30 @@ def _check_objects(scene, live, response, pts, cls):
     assert any(x.ns == "labels" and x.text.startswith(scene.class_names[cls]) for x in m)
 
 
+def _check_instances(scene, live, response, pts, arr):
+    """The cloud's per-voxel instance ids agree with the query's objects: the points of one object
+    mostly share one instance id, and different objects have different ids."""
+    from sas_core.data import msg_codec as mc
+
+    labelled = arr["label"] != 255
+    assert np.all(arr["instance"][~labelled] == -1) and (arr["instance"][labelled] >= 0).mean() > 0.95
+    xyz = mc.cloud_xyz(arr, remove_nans=False)
+    vs = live.node.mapper_config.voxel_size
+    cell = {tuple(k): i for k, i in zip(np.floor(xyz / vs).astype(np.int64).tolist(), arr["instance"].tolist())}
+    owners = []
+    for k, o in enumerate(response.objects):
+        if o.text_index != 0 or o.n_points < 50:
+            continue
+        mine = mc.cloud_xyz(pts[pts["object"] == k], remove_nans=False)
+        ids = np.array([cell.get(tuple(c), -1) for c in np.floor(mine / vs).astype(np.int64).tolist()])
+        top = np.bincount(ids[ids >= 0]).argmax()
+        assert (ids == top).mean() > 0.8, (k, np.unique(ids, return_counts=True))
+        owners.append(int(top))
+        assert np.array_equal(pts["instance"][pts["object"] == k], ids)  # the reply carries the same ids
+    assert owners and len(set(owners)) == len(owners), owners
+    assert live.node.mapper.stats()["instances"] >= len(owners)
+
+
 def _gt_labels(scene, positions, max_dist=0.06):
     from scipy.spatial import cKDTree
 
@@ -144,8 +168,8 @@ def test_rgbd_stream_labelled_cloud_and_query(scene, tmp_path):
         live.node.update_event.set()
         assert live.wait(lambda: len(live.clouds) > n, 20.0), "no labelled cloud"
         cloud = live.clouds[-1]
-        assert [f.name for f in cloud.fields] == ["x", "y", "z", "rgb", "label", "score"]
-        assert [f.datatype for f in cloud.fields] == [7, 7, 7, 7, 6, 7]
+        assert [f.name for f in cloud.fields] == ["x", "y", "z", "rgb", "label", "score", "instance"]
+        assert [f.datatype for f in cloud.fields] == [7, 7, 7, 7, 6, 7, 5]
         assert cloud.header.frame_id == "map"
         arr = mc.pointcloud2_to_array(cloud)
         assert len(arr) > 5000
@@ -165,7 +189,8 @@ def test_rgbd_stream_labelled_cloud_and_query(scene, tmp_path):
         response = live.call(live.query, TextQuery.Request(texts=[name, "a chair"], threshold=0.6, max_points=500))
         assert response.success, response.message
         pts = mc.pointcloud2_to_array(response.points)
-        assert [f.name for f in response.points.fields] == ["x", "y", "z", "score", "text_index", "object"]
+        assert [f.name for f in response.points.fields] == ["x", "y", "z", "score", "text_index", "object",
+                                                            "instance"]
         mine = pts[pts["text_index"] == 0]
         assert 0 < len(mine) <= 500 and response.counts[0] >= len(mine)
         assert np.all(mine["score"] >= 0.6) and np.all(np.diff(mine["score"]) <= 1e-6)
@@ -181,10 +206,12 @@ def test_rgbd_stream_labelled_cloud_and_query(scene, tmp_path):
         assert np.all((np.array([c.x, c.y, c.z]) >= lo) & (np.array([c.x, c.y, c.z]) <= hi))
         assert response.best_scores[0] >= mine["score"].max() - 1e-6
         _check_objects(scene, live, response, pts, cls)
+        _check_instances(scene, live, response, pts, arr)
 
         # stats are exposed
         assert live.wait(lambda: live.stats and live.stats[-1]["frames"] == live.node.n_frames, 5.0)
         assert live.stats[-1]["points"] > 5000 and live.stats[-1]["frame_to_cloud_ms_median"] is not None
+        assert live.stats[-1]["instances"] > 0 and live.stats[-1]["instance_ms_median"] is not None
 
         # vocabulary change, save, reset
         r = live.call(live.set_vocab, SetVocabulary.Request(labels=["chair", "table"], prompt_template=""))

@@ -16,6 +16,11 @@ API (:func:`sas_core.instances.instances_for_query`) on a ~1M-voxel map (rooms t
 and exact scores) then the grouping; both are timed, and the chairs it returns are checked against
 the ground-truth chair boxes (expanded by 10 cm).
 
+Per-voxel instance ids kept in the map (:mod:`sas_core.instances.online`): the cost per update
+(a) on a room streamed frame by frame through the Mapper (integrate, label pass, instance update,
+as the node does) and (b) on the 1M-voxel map: the first grouping, a full regroup, an update with
+nothing changed, and 640x480 frames (stride 2) of the same room integrated into its first tile.
+
     sas bench instances --json [--seeds 0 1 2] [--frames 40] [--voxels 1000000] [--quick]
 """
 
@@ -120,7 +125,7 @@ def _instance_rows(args) -> dict:
     return out
 
 
-def _tiled_map(n_voxels: int, dim: int, seed: int, voxel: float):
+def _tiled_map(n_voxels: int, dim: int, seed: int, voxel: float, headroom: int = 0):
     """A VoxelMap of ~n_voxels voxels: synthetic rooms side by side, features = class text vector
     of the ground truth + a per-object offset + noise (the structure of distilled features)."""
     from sas_core.data.synthetic import CLASS_INDEX
@@ -148,7 +153,7 @@ def _tiled_map(n_voxels: int, dim: int, seed: int, voxel: float):
     enc = SyntheticTextEncoder(SCANNET_20, dim=dim)
     text = enc.class_vectors().astype(np.float32)
     rng = np.random.default_rng(seed)
-    vmap = VoxelMap(VoxelMapConfig(voxel_size=voxel, max_points=len(P), initial_capacity=len(P)))
+    vmap = VoxelMap(VoxelMapConfig(voxel_size=voxel, max_points=len(P) + headroom, initial_capacity=len(P)))
     vmap.integrate(P)
     slots = vmap.lookup(P)
     offsets = rng.normal(size=(int(I.max()) + 1, dim)).astype(np.float32) * (0.3 / np.sqrt(dim))
@@ -165,7 +170,7 @@ def _query_rows(args) -> dict:
     from sas_core.instances import instances_for_query
 
     t = time.perf_counter()
-    vmap, enc, text, gt = _tiled_map(args.voxels, 512, 0, args.voxel)
+    vmap, enc, text, gt = _tiled_map(args.voxels, 512, 0, args.voxel, headroom=args.voxels // 10)
     build_s = time.perf_counter() - t
     vmap.classify(text)
     vmap.refit_basis()
@@ -213,6 +218,91 @@ def _query_rows(args) -> dict:
     import os
 
     out["load_average_1min"] = round(os.getloadavg()[0], 2)
+    out["instance_updates"] = _map_update_rows(args, vmap)
+    return out
+
+
+def _stats(ms) -> dict:
+    return {"median": round(float(np.median(ms)), 2), "p90": round(float(np.percentile(ms, 90)), 2),
+            "max": round(float(np.max(ms)), 2)}
+
+
+def _room_update_rows(args) -> dict:
+    """Per-voxel instance ids kept up to date frame by frame on a room, as the node does it
+    (Mapper, fusion mode with the simulated teacher: integrate, label pass, instance update)."""
+    from sas_core.mapping import Mapper, MapperConfig
+
+    scene = _room(args.seeds[0], args.frames, args.density)
+    mapper = Mapper(MapperConfig(mode="fusion"))
+    ms, changed, region = [], [], []
+    for f in scene.frames:
+        mapper.integrate_rgbd(f)
+        mapper.label_pass()
+        st = mapper.update_instances()
+        ms.append(st["ms"])
+        changed.append(st["changed"])
+        region.append(st["region"])
+    full = [mapper.update_instances(full=True)["ms"] for _ in range(3)]
+    return {"seed": args.seeds[0], "frames": len(scene.frames), "voxels": len(mapper),
+            "instances": mapper.stats()["instances"], "update_ms_per_frame": _stats(ms),
+            "changed_voxels_per_frame_median": int(np.median(changed)),
+            "region_voxels_per_frame_median": int(np.median(region)),
+            "full_regroup_ms_median": round(float(np.median(full)), 1)}
+
+
+def _map_update_rows(args, vmap) -> dict:
+    """The same updates on the ~1M-voxel map: the first grouping, a full regroup, an update with
+    nothing changed (change detection only), and 640x480 frames (pixel stride 2, the node's
+    default) of the same room integrated into the map's first tile, their voxels labelled from the
+    frames' ground-truth images (re-observed voxels, relabelled ones and new ones)."""
+    from sas_core.data.synthetic import SynthConfig, generate_scene
+    from sas_core.geometry.voxel_map import rgbd_points
+    from sas_core.instances.online import VoxelInstances
+
+    from sas_core.geometry.voxel_map import LOCK_SLICE
+
+    inst = VoxelInstances()
+    slices = []
+    while True:  # as Mapper.update_instances does it: LOCK_SLICE changed voxels per lock hold
+        t = time.perf_counter()
+        st = inst.update(vmap, max_changed=LOCK_SLICE)
+        slices.append((time.perf_counter() - t) * 1e3)
+        if not st["remaining"]:
+            break
+    out = {"voxels": int(len(vmap)), "first_grouping_ms": round(float(np.sum(slices)), 1),
+           "first_grouping_slices": len(slices), "first_grouping_longest_slice_ms": round(float(np.max(slices)), 1),
+           "first_grouping_median_slice_ms": round(float(np.median(slices)), 1), "instances": inst.count(vmap)}
+    full, same = [], []
+    for _ in range(2):
+        t = time.perf_counter()
+        inst.update(vmap, full=True)
+        full.append((time.perf_counter() - t) * 1e3)
+    for _ in range(5):
+        t = time.perf_counter()
+        assert inst.update(vmap)["changed"] == 0
+        same.append((time.perf_counter() - t) * 1e3)
+    out["full_regroup_ms_median"] = round(float(np.median(full)), 1)
+    out["unchanged_update_ms_median"] = round(float(np.median(same)), 1)
+    scene = generate_scene(SynthConfig(seed=0, n_frames=max(args.repeats, 5), width=640, height=480,
+                                       with_lidar=False, points_per_m2=50.0, room_min=(4.5, 4.0),
+                                       room_max=(6.0, 5.0)))
+    ms, cpu, changed, region, new = [], [], [], [], []
+    for f in scene.frames:
+        pts, _, pix = rgbd_points(f.depth, None, f.intrinsics, f.pose, 2, 0.1, 8.0)
+        n0 = len(vmap)
+        vmap.integrate(pts)
+        vmap.labels[vmap.lookup(pts)] = f.semantic[pix[:, 0], pix[:, 1]]
+        new.append(len(vmap) - n0)
+        t, c = time.perf_counter(), time.process_time()
+        st = inst.update(vmap)
+        ms.append((time.perf_counter() - t) * 1e3)
+        cpu.append((time.process_time() - c) * 1e3)
+        changed.append(st["changed"])
+        region.append(st["region"])
+    out["frame_640x480_stride2"] = {
+        "frames": len(scene.frames), "update_ms": _stats(ms), "update_cpu_ms_median": round(float(np.median(cpu)), 1),
+        "new_voxels_per_frame_median": int(np.median(new)), "changed_voxels_per_frame_median": int(np.median(changed)),
+        "region_voxels_per_frame_median": int(np.median(region))}
     return out
 
 
@@ -241,6 +331,7 @@ def main(argv: list[str]) -> dict:
            "protocol": "ScanNet instance AP (18 classes: ScanNet-20 without wall/floor), pooled over rooms, percent",
            "seeds": list(args.seeds), "frames": args.frames}
     out.update(_instance_rows(args))
+    out["instance_updates_room"] = _room_update_rows(args)
     if args.voxels:
         out["object_query"] = _query_rows(args)
     out["total_s"] = round(time.perf_counter() - t, 1)

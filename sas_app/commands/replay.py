@@ -156,6 +156,8 @@ def run(args) -> int:
     if mapper.n_frames == 0 and mapper.n_sweeps == 0:
         raise ValueError(f"bag {bag} has no usable RGB-D frame or LiDAR sweep: {stats.why_nothing()}")
     labelled = mapper.label_pass(full=True)
+    if config.instance_update_every > 0:  # the saved map carries per-voxel instance ids
+        mapper.update_instances()
     from sas_core.geometry.voxel_map import MAP_NPZ, MAP_PLY
 
     folder = mapper.save(Path(args.out) / name, overwrite=True)
