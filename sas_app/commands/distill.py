@@ -99,8 +99,6 @@ def run(args) -> int:
 
         missing = attach_scene_labels(train_scenes, scene_labels, names)
         if missing and rank == 0:
-            import sys
-
             print(f"note: {len(missing)} of {len(train_scenes)} training scenes have no scene label list "
                   f"(unrestricted): {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}", file=sys.stderr)
     val_scenes = None
