@@ -33,9 +33,10 @@ def add_eval_arguments(parser) -> None:
     g.add_argument("--gaussians", action="store_true", help=EVAL_HELP)
     g.add_argument("--render-dir", metavar="DIR", default=None,
                    help="with --gaussians: also write the rendered label images (PNG, next to the ground truth)")
-    g.add_argument("--min-label-weight", type=float, default=0.5,
-                   help="with --gaussians: a pixel gets a label when labelled Gaussians cover at least this much "
-                        "of it, else it counts as no feature (default 0.5)")
+    from sas_core.config import add_config_arguments
+    from sas_core.geometry.splatting import SplatConfig
+
+    add_config_arguments(g, SplatConfig, skip=("background",), prefix="splat-")
 
 
 def run_segment(args) -> int:
@@ -75,6 +76,7 @@ def run_eval(args, write) -> int:
     --json / --markdown as the other evaluations do."""
     import numpy as np
 
+    from sas_core.config import config_from_args
     from sas_core.data.gaussians import load_views, read_gaussians
     from sas_core.eval import format_table, to_json
     from sas_core.eval.gaussians import evaluate_gaussians, render_view_labels
@@ -93,7 +95,7 @@ def run_eval(args, write) -> int:
     if bad.size:
         raise ValueError(f"{args.gt}: label images hold classes outside the {len(names)}-class vocabulary "
                          f"({np.unique(bad)[:5].tolist()})")
-    cfg = SplatConfig(min_label_weight=args.min_label_weight)
+    cfg = config_from_args(SplatConfig, args, prefix="splat-")
     result = evaluate_gaussians([(gaussians, gaussians.labels, views)], names, cfg, no_feature=args.no_feature)
     title = f"{args.pred} rendered into {len(views)} views of {args.gt}"
     print(format_table(result, markdown=False, title=title))
@@ -115,11 +117,12 @@ def run_eval(args, write) -> int:
     return 0
 
 
-def export_synthetic(scene, out: Path, split: str, density: float) -> dict:
+def export_synthetic(scene, out: Path, split: str, config=None) -> dict:
     """`sas synth --gaussians`: write ``out/gaussians/<scene>.ply`` (the splat scene),
     ``out/gaussians/<scene>_views.npz`` (novel views with label images) and the centres as an
     OpenScene scene ``out/openscene_gaussians/<split>/<scene>.pth`` (with the room's 2D frames), so
-    `sas fuse` / `sas distill` run on the Gaussians unchanged. Returns the paths."""
+    `sas fuse` / `sas distill` run on the Gaussians unchanged. ``config``: a
+    :class:`sas_core.data.gaussians.SyntheticGaussianConfig`. Returns the paths."""
     from dataclasses import replace
 
     from sas_core.data.gaussians import SyntheticGaussianConfig, save_views, synthetic_gaussians, synthetic_views, \
@@ -127,7 +130,7 @@ def export_synthetic(scene, out: Path, split: str, density: float) -> dict:
     from sas_core.data.openscene import write_openscene_scene
     from sas_core.types import PointCloud
 
-    g, gt = synthetic_gaussians(scene, SyntheticGaussianConfig(points_per_m2=density, seed=scene.config.seed))
+    g, gt = synthetic_gaussians(scene, config or SyntheticGaussianConfig(seed=scene.config.seed))
     ply = out / "gaussians" / f"{scene.name}.ply"
     write_gaussians(ply, g)
     views = out / "gaussians" / f"{scene.name}_views.npz"

@@ -40,7 +40,7 @@ def test_synth_segment_eval_gaussians(tmp_path, ckpt, capsys):
 
     w = tmp_path / "world"
     code, out, err = run_sas(capsys, "synth", "--out", w, "--frames", 4, "--width", 64, "--height", 48,
-                             "--points-per-m2", 20, "--no-lidar", "--no-bag", "--gaussians", "--gaussian-density", 40)
+                             "--points-per-m2", 20, "--no-lidar", "--no-bag", "--gaussians", "--gaussian-points-per-m2", 40)
     assert code == 0, err
     name = "synth_00000"
     splat = w / "gaussians" / f"{name}.ply"

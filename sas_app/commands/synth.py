@@ -31,8 +31,10 @@ def add_arguments(parser):
                              "views with label images (<scene>_views.npz, for `sas eval --gaussians`) and the "
                              "Gaussian centres in the OpenScene layout (<out>/openscene_gaussians/, for `sas fuse` "
                              "and `sas distill`)")
-    parser.add_argument("--gaussian-density", type=float, default=200.0,
-                        help="with --gaussians: Gaussians per m^2 of surface (default 200)")
+    from sas_core.data.gaussians import SyntheticGaussianConfig
+
+    add_config_arguments(parser.add_argument_group("with --gaussians (SyntheticGaussianConfig)"),
+                         SyntheticGaussianConfig, skip=("seed",), prefix="gaussian-")
     parser.add_argument("--split", choices=("auto", "train", "val"), default="auto",
                         help="OpenScene split; auto: last ~20%% of rooms (at least one if >1 room) go to val")
 
@@ -49,6 +51,7 @@ def run(args) -> int:
     from tqdm import tqdm
 
     from sas_core.config import config_from_args
+    from sas_core.data.gaussians import SyntheticGaussianConfig
     from sas_core.data.openscene import write_openscene_scene
     from sas_core.data.synthetic import SynthConfig, generate_scene, write_overview
 
@@ -86,7 +89,9 @@ def run(args) -> int:
             from sas_app.splat import export_synthetic
 
             bar.set_postfix_str(f"Gaussians of {scene.name}")
-            splat = export_synthetic(scene, out, splits[i], args.gaussian_density)
+            splat = export_synthetic(scene, out, splits[i],
+                                     config_from_args(SyntheticGaussianConfig, args, prefix="gaussian-",
+                                                      seed=cfg.seed))
         manifest["scenes"].append({
             "name": scene.name, "seed": cfg.seed, "split": splits[i],
             "room_size_m": [round(float(x), 3) for x in scene.room_size], "n_points": len(scene.points),

@@ -37,6 +37,7 @@ from typing import Optional
 
 import numpy as np
 
+from sas_core.config import opt
 from sas_core.types import IGNORE_LABEL, CameraIntrinsics
 
 SH_C0 = 0.28209479177387814
@@ -306,19 +307,14 @@ def segmented_gaussians(gaussians: GaussianScene, labels, scores=None, colors=No
 class SyntheticGaussianConfig:
     """How :func:`synthetic_gaussians` makes a splat scene of a synthetic room."""
 
-    points_per_m2: float = 200.0
-    """surface sampling density of the centres (its own samples, not the room's point cloud)"""
-    scale_factor: float = 0.7
-    """in-plane scale relative to the 3DGS initial scale (trained splats end up tighter than their
-    initialisation; 0.7 keeps ~96% of the pixels covered with sharper object borders)"""
-    opacity: float = 0.95
-    """opacity of every Gaussian"""
-    flatness: float = 0.05
-    """scale along the normal relative to the in-plane scale (flat discs)"""
-    sh_degree: int = 3
-    """SH degree of the file (higher terms zero: the synthetic shading is view-independent)"""
-    seed: int = 0
-    """seeds the sampling (with the room's seed)"""
+    points_per_m2: float = opt(200.0, "Gaussians per m^2 of surface (their own samples, not the room's points)")
+    scale_factor: float = opt(0.7, "in-plane scale relative to the 3DGS initial scale (trained splats end up "
+                                   "tighter; 0.7 keeps about 96 percent of the pixels covered, with sharper object borders)")
+    opacity: float = opt(0.95, "opacity of every Gaussian")
+    flatness: float = opt(0.05, "scale along the normal relative to the in-plane scale (flat discs)")
+    sh_degree: int = opt(3, "SH degree of the file (higher terms zero: the synthetic shading is view-independent)",
+                         choices=(0, 1, 2, 3))
+    seed: int = opt(0, "seeds the sampling (with the room's seed)")
 
 
 def nearest_neighbour_scales(positions, k: int = 3) -> np.ndarray:

@@ -42,6 +42,7 @@ from typing import NamedTuple, Optional
 
 import numpy as np
 
+from sas_core.config import opt
 from sas_core.numba_support import import_numba
 from sas_core.types import CameraIntrinsics
 
@@ -56,20 +57,14 @@ NO_LABEL = 256
 class SplatConfig:
     """Settings of the splatting renderer (defaults: the 3DGS rasteriser's constants)."""
 
-    near: float = 0.2
-    """Gaussians closer than this (m, camera z) are culled"""
-    dilation: float = 0.3
-    """added to the diagonal of every 2D covariance (px^2)"""
-    alpha_min: float = 1.0 / 255.0
-    """contributions below this opacity are skipped"""
-    alpha_max: float = 0.99
-    """opacity of one contribution is clamped to this"""
-    transmittance_min: float = 1e-4
-    """a pixel stops when its transmittance would fall below this"""
-    min_label_weight: float = 0.5
-    """a pixel gets a label when labelled Gaussians cover at least this much of it"""
-    background: tuple = (0.0, 0.0, 0.0)
-    """colour behind everything"""
+    near: float = opt(0.2, "Gaussians closer than this to the camera (m, camera z) are culled")
+    dilation: float = opt(0.3, "added to the diagonal of every 2D covariance (px^2; 3DGS's low-pass filter)")
+    alpha_min: float = opt(1.0 / 255.0, "contributions below this opacity are skipped")
+    alpha_max: float = opt(0.99, "the opacity of one contribution is clamped to this")
+    transmittance_min: float = opt(1e-4, "a pixel stops when its transmittance would fall below this")
+    min_label_weight: float = opt(0.5, "a pixel gets a label when labelled Gaussians cover at least this much of "
+                                       "it (else no feature)")
+    background: tuple = opt((0.0, 0.0, 0.0), "colour behind everything")
 
     def __post_init__(self):
         if self.near <= 0 or self.dilation < 0:
