@@ -188,7 +188,7 @@ def main(argv: list) -> dict:
         if not vals:
             continue
         row = {"key": key, "method": label}
-        for metric in ("miou", "macc", "covered"):
+        for metric in ("miou", "macc", "miou_present", "macc_present", "covered"):
             xs = [v[metric] for v in vals]
             row[metric] = statistics.fmean(xs)
             row[f"{metric}_std"] = statistics.pstdev(xs)

@@ -259,8 +259,8 @@ def composite(projected: Projected, opacities, colors, H: int, W: int, labels=No
         use_numba: None: when numba is importable; False: the plain-Python reference.
 
     Returns:
-        (color (H, W, 3), transmittance (H, W), depth-weighted sum (H, W), class weights (H, W, K)),
-        all float64, without the background term.
+        (color (H, W, 3), transmittance (H, W), depth-weighted sum (H, W)) float64 and class weights
+        (H, W, K) float32, without the background term.
     """
     cfg = config or SplatConfig()
     vis = np.flatnonzero(projected.visible)
@@ -271,7 +271,7 @@ def composite(projected: Projected, opacities, colors, H: int, W: int, labels=No
     out_color = np.zeros((H, W, 3))
     out_t = np.ones((H, W))
     out_depth = np.zeros((H, W))
-    out_w = np.zeros((H, W, max(k, 1)))
+    out_w = np.zeros((H, W, max(k, 1)), np.float32)  # float32: K channels per pixel add up
     args = (order, np.ascontiguousarray(projected.uv, np.float64), np.ascontiguousarray(projected.conic, np.float64),
             np.ascontiguousarray(projected.radius, np.int64), np.ascontiguousarray(opacities, np.float64).reshape(n),
             np.ascontiguousarray(colors, np.float64).reshape(n, 3), np.ascontiguousarray(projected.depth, np.float64),
