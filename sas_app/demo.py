@@ -270,16 +270,21 @@ def prepare_world(cfg: DemoConfig, t0: Optional[float] = None, absent=None) -> W
     return World(cfg, encoder, text, names, train, test, table, train_data, test_data, rows_2d, timings)
 
 
+def distill_settings(cfg: DemoConfig) -> dict:
+    """The :class:`sas_core.train.distill.DistillConfig` fields the demo sets (all but mode and out_dir)."""
+    return dict(arch=cfg.arch, epochs=cfg.epochs,
+                stage2_fraction=cfg.stage2_fraction, batch_size=cfg.batch_size, lr=cfg.lr, final_lr=cfg.lr / 10,
+                voxel_size=cfg.voxel_size, tesd_alpha=cfg.tesd_alpha, tesd_temperature=cfg.tesd_temperature,
+                seed=cfg.seed, val_every=0, resume=True, progress=cfg.progress, threads=cfg.threads,
+                input_color=cfg.input_color, augment=cfg.augment)
+
+
 def distill_rows(world: World, work_dir: Path, t0: float) -> Dict[str, object]:
     """Step 7: the three 3D rows; returns name -> trained model. SP and SP+TESD share stage 1."""
     from sas_core.train.distill import DistillConfig, Distiller
 
     cfg = world.config
-    common = dict(arch=cfg.arch, epochs=cfg.epochs,
-                  stage2_fraction=cfg.stage2_fraction, batch_size=cfg.batch_size, lr=cfg.lr, final_lr=cfg.lr / 10,
-                  voxel_size=cfg.voxel_size, tesd_alpha=cfg.tesd_alpha, tesd_temperature=cfg.tesd_temperature,
-                  seed=cfg.seed, val_every=0, resume=True, progress=cfg.progress, threads=cfg.threads,
-                  input_color=cfg.input_color, augment=cfg.augment)
+    common = distill_settings(cfg)
     enc_cfg = world.encoder.config()
 
     def trainer(mode, sub):

@@ -44,6 +44,9 @@ def add_arguments(parser):
     parser.add_argument("--limit", type=int, default=None, help="evaluate only the first N scenes")
     add_models_argument(parser)
     add_inference_arguments(parser)
+    from sas_app.splat import add_eval_arguments
+
+    add_eval_arguments(parser)
     from sas_app.commands.segment import add_instance_arguments
 
     g = add_instance_arguments(parser, help=(
@@ -340,6 +343,10 @@ def run(args) -> int:
 
     if args.instances:
         return _run_instances(args)
+    if args.gaussians:
+        from sas_app.splat import run_eval
+
+        return run_eval(args, _write)
 
     if args.pred or args.gt:
         if not (args.pred and args.gt):

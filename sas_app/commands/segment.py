@@ -13,7 +13,11 @@ def add_arguments(parser):
     parser.add_argument("checkpoint", nargs="?", default=None, action=Recorded,
                         help="distilled checkpoint (.pt) written by `sas distill`, or a name from the models file "
                              "(default: the models file's checkpoint)")
-    parser.add_argument("cloud", help="point cloud: .ply, OpenScene .pth, .npy (N,3 or N,6) or .npz")
+    parser.add_argument("cloud", help="point cloud: .ply, OpenScene .pth, .npy (N,3 or N,6) or .npz "
+                                      "(with --gaussians: a 3D Gaussian splat PLY)")
+    from sas_app.splat import SEGMENT_HELP
+
+    parser.add_argument("--gaussians", action="store_true", help=SEGMENT_HELP)
     parser.add_argument("--vocabulary", "--vocab", default="scannet20",
                         help="named vocabulary (scannet20, matterport21/40/80/160, nuscenes16), a file with one "
                              "class per line, or comma-separated names \"chair,table,lamp\" (default: scannet20)")
@@ -94,6 +98,10 @@ def run(args) -> int:
     apply_model_paths(args, {"checkpoint": "checkpoint"})
     if not args.checkpoint:
         raise ValueError("no checkpoint: give CHECKPOINT or set checkpoint in the models file (--models)")
+    if args.gaussians:
+        from sas_app.splat import run_segment
+
+        return run_segment(args)
     names = parse_vocabulary(args.vocabulary)
     cloud = load_point_cloud(args.cloud)
     seg = Segmenter.from_checkpoint(args.checkpoint, device=args.device, config=inference_config(args))

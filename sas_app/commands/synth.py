@@ -26,6 +26,15 @@ def add_arguments(parser):
     parser.add_argument("--storage", choices=("sqlite3", "mcap", "both"), default="both",
                         help="bag storage format (default both)")
     parser.add_argument("--no-bag", action="store_true", help="write the OpenScene layout only")
+    parser.add_argument("--gaussians", action="store_true",
+                        help="also write each room as a 3D Gaussian splat PLY (<out>/gaussians/<scene>.ply), novel "
+                             "views with label images (<scene>_views.npz, for `sas eval --gaussians`) and the "
+                             "Gaussian centres in the OpenScene layout (<out>/openscene_gaussians/, for `sas fuse` "
+                             "and `sas distill`)")
+    from sas_core.data.gaussians import SyntheticGaussianConfig
+
+    add_config_arguments(parser.add_argument_group("with --gaussians (SyntheticGaussianConfig)"),
+                         SyntheticGaussianConfig, skip=("seed",), prefix="gaussian-")
     parser.add_argument("--split", choices=("auto", "train", "val"), default="auto",
                         help="OpenScene split; auto: last ~20%% of rooms (at least one if >1 room) go to val")
 
@@ -42,6 +51,7 @@ def run(args) -> int:
     from tqdm import tqdm
 
     from sas_core.config import config_from_args
+    from sas_core.data.gaussians import SyntheticGaussianConfig
     from sas_core.data.openscene import write_openscene_scene
     from sas_core.data.synthetic import SynthConfig, generate_scene, write_overview
 
@@ -77,12 +87,20 @@ def run(args) -> int:
             for storage in storages:
                 bags[storage] = str(write_bag(scene, out / "bags" / f"{scene.name}_{storage}", storage=storage))
         overview = write_overview(scene, out / "overview")
+        splat = {}
+        if args.gaussians:
+            from sas_app.splat import export_synthetic
+
+            bar.set_postfix_str(f"Gaussians of {scene.name}")
+            splat = export_synthetic(scene, out, splits[i],
+                                     config_from_args(SyntheticGaussianConfig, args, prefix="gaussian-",
+                                                      seed=cfg.seed))
         manifest["scenes"].append({
             "name": scene.name, "seed": cfg.seed, "split": splits[i],
             "room_size_m": [round(float(x), 3) for x in scene.room_size], "n_points": len(scene.points),
             "n_frames": len(scene.frames), "n_lidar_sweeps": len(scene.lidar),
-            "classes": scene.present_classes(), "pth": str(written["pth"]), "scene_labels": str(labels_txt), "frames_2d": str(written["dir_2d"]),
-            "bags": bags, **{k: str(v) for k, v in overview.items()}})
+            "classes": scene.present_classes(), "pth": str(written["pth"]), "scene_labels": str(labels_txt),
+            "frames_2d": str(written["dir_2d"]), "bags": bags, **{k: str(v) for k, v in overview.items()}, **splat})
     bar.close()
     seconds = time.perf_counter() - t0
     manifest["seconds"] = round(seconds, 2)
@@ -100,6 +118,9 @@ def run(args) -> int:
         for storage, path in s["bags"].items():
             print(f"    bag ({storage}): {path}")
         print(f"    overview: {s['topdown_png']}  labelled PLY: {s['ply']}")
+        if "gaussians_ply" in s:
+            print(f"    Gaussian splat: {s['gaussians_ply']} ({s['n_gaussians']} Gaussians), views: "
+                  f"{s['gaussians_views']}, centres (OpenScene): {s['gaussians_pth']}")
     print(f"  manifest: {out / 'synth.json'}")
     if not math.isfinite(seconds):  # pragma: no cover
         return 1
