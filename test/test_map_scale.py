@@ -218,3 +218,61 @@ def test_bad_store_settings():
         VoxelMap(VoxelMapConfig(feature_store="pq"))
     with pytest.raises(ValueError, match="store_rank"):
         VoxelMap(VoxelMapConfig(store_rank=0))
+
+
+def test_mapper_with_the_int8_store_labels_like_fp16_and_saves_while_integrating(tmp_path):
+    """Fusion mode end to end with feature_store=int8: labels agree with the fp16 store, queries
+    find the same voxels, and Mapper.save (sliced snapshot) releases the lock between slices."""
+    import threading
+
+    from sas_core.data.synthetic import SynthConfig, generate_scene
+    from sas_core.geometry import voxel_map
+    from sas_core.mapping import Mapper, MapperConfig
+
+    scene = generate_scene(SynthConfig(seed=3, n_frames=4, with_lidar=False))
+    mappers = {s: Mapper(MapperConfig(mode="fusion", feature_store=s)) for s in ("fp16", "int8")}
+    for m in mappers.values():
+        for f in scene.frames:
+            m.integrate_rgbd(f)
+        m.label_pass()
+    a, b = mappers["fp16"].export(), mappers["int8"].export()
+    np.testing.assert_array_equal(a["positions"], b["positions"])
+    has = a["labels"] != 255
+    assert has.mean() > 0.5 and (a["labels"][has] == b["labels"][has]).mean() > 0.97
+    assert b["features"] is None and b["codes"].dtype == np.int8
+    qa, qb = mappers["fp16"].query(["chair"], 0.6, 5000)[0], mappers["int8"].query(["chair"], 0.6, 5000)[0]
+    sa, sb = set(qa.slots.tolist()), set(qb.slots.tolist())
+    assert len(sa) > 20 and len(sa & sb) >= 0.97 * len(sa) and len(sa & sb) >= 0.97 * len(sb)
+    m8 = mappers["int8"]
+    assert m8.map.memory_model()["features"] < mappers["fp16"].map.memory_model()["features"] / 3
+    # save with a small slice: another thread takes the lock between slices
+    holds = []
+    original = voxel_map.MapSnapshot.step
+
+    def step(self, rows=voxel_map.LOCK_SLICE):
+        t = threading.Thread(target=lambda: m8.lock.acquire() and (holds.append(1), m8.lock.release()))
+        t.start()
+        t.join(timeout=5)
+        return original(self, 500)
+
+    voxel_map.MapSnapshot.step = step
+    try:
+        path = m8.save(tmp_path / "m8")
+    finally:
+        voxel_map.MapSnapshot.step = original
+    assert len(holds) >= 3  # the lock was free between slices
+    back = Mapper(MapperConfig(mode="fusion", feature_store="int8"))
+    assert back.load(path) == len(m8)
+    np.testing.assert_array_equal(back.export()["codes"], b["codes"])
+
+
+def test_map_scale_bench_case_runs_and_checks_itself():
+    from sas_app.bench.map_scale import run_case
+
+    out = run_case(30_000, "int8", repeats=1, save=True, rank=32)
+    assert out["voxels"] == 30_000 and out["memory"]["bytes_per_voxel"] > 0
+    for q in out["queries"].values():
+        assert q["bound_holds"] and q["count"] >= 0 and q["returned"] <= 5000
+    assert out["region_labelling_per_frame"]["same_voxels"]
+    assert out["save_load"]["reloaded_same_size"]
+    assert set(out["memory"]["by_component_bytes_per_voxel"]) >= {"geometry", "features", "index"}

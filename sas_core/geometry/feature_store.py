@@ -39,10 +39,12 @@ from typing import Optional
 
 import numpy as np
 
-__all__ = ["quantize", "int8_scores", "int8_project", "error_bound", "DecodedFeatures"]
+__all__ = ["quantize", "int8_scores", "int8_threshold_scan", "int8_project", "error_bound", "DecodedFeatures"]
 
 #: rows per NumPy block where a block-wise float32 conversion is needed
 CHUNK = 65536
+#: score of rows without a feature in :func:`int8_threshold_scan` (below any threshold, finite)
+_NONE = -3.0e38
 
 
 def quantize(c: np.ndarray):
@@ -88,7 +90,62 @@ def _kernels():
                 acc += np.float32(q[i, j]) * t[j]
             out[k] = acc * scale[i]
 
-    return scores_all, scores_rows
+    # after the GEMV: unusable rows get the finite sentinel _NONE; per-block best score and count
+    @njit(parallel=True, cache=True, nogil=True)
+    def scan_blocks(out, valid, fcount, thr, block, bmax, bcount):  # pragma: no cover
+        n = out.shape[0]
+        none = np.float32(_NONE)
+        for b in prange(bmax.shape[0]):
+            m = none
+            c = 0
+            for i in range(b * block, min(n, (b + 1) * block)):
+                v = out[i] if (valid[i] and fcount[i] > 0) else none
+                out[i] = v
+                if v > m:
+                    m = v
+                if v >= thr:
+                    c += 1
+            bmax[b] = m
+            bcount[b] = c
+
+    @njit(parallel=True, cache=True, nogil=True)
+    def collect(out, thr, block, bstart, idx):  # pragma: no cover
+        n = out.shape[0]
+        for b in prange(bstart.shape[0] - 1):
+            k = bstart[b]
+            if bstart[b + 1] == k:
+                continue
+            for i in range(b * block, min(n, (b + 1) * block)):
+                if out[i] >= thr:
+                    idx[k] = i
+                    k += 1
+
+    return scores_all, scores_rows, scan_blocks, collect
+
+
+def int8_threshold_scan(q, scale, t_r, valid, fcount, threshold: float, block: int = 16384):
+    """One pass over the store: ``(score (N,) float32, best score (-inf: no usable row), rows
+    scoring >= threshold in increasing order)``; usable = ``valid & (fcount > 0)``; unusable rows
+    score ``_NONE`` (-3e38)."""
+    t_r = np.ascontiguousarray(t_r, np.float32)
+    n = len(q)
+    k = _kernels()
+    if k is None or not q.flags.c_contiguous:  # pragma: no cover - fallback without numba
+        out = int8_scores(q, scale, t_r)
+        out[~(valid & (fcount > 0))] = _NONE
+        best = float(out.max()) if n else _NONE
+        return out, (best if best > _NONE else float("-inf")), np.flatnonzero(out >= threshold)
+    nb = (n + block - 1) // block
+    out = np.empty(n, np.float32)
+    bmax = np.full(nb, _NONE, np.float32)
+    bcount = np.zeros(nb, np.int64)
+    k[0](q, scale, t_r, out)
+    k[2](out, valid, fcount, np.float32(threshold), block, bmax, bcount)
+    bstart = np.concatenate([[0], np.cumsum(bcount)]).astype(np.int64)
+    idx = np.empty(int(bstart[-1]), np.int64)
+    k[3](out, np.float32(threshold), block, bstart, idx)
+    best = float(bmax.max()) if nb else _NONE
+    return out, (best if best > _NONE else float("-inf")), idx
 
 
 def int8_scores(q: np.ndarray, scale: np.ndarray, t_r: np.ndarray, rows: Optional[np.ndarray] = None) -> np.ndarray:

@@ -3,8 +3,12 @@
 Geometry. Each occupied voxel (edge ``voxel_size``) holds one point: the running mean of the
 points that fell into it, their mean colour, an observation count and the index of the last
 integration that touched it. Voxel keys are the three integer voxel coordinates packed into one
-int64; a sorted key array plus ``np.searchsorted`` maps keys to slots, so integrating a frame is a
-few vectorised sorts and merges (no per-point Python). Per-voxel data live in slot arrays that
+int64 *block-major* (:func:`block_keys`: the 8^3-voxel block first, as nvblox / voxblox group
+voxels, then the voxel inside it); a sorted key array plus ``np.searchsorted`` maps keys to slots,
+so integrating a frame is a few vectorised sorts and merges (no per-point Python), and a block's
+voxels are one contiguous run of the index: a box (:meth:`VoxelMap.box_slots`, ``query(...,
+region=)``, the segmenter's context :meth:`VoxelMap.region_slots`) reads only the blocks it
+overlaps (a sorted array of the occupied blocks' keys, one binary search per block). Per-voxel data live in slot arrays that
 grow geometrically up to ``max_points`` and never beyond: when the map is full, the eviction
 policy frees slots (``oldest``: least recently observed voxels first; ``farthest``: farthest from
 the sensor first), always freeing a little more than needed (``evict_fraction``) so eviction does
@@ -46,6 +50,17 @@ the last step swaps them in, so a caller can release its lock between steps.
 Measured (``sas bench node``, 1M voxels x 512, threshold 0.5, 5000 points returned, on a 2-core
 machine under a load average of ~13): vocabulary word 36 ms CPU / 133 ms wall vs a torch fp16 scan
 358 ms wall (2.7x); free text with an attribute word 64 ms CPU / 188 ms wall (1.5x).
+
+Building scale (``feature_store="int8"``, :mod:`sas_core.geometry.feature_store`). The fp16
+features and the reduced store above are replaced by the rank-r coefficients in the same basis,
+int8 with a per-voxel scale, plus two error terms (r + 12 bytes a voxel: 140 B at r = 128, against
+1280 B): one int8 GEMV is an exact full scan of that store, and each score is within a stated bound
+of the original feature's (see that module; ``sas bench map-scale`` measures recall and precision
+against the original features, and the memory model by component).
+
+Saving without stalling. :meth:`VoxelMap.start_snapshot` copies the map in ``LOCK_SLICE``-slot
+slices (the owner's lock released in between) and recopies what changed meanwhile; the result is
+the map as it was when the last slice returned, written with no lock held (``Mapper.save``).
 """
 
 from __future__ import annotations
@@ -549,9 +564,9 @@ class VoxelMap:
         feats /= np.maximum(np.linalg.norm(feats, axis=1, keepdims=True), 1e-12)
         if self.compact:
             self._sample_features(feats)
-            if self._basis is None:
-                self._basis = self._fit_basis(feats, seed=0)
-                self._fit_n = len(feats)
+            if self._basis is None:  # fitted on the reservoir (at most _RESERVOIR rows of this first batch)
+                self._basis = self._fit_basis(self._sample.astype(np.float32), seed=0)
+                self._fit_n = len(self._sample)
                 self._fit_anchor = self._anchor_version
             self._encode8(self._basis, self._store_arrays(), slots, feats)
             if self._pending is not None:
@@ -838,15 +853,16 @@ class VoxelMap:
                 score = self.features[cand].astype(np.float32) @ t
             return _ranked(cand, score, threshold, max_points, len(cand))
         if self.compact:
-            from sas_core.geometry.feature_store import int8_scores
+            from sas_core.geometry.feature_store import int8_threshold_scan
 
             top = self._top
-            usable = self.valid[:top] & (self.feature_counts[:top] > 0)
-            if self._basis is None or not usable.any():
+            if self._basis is None:
                 return empty
-            score = int8_scores(self._q[:top], self._qscale[:top], self._basis.T @ t)
-            score[~usable] = -np.inf
-            return _ranked(None, score, threshold, max_points, 0)
+            score, best, above = int8_threshold_scan(self._q[:top], self._qscale[:top], self._basis.T @ t,
+                                                     self.valid[:top], self.feature_counts[:top], threshold)
+            if best == float("-inf"):
+                return empty
+            return _ranked(None, score, threshold, max_points, 0, above=above, best=best)
         if self._basis is None:
             self.refit_basis()
         t_r = self._basis.T @ t
@@ -1299,10 +1315,13 @@ def _ray_factors(fx, fy, cx, cy, w, h, s):
 
 
 def _ranked(cand: Optional[np.ndarray], score: np.ndarray, threshold: float, max_points: int,
-            rescored: int) -> QueryResult:
-    """QueryResult from exact scores: ``score[i]`` of slot ``cand[i]`` (``cand`` None: slot i)."""
-    best = float(score.max()) if len(score) else float("-inf")
-    above = np.flatnonzero(score >= threshold)
+            rescored: int, above: Optional[np.ndarray] = None, best: Optional[float] = None) -> QueryResult:
+    """QueryResult from exact scores: ``score[i]`` of slot ``cand[i]`` (``cand`` None: slot i);
+    ``above`` / ``best`` when the caller's scan already found them."""
+    if best is None:
+        best = float(score.max()) if len(score) else float("-inf")
+    if above is None:
+        above = np.flatnonzero(score >= threshold)
     n = len(above)
     if max_points and n > max_points:
         above = above[np.argpartition(-score[above], max_points - 1)[:max_points]]
