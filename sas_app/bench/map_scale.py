@@ -267,17 +267,13 @@ def run_case(n: int, store: str, repeats: int, save: bool, rank: int) -> dict:
             rres = vmap.query(t, threshold=THRESHOLD, max_points=MAX_POINTS, region=room_box)
             rtimes.append(time.perf_counter() - a)
         truth = ref[label] >= THRESHOLD
+        got = vmap.stored_scores(t, slots)
         if vmap.compact:
-            from sas_core.geometry.feature_store import int8_scores
-
-            got = int8_scores(vmap._q, vmap._qscale, vmap._basis.T @ t)[slots]
             bound = vmap.error_bound(t, slots)
             err = np.abs(got - ref[label])
             extra = dict(max_abs_error=round(float(err.max()), 4), median_abs_error=round(float(np.median(err)), 5),
                          bound_holds=bool((err <= bound + 1e-3).all()), median_bound=round(float(np.median(bound)), 4))
         else:
-            got = np.concatenate([vmap.features[slots[a:a + 65536]].astype(np.float32) @ t
-                                  for a in range(0, n, 65536)])
             extra = dict(max_abs_error=round(float(np.abs(got - ref[label]).max()), 4))
         pred = got >= THRESHOLD
         tp = int((pred & truth).sum())
@@ -290,7 +286,8 @@ def run_case(n: int, store: str, repeats: int, save: bool, rank: int) -> dict:
         extra["precision_min_thresholds_0.2_0.85"] = round(min(p for _, p in sweep), 4) if sweep else None
         q[label] = dict(ms_median=round(float(np.median(times)) * 1e3, 1),
                         region_room_ms_median=round(float(np.median(rtimes)) * 1e3, 2),
-                        region_room_voxels=int(rres.rescored), count=int(res.count), count_exact=int(truth.sum()),
+                        region_room_voxels=int(rres.rescored), rescored=int(res.rescored), count=int(res.count),
+                        count_exact=int(truth.sum()),
                         recall=round(tp / max(1, int(truth.sum())), 4), precision=round(tp / max(1, int(pred.sum())), 4),
                         returned=len(res.slots), **extra)
     out["queries"] = q

@@ -208,7 +208,7 @@ class DecodedFeatures:
     def nbytes(self) -> int:
         """Bytes of the int8 store (codes, scales, error terms)."""
         m = self._m
-        return int(sum(a.nbytes for a in (m._q, m._qscale, m._resid, m._qerr) if a is not None))
+        return int(sum(a.nbytes for a in (m._q, m._qt, m._qtn, m._qscale, m._resid, m._qerr) if a is not None))
 
     def _rows(self, idx) -> tuple:
         if isinstance(idx, tuple):
@@ -226,7 +226,7 @@ class DecodedFeatures:
         rows = np.asarray(rows, np.int64)
         if m._basis is None:
             return np.zeros((len(rows), m._dim), np.float32)
-        return int8_project(m._q, m._qscale, rows) @ m._basis.T
+        return m._project(rows) @ m._basis.T
 
     def __getitem__(self, idx) -> np.ndarray:
         rows, scalar = self._rows(idx)

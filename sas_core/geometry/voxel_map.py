@@ -75,6 +75,11 @@ from sas_core.types import IGNORE_LABEL
 
 #: Original features the int8 store keeps for basis refits (a reservoir sample, fp16).
 _RESERVOIR = 8192
+#: Columns of the int8 codes kept apart as the "head" that a query scans first (the basis starts
+#: with the vocabulary's directions), and the bound on the tail's part above which a query scans
+#: both parts instead.
+_HEAD = 32
+_HEAD_MARGIN = 0.1
 
 #: Voxels per slice when a long pass over the map (relabelling after a vocabulary change, a
 #: query-basis refit) is cut into pieces so that a caller can release its lock in between
@@ -240,9 +245,12 @@ class VoxelMap:
         self.features = None  # (C, D) fp16 array, or the int8 store's DecodedFeatures view
         self._codes: Optional[np.ndarray] = None    # fp16 store: (C, r) f32 reduced query coefficients
         self._resid: Optional[np.ndarray] = None    # (C,) f32 |f - B c|
-        self._q: Optional[np.ndarray] = None        # int8 store: (C, r) int8 quantised coefficients
+        self._q: Optional[np.ndarray] = None        # int8 store: (C, h) int8 head of the quantised coefficients
         self._qscale: Optional[np.ndarray] = None   # (C,) f32 per-voxel scale
         self._qerr: Optional[np.ndarray] = None     # (C,) f32 |c - s q|
+        self._qt: Optional[np.ndarray] = None       # (C, r - h) int8 tail of the codes
+        self._qtn: Optional[np.ndarray] = None      # (C,) f32 |s q_tail|
+        self._qtn_max = 0.0                         # running max of _qtn (never decreases)
         self._dim = 0
         self._sample: Optional[np.ndarray] = None   # int8 store: reservoir of original features (basis refits)
         self._n_sampled = 0
@@ -267,7 +275,7 @@ class VoxelMap:
     def _store_names(self) -> tuple:
         """Names of the per-slot arrays of the feature store in use."""
         if self.compact:
-            return ("_q", "_qscale", "_resid", "_qerr")
+            return ("_q", "_qt", "_qscale", "_resid", "_qerr", "_qtn")
         return ("features", "_codes", "_resid")
 
     def _grow(self, needed: int) -> None:
@@ -301,7 +309,11 @@ class VoxelMap:
         if self.compact:
             from sas_core.geometry.feature_store import DecodedFeatures
 
-            self._q = np.zeros((cap, r), np.int8)
+            h = min(r, _HEAD)
+            self._q = np.zeros((cap, h), np.int8)         # head: the first columns (the vocabulary)
+            self._qt = np.zeros((cap, r - h), np.int8)    # tail: the rest
+            self._qtn = np.zeros(cap, np.float32)         # |s q_tail|: bounds the tail's part of a score
+            self._qtn_max = 0.0
             self._qscale = np.zeros(cap, np.float32)
             self._qerr = np.zeros(cap, np.float32)
             self._sample = np.zeros((0, dim), np.float16)
@@ -601,9 +613,7 @@ class VoxelMap:
         text_r = text @ self._basis if self.compact else text
         for chunk in np.array_split(slots, max(1, len(slots) // 65536 + 1)):
             if self.compact:
-                from sas_core.geometry.feature_store import int8_project
-
-                labels, scores = text_labels(int8_project(self._q, self._qscale, chunk), text_r)
+                labels, scores = text_labels(self._project(chunk), text_r)
             else:
                 labels, scores = text_labels(self.features[chunk], text)
             self.labels[chunk] = labels.numpy()
@@ -773,8 +783,28 @@ class VoxelMap:
             self._sample[j[hit]] = feats[fill:][hit].astype(np.float16)
         self._n_sampled += k
 
-    @staticmethod
-    def _encode8(basis: np.ndarray, arrays: dict, slots: np.ndarray, feats: np.ndarray) -> None:
+    def _put_codes(self, arrays: dict, s: np.ndarray, q: np.ndarray, scale: np.ndarray) -> None:
+        """Store the (M, r) int8 codes ``q`` of slots ``s``: head, tail and the tail's norm."""
+        h = arrays["_q"].shape[1]
+        arrays["_q"][s], arrays["_qt"][s], arrays["_qscale"][s] = q[:, :h], q[:, h:], scale
+        tail = q[:, h:].astype(np.float32)
+        qtn = np.sqrt(np.einsum("ij,ij->i", tail, tail)) * scale * np.float32(1.0 + 1e-6) + np.float32(1e-7)
+        arrays["_qtn"][s] = qtn
+        if len(qtn):
+            self._qtn_max = max(self._qtn_max, float(qtn.max()))
+
+    def _project(self, rows: np.ndarray, arrays: Optional[dict] = None) -> np.ndarray:
+        """(M, r) float32 dequantised coefficients ``s q`` of ``rows`` (head and tail)."""
+        a = arrays or self._store_arrays()
+        rows = np.asarray(rows, np.int64)
+        out = np.empty((len(rows), a["_q"].shape[1] + a["_qt"].shape[1]), np.float32)
+        h = a["_q"].shape[1]
+        out[:, :h] = a["_q"][rows]
+        out[:, h:] = a["_qt"][rows]
+        out *= a["_qscale"][rows, None]
+        return out
+
+    def _encode8(self, basis: np.ndarray, arrays: dict, slots: np.ndarray, feats: np.ndarray) -> None:
         """Encode the original unit features ``feats`` (M, D) of ``slots`` into ``arrays``."""
         from sas_core.geometry.feature_store import quantize
 
@@ -783,25 +813,78 @@ class VoxelMap:
             c = f @ basis
             q, scale, qerr = quantize(c)
             r2 = np.einsum("ij,ij->i", f, f, dtype=np.float64) - np.einsum("ij,ij->i", c, c, dtype=np.float64)
-            arrays["_q"][s], arrays["_qscale"][s], arrays["_qerr"][s] = q, scale, qerr
+            self._put_codes(arrays, s, q, scale)
+            arrays["_qerr"][s] = qerr
             arrays["_resid"][s] = np.sqrt(np.maximum(r2, 0.0) + 1e-8) + 1e-5
 
     def _reencode8(self, basis: np.ndarray, arrays: dict, slots: np.ndarray) -> None:
         """Re-encode ``slots`` from their stored f_hat in the new ``basis`` (bounds grown by the
         triangle inequality, see :mod:`sas_core.geometry.feature_store`)."""
-        from sas_core.geometry.feature_store import int8_project, quantize
+        from sas_core.geometry.feature_store import quantize
 
         for a in range(0, len(slots), 65536):
             s = slots[a:a + 65536]
-            fh = int8_project(self._q, self._qscale, s) @ self._basis.T
+            fh = self._project(s) @ self._basis.T
             e = np.sqrt(self._resid[s].astype(np.float64) ** 2 + self._qerr[s].astype(np.float64) ** 2)
             c = fh @ basis
             q, scale, qerr = quantize(c)
             d = fh - c @ basis.T
             out = np.sqrt(np.einsum("ij,ij->i", d, d, dtype=np.float64) + 1e-8)
-            arrays["_q"][s], arrays["_qscale"][s] = q, scale
+            self._put_codes(arrays, s, q, scale)
             arrays["_qerr"][s] = (e + qerr + 1e-5).astype(np.float32)
             arrays["_resid"][s] = (e + out + 1e-5).astype(np.float32)
+
+    def _int8_rows(self, t_r: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        """Exact stored scores ``f_hat . t`` of ``rows`` (head + tail GEMVs over those rows)."""
+        from sas_core.geometry.feature_store import int8_scores
+
+        h = self._q.shape[1]
+        out = int8_scores(self._q, self._qscale, t_r[:h], rows=rows)
+        if self._qt.shape[1]:
+            out += int8_scores(self._qt, self._qscale, t_r[h:], rows=rows)
+        return out
+
+    def _query8(self, t_r: np.ndarray, threshold: float, max_points: int) -> QueryResult:
+        """int8 store query: one scan of the head codes (the vocabulary's columns, ``_HEAD`` bytes a
+        voxel) finds every voxel that can reach the threshold, ``head + |s q_tail| |t_tail|``; those,
+        and those that can be the best, are rescored exactly with their tail. When the text is far
+        from the head (the bound is loose) both parts are scanned in full instead."""
+        from sas_core.geometry.feature_store import int8_scores, int8_threshold_scan
+
+        top = self._top
+        h = self._q.shape[1]
+        valid, fc = self.valid[:top], self.feature_counts[:top]
+        tt = t_r[h:]
+        margin = float(np.linalg.norm(tt)) * self._qtn_max * (1 + 1e-5) + 1e-6 if len(tt) else 0.0
+        if margin > _HEAD_MARGIN:  # scan everything: head and tail
+            usable = valid & (fc > 0)
+            if not usable.any():
+                return QueryResult(np.zeros(0, np.int64), np.zeros(0, np.float32), 0, float("-inf"), 0)
+            score = int8_scores(self._q[:top], self._qscale[:top], t_r[:h])
+            score += int8_scores(self._qt[:top], self._qscale[:top], tt)
+            score[~usable] = -np.inf
+            return _ranked(None, score, threshold, max_points, top)
+        head, best_h, cand = int8_threshold_scan(self._q[:top], self._qscale[:top], t_r[:h], valid, fc,
+                                                 threshold - margin)
+        if best_h == float("-inf"):
+            return QueryResult(np.zeros(0, np.int64), np.zeros(0, np.float32), 0, float("-inf"), 0)
+        if best_h - 2 * margin < threshold - margin:  # the best voxel may lie below the candidates
+            cand = np.union1d(cand, np.flatnonzero(head >= best_h - 2 * margin))
+        exact = head[cand]
+        if len(tt) and len(cand):
+            exact = exact + int8_scores(self._qt, self._qscale, tt, rows=cand)
+        res = _ranked(cand, exact, threshold, max_points, len(cand))
+        return res
+
+    def stored_scores(self, text: np.ndarray, slots: np.ndarray) -> np.ndarray:
+        """(M,) float32 scores ``f . t`` of ``slots`` from the store (fp16 features, or the int8
+        store's ``f_hat``), computed directly (a reference for queries)."""
+        slots = np.asarray(slots, np.int64)
+        t = np.asarray(_to_numpy(text), np.float32).reshape(-1)
+        if self.compact:
+            return self._int8_rows(self._basis.T @ t, slots)
+        return np.concatenate([self.features[slots[a:a + 65536]].astype(np.float32) @ t
+                               for a in range(0, len(slots), 65536)] or [np.zeros(0, np.float32)])
 
     def error_bound(self, text: np.ndarray, slots: np.ndarray) -> np.ndarray:
         """(M,) upper bounds of ``|f . t - f_hat . t|`` for ``slots`` (int8 store: f the original
@@ -846,23 +929,14 @@ class VoxelMap:
             if len(cand) == 0:
                 return empty
             if self.compact:
-                from sas_core.geometry.feature_store import int8_scores
-
-                score = int8_scores(self._q, self._qscale, self._basis.T @ t, rows=cand)
+                score = self._int8_rows(self._basis.T @ t, cand)
             else:
                 score = self.features[cand].astype(np.float32) @ t
             return _ranked(cand, score, threshold, max_points, len(cand))
         if self.compact:
-            from sas_core.geometry.feature_store import int8_threshold_scan
-
-            top = self._top
             if self._basis is None:
                 return empty
-            score, best, above = int8_threshold_scan(self._q[:top], self._qscale[:top], self._basis.T @ t,
-                                                     self.valid[:top], self.feature_counts[:top], threshold)
-            if best == float("-inf"):
-                return empty
-            return _ranked(None, score, threshold, max_points, 0, above=above, best=best)
+            return self._query8(self._basis.T @ t, float(threshold), int(max_points))
         if self._basis is None:
             self.refit_basis()
         t_r = self._basis.T @ t
@@ -925,7 +999,8 @@ class VoxelMap:
         """Per-slot arrays that :meth:`export` reads (by name)."""
         src = {name: getattr(self, name) for name in _EXPORT_SLOT_ARRAYS}
         if self.features is not None:
-            src.update(self._store_arrays() if self.compact else {"features": self.features})
+            src.update({k: v for k, v in self._store_arrays().items() if k != "_qtn"} if self.compact
+                       else {"features": self.features})
         return src
 
     def export(self) -> dict:
@@ -1017,14 +1092,14 @@ class VoxelMap:
                     basis.shape[1] != codes.shape[1] or any(len(data.get(k, ())) != n for k in _CODE_ARRAYS):
                 raise ValueError(f"{npz}: inconsistent int8 feature store arrays (codes {codes.shape})")
             m.feature_counts[:n] = fc if fc is not None else 1.0
-            if m.compact and m.config.store_rank >= codes.shape[1]:
+            if m.compact and min(m.config.store_rank, basis.shape[0]) == codes.shape[1]:
                 m._alloc_features(basis.shape[0])
-                if m.rank != codes.shape[1]:
-                    m._q = np.zeros((m.capacity, codes.shape[1]), np.int8)
                 m._basis = np.ascontiguousarray(basis)
-                m._q[:n] = codes
-                for name, key in zip(("_qscale", "_resid", "_qerr"), _CODE_ARRAYS):
+                for name, key in zip(("_resid", "_qerr"), _CODE_ARRAYS[1:]):
                     getattr(m, name)[:n] = data[key]
+                for a in range(0, n, 65536):
+                    rows = np.arange(a, min(n, a + 65536))
+                    m._put_codes(m._store_arrays(), rows, codes[rows], np.asarray(data["code_scale"][rows], np.float32))
                 m._fit_n = _RESERVOIR  # the originals are gone: no refit from a sample
             else:  # decode f_hat into the configured store (lossless for fp16, re-encoded for int8)
                 has = np.flatnonzero(m.feature_counts[:n] > 0)
@@ -1070,7 +1145,8 @@ class VoxelMap:
                    labels=nb(self.labels, self.scores),
                    index=nb(self._keys, self._key_slot, self._bkeys, self._free))
         if self.compact:
-            out["features"] = nb(self._q, self._qscale, self._resid, self._qerr, self._basis, self._sample)
+            out["features"] = nb(self._q, self._qt, self._qtn, self._qscale, self._resid, self._qerr, self._basis,
+                                 self._sample)
             out["query_store"] = 0
         else:
             out["features"] = nb(self.features)
@@ -1097,7 +1173,7 @@ def _export_arrays(src: dict, keys: np.ndarray, key_slot: np.ndarray, basis: Opt
                coords=unblock_keys(keys).astype(np.int32), feature_counts=take(src["feature_counts"], s),
                features=take(src["features"], s) if "features" in src else None)
     if "_q" in src:
-        out.update(codes=take(src["_q"], s), code_scale=take(src["_qscale"], s), code_resid=take(src["_resid"], s),
+        out.update(codes=np.concatenate([take(src["_q"], s), take(src["_qt"], s)], axis=1), code_scale=take(src["_qscale"], s), code_resid=take(src["_resid"], s),
                    code_qerr=take(src["_qerr"], s), code_basis=np.asarray(basis, np.float32).copy())
     return out
 
