@@ -117,7 +117,7 @@ class MapperConfig:
     feature_store: str = opt("fp16", "per-voxel feature store: fp16 (full features; answers equal a full scan) or "
                                      "int8 (rank-store_rank int8 codes, ~7x smaller; see "
                                      "sas_core.geometry.feature_store)", choices=("fp16", "int8"))
-    store_rank: int = opt(128, "rank of the int8 feature store (bytes per voxel = store_rank + 12)")
+    store_rank: int = opt(128, "rank of the int8 feature store (bytes per voxel = store_rank + 16)")
     pixel_stride: int = opt(2, "integrate every n-th pixel in both directions")
     min_depth: float = opt(0.1, "ignore depth at or below this (m)")
     max_depth: float = opt(8.0, "ignore depth beyond this (m)")

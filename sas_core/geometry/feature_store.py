@@ -12,7 +12,12 @@ int8 with one float32 scale per voxel, plus two float32 error terms::
     rho  = |f - B c|          (the part of f outside the basis, exactly orthogonal to B)
     qerr = |c - s q|          (the quantisation error inside the basis)
 
-``r + 12`` bytes a voxel (140 B at r = 128, against 1280 B today).
+The codes are kept in two arrays: the first 32 columns (the "head": the basis starts with the
+vocabulary's directions) and the rest (the "tail"), with the tail's norm ``|s q_tail|`` (float32).
+A query scans the head only and rescores exactly, with the tail, every voxel whose bound
+``head + |s q_tail| |t_tail|`` reaches the threshold (and those that could hold the best score); a
+text far from the head (bound > 0.1) scans both parts. ``r + 16`` bytes a voxel (144 B at r = 128,
+against 1280 B today).
 
 Guarantee. Queries, labels and scores are computed on the stored feature ``f_hat`` and are
 *exactly* a full scan of the store: ``f_hat . t = s q . (B^T t)`` is what one int8 GEMV computes

@@ -53,8 +53,9 @@ machine under a load average of ~13): vocabulary word 36 ms CPU / 133 ms wall vs
 
 Building scale (``feature_store="int8"``, :mod:`sas_core.geometry.feature_store`). The fp16
 features and the reduced store above are replaced by the rank-r coefficients in the same basis,
-int8 with a per-voxel scale, plus two error terms (r + 12 bytes a voxel: 140 B at r = 128, against
-1280 B): one int8 GEMV is an exact full scan of that store, and each score is within a stated bound
+int8 with a per-voxel scale, plus two error terms and the tail norm (r + 16 bytes a voxel: 144 B at
+r = 128, against 1280 B): an int8 GEMV over the 32 vocabulary columns plus exact rescoring of the
+candidates with the rest is an exact full scan of that store, and each score is within a stated bound
 of the original feature's (see that module; ``sas bench map-scale`` measures recall and precision
 against the original features, and the memory model by component).
 
