@@ -118,6 +118,10 @@ class MapperConfig:
                         choices=("oldest", "farthest"))
     max_radius: float = opt(0.0, "drop voxels farther than this from the sensor, metres (0 = keep all)")
     query_rank: int = opt(64, "rank of the reduced query store (see sas_core.geometry.voxel_map)")
+    feature_store: str = opt("fp16", "per-voxel feature store: fp16 (full features; answers equal a full scan) or "
+                                     "int8 (rank-store_rank int8 codes, ~7x smaller; see "
+                                     "sas_core.geometry.feature_store)", choices=("fp16", "int8"))
+    store_rank: int = opt(128, "rank of the int8 feature store (bytes per voxel = store_rank + 16)")
     pixel_stride: int = opt(2, "integrate every n-th pixel in both directions")
     min_depth: float = opt(0.1, "ignore depth at or below this (m)")
     max_depth: float = opt(8.0, "ignore depth beyond this (m)")
@@ -353,7 +357,8 @@ class Mapper:
                              f"{self.limits.max_query_points}")
         self.map = VoxelMap(VoxelMapConfig(voxel_size=float(cfg.voxel_size), max_points=int(cfg.max_points),
                                            eviction=str(cfg.eviction), max_radius=float(cfg.max_radius),
-                                           query_rank=int(cfg.query_rank)))
+                                           query_rank=int(cfg.query_rank), feature_store=str(cfg.feature_store),
+                                           store_rank=int(cfg.store_rank)))
         names = list(parse_vocabulary(cfg.vocabulary)) if cfg.mode != "none" or text_encoder is not None else []
         if cfg.mode == "segmenter":
             self._setup_segmenter()
@@ -920,7 +925,9 @@ class Mapper:
     def save(self, path, overwrite: bool = False):
         """Write the map as one map folder ``path`` (``map.npz``, ``map.ply``, ``manifest.json`` with
         the class names; atomic, see :func:`sas_core.geometry.voxel_map.write_map`). The arrays are
-        copied under the lock and written after it is released. Returns the folder.
+        copied incrementally (:class:`sas_core.geometry.voxel_map.MapSnapshot`: ``LOCK_SLICE`` slots
+        per lock hold, the lock released in between, so integration and queries go on) into a
+        consistent copy, which is written after the lock is released. Returns the folder.
 
         Raises:
             FileExistsError: ``path`` exists and ``overwrite`` is False.
@@ -928,10 +935,17 @@ class Mapper:
         from sas_core.geometry.voxel_map import write_map
 
         with self.lock:
-            data = self.map.export()
-            data["instance"] = self.instances.export(self.map)
-            names = list(self.vocabulary) or None
-            voxel_size = self.map.config.voxel_size
+            snap = self.map.start_snapshot()
+        while True:
+            with self.lock:
+                if snap.step():
+                    # the ids as of the snapshot's last slice, in its key order (VoxelMap.export's)
+                    instance = self.instances.ids_of(self.map, snap.key_slot)
+                    names = list(self.vocabulary) or None
+                    voxel_size = snap.map.config.voxel_size
+                    break
+        data = snap.export()
+        data["instance"] = instance
         return write_map(path, data, voxel_size, names, overwrite=overwrite)
 
     def load(self, path) -> int:
