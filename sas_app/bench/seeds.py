@@ -201,6 +201,9 @@ def main(argv: list) -> dict:
     parser.add_argument("--variants", nargs="+", default=list(DEFAULT_VARIANTS),
                         choices=[k for k, *_ in VARIANTS],
                         help=f"built-in rows to train (default: {' '.join(DEFAULT_VARIANTS)})")
+    parser.add_argument("--no-gaussians", action="store_true",
+                        help="leave out the Gaussian segmentation rows (sas_app/bench/seeds_gaussians.py: the seed's "
+                             "world as splat scenes, 2D mIoU of the distilled network vs the best teacher)")
     parser.add_argument("--progress", action="store_true", help="show progress bars")
     args = parser.parse_args(argv)
     t0 = time.time()
@@ -236,7 +239,8 @@ def main(argv: list) -> dict:
                     rows[setting, key] = {"setting": setting, "key": key, "method": method, **metrics}
                 if info["adapter_last"]:
                     mask_info["adapter_last_epoch"] = info["adapter_last"]
-            ctx = SeedContext(seed, world, models, Path(tmp), args.boundary_radius[0], {"masks": mask_info})
+            ctx = SeedContext(seed, world, models, Path(tmp), args.boundary_radius[0],
+                              {"masks": mask_info, "gaussians": not args.no_gaussians})
             for builder in builders:
                 t = time.time()
                 for r in builder(ctx) or []:
