@@ -62,6 +62,9 @@ class SynthConfig:
     room_min: tuple = opt((6.0, 5.0), "smallest room footprint (m)")
     room_max: tuple = opt((9.0, 7.0), "largest room footprint (m)")
     name: Optional[str] = opt(None, "scene name; None: 'synth_<seed:05d>'")
+    sensor: str = opt("none", "RGB-D sensor model of the frames (sas_core.data.sensor_model presets): depth noise, "
+                              "quantisation, holes, colour noise, pose drift; none: perfect frames",
+                      choices=("none", "kinect", "realsense"))
 
 
 @dataclass
@@ -978,6 +981,10 @@ def generate_scene(config: Optional[SynthConfig] = None, progress: bool = False)
         frames_iter = tqdm(list(frames_iter), desc=f"render {scene.name}", unit="frame", leave=False)
     raycaster = scene.raycasting_scene()
     scene.frames = [_render(scene, raycaster, p, intr, s) for p, s in frames_iter]
+    if config.sensor != "none":  # what the camera reports; scene.camera_pose(stamp) stays the true pose
+        from sas_core.data.sensor_model import apply_sensor
+
+        scene.frames = apply_sensor(scene.frames, config.sensor, seed=config.seed)
     if config.with_lidar:
         n = config.n_lidar_sweeps
         if n is None:
