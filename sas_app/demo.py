@@ -72,6 +72,8 @@ class DemoConfig:
     height: int = opt(120, "frame height (pixels)")
     points_per_m2: float = opt(80.0, "surface sampling density of the rooms")
     room_scale: float = opt(1.0, "room footprint relative to the synthetic world's default (6x5 to 9x7 m)")
+    sensor: str = opt("none", "RGB-D sensor model of the rooms' frames (sas_core.data.sensor_model presets)",
+                      choices=("none", "kinect", "realsense"))
     text_dim: int = opt(64, "size of the synthetic text space (= 3D output channels)")
     probes: int = opt(3, "probe renders per class for the capability tables")
     tau: float = opt(0.05, "capability fusion temperature (eq. 8)")
@@ -123,21 +125,27 @@ def _log(msg: str, t0: float) -> None:
 # pipeline pieces
 
 
+def room_config(cfg: DemoConfig, room_seed: int, absent_classes=()):
+    """The SynthConfig of the demo's room with seed ``room_seed`` (frames, size, density, sensor of ``cfg``;
+    ``absent_classes`` left out of the room)."""
+    from sas_core.data.synthetic import SynthConfig
+
+    base = SynthConfig()
+    return SynthConfig(seed=room_seed, n_frames=cfg.frames, width=cfg.width, height=cfg.height, with_lidar=False,
+                       points_per_m2=cfg.points_per_m2, sensor=cfg.sensor, absent_classes=tuple(absent_classes),
+                       room_min=tuple(v * cfg.room_scale for v in base.room_min),
+                       room_max=tuple(v * cfg.room_scale for v in base.room_max))
+
+
 def make_rooms(cfg: DemoConfig, absent=None):
     """(train scenes, test scenes) of the synthetic world.
 
     ``absent``: optional ``room index -> class names`` left out of that room (``SynthConfig.absent_classes``;
     rooms 0..train_rooms-1 train, the next ones are held out)."""
-    from sas_core.data.synthetic import SynthConfig, generate_scene
-
-    base = SynthConfig()
-    size = dict(room_min=tuple(v * cfg.room_scale for v in base.room_min),
-                room_max=tuple(v * cfg.room_scale for v in base.room_max))
+    from sas_core.data.synthetic import generate_scene
 
     def room(i):
-        return generate_scene(SynthConfig(seed=cfg.seed * 1000 + i, n_frames=cfg.frames, width=cfg.width,
-                                          height=cfg.height, with_lidar=False, points_per_m2=cfg.points_per_m2,
-                                          absent_classes=tuple(absent(i)) if absent else (), **size))
+        return generate_scene(room_config(cfg, cfg.seed * 1000 + i, absent(i) if absent else ()))
 
     train = [room(i) for i in range(cfg.train_rooms)]
     test = [room(cfg.train_rooms + i) for i in range(cfg.test_rooms)]
@@ -218,27 +226,41 @@ class World:
     timings: dict = field(default_factory=dict)
 
 
+def world_teachers(cfg: DemoConfig):
+    """The synthetic text space and the two simulated teachers of ``cfg.seed``: (encoder, text (K, C),
+    class names, (teacher A, teacher B))."""
+    from sas_core.teachers import make_simulated_pair
+    from sas_core.text import SCANNET_20, SyntheticTextEncoder, class_embeddings
+
+    names = list(SCANNET_20)
+    encoder = SyntheticTextEncoder(names, dim=cfg.text_dim, seed=cfg.seed)
+    return encoder, class_embeddings(encoder, names), names, make_simulated_pair(encoder, seed=cfg.seed)
+
+
+def add_rows_2d(acc: dict, rows: Dict[str, tuple], text, gt) -> None:
+    """Append one room's 2D-row predictions (``fusion_rows``) and ground truth to ``acc``: key -> (pred, gt)."""
+    for key, (f, m) in rows.items():
+        pred = label_points(f, m, text)
+        p, g = acc.get(key, (np.zeros(0, np.int64), np.zeros(0, np.int64)))
+        acc[key] = (np.concatenate([p, pred]), np.concatenate([g, gt]))
+
+
 def prepare_world(cfg: DemoConfig, t0: Optional[float] = None, absent=None) -> World:
     """Steps 1-6: rooms, teachers, capability, multi-view fusion, teacher fusion, superpoints.
 
     ``absent``: optional classes left out per room (:func:`make_rooms`)."""
     import torch
 
-    from sas_core.teachers import make_simulated_pair
-    from sas_core.text import SCANNET_20, SyntheticTextEncoder, class_embeddings
     from sas_core.train.datasets import synthetic_scene_data, scene_from_arrays
 
     t0 = t0 or time.time()
     timings = {}
-    names = list(SCANNET_20)
-    encoder = SyntheticTextEncoder(names, dim=cfg.text_dim, seed=cfg.seed)
-    text = class_embeddings(encoder, names)
+    encoder, text, names, (teacher_a, teacher_b) = world_teachers(cfg)
     t = time.time()
     train, test = make_rooms(cfg, absent)
     timings["rooms_s"] = time.time() - t
     _log(f"synthetic world: {len(train)} training + {len(test)} held-out rooms "
          f"({sum(len(s.points) for s in train + test)} points, {cfg.frames} frames each)", t0)
-    teacher_a, teacher_b = make_simulated_pair(encoder, seed=cfg.seed)
     t = time.time()
     table = probe_capability([teacher_a, teacher_b], text, names, cfg.probes, cfg.seed, cfg.width, cfg.height,
                              cfg.progress)
@@ -261,10 +283,7 @@ def prepare_world(cfg: DemoConfig, t0: Optional[float] = None, absent=None) -> W
             else:
                 test_data.append(scene_from_arrays(scene.name, scene.points.positions, labels=gt,
                                                    colors=scene.points.colors))
-            for key, (f, m) in rows.items():  # the 2D rows on the same rooms as the 3D rows
-                pred = label_points(f, m, text)
-                p, g = rows_2d[split].get(key, (np.zeros(0, np.int64), np.zeros(0, np.int64)))
-                rows_2d[split][key] = (np.concatenate([p, pred]), np.concatenate([g, gt]))
+            add_rows_2d(rows_2d[split], rows, text, gt)  # the 2D rows on the same rooms as the 3D rows
     timings["fusion_superpoints_s"] = time.time() - t
     _log("multi-view fusion of both teachers, add / linear / capability fusion, superpoints", t0)
     return World(cfg, encoder, text, names, train, test, table, train_data, test_data, rows_2d, timings)
@@ -382,7 +401,8 @@ def config_note(cfg: "DemoConfig") -> str:
             f"{cfg.stage2_fraction:.0%}), Adam lr {cfg.lr:g} -> {cfg.lr / 10:g}, input "
             f"{'RGB colour (OpenScene option)' if cfg.input_color else 'all ones (SAS)'}, augmentation "
             f"{'on (OpenScene)' if cfg.augment else 'off (paper: on)'}, TESD alpha {cfg.tesd_alpha:g}; "
-            f"{cfg.train_rooms} distillation rooms, {cfg.test_rooms} held-out.")
+            f"{cfg.train_rooms} distillation rooms, {cfg.test_rooms} held-out"
+            + (f"; sensor model {cfg.sensor}." if cfg.sensor != "none" else "."))
 
 
 # ------------------------------------------------------------------------------------------------

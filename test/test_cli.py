@@ -62,7 +62,8 @@ def _configs():
     inference = [(InferenceConfig, "", ("max_voxels", "chunk_margin", "point_chunk", "fp16_matmul_on_cpu",
                                         "precision"))]
     return {
-        "synth": [(SynthConfig, "", ("seed", "n_frames", "width", "height", "points_per_m2", "with_lidar"))],
+        "synth": [(SynthConfig, "", ("seed", "n_frames", "width", "height", "points_per_m2", "with_lidar",
+                                        "sensor"))],
         "fuse": [(MaskTeacherConfig, "", ("clip_model", "clip_checkpoint", "sam_model", "sam_checkpoint", "device")),
                  (DenseClipConfig, "clip-", ("model", "checkpoint", "recipe")),
                  (MultiViewFusionConfig, "", None), (SynthConfig, "", ("seed", "n_frames", "points_per_m2"))],

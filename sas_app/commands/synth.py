@@ -21,7 +21,8 @@ def add_arguments(parser):
     parser.add_argument("--overwrite", action="store_true",
                         help="replace what an earlier `sas synth` wrote into --out (never mix two runs)")
     g = parser.add_argument_group("each room (SynthConfig; room i uses seed + i)")
-    add_config_arguments(g, SynthConfig, only=("seed", "n_frames", "width", "height", "points_per_m2", "with_lidar"),
+    add_config_arguments(g, SynthConfig,
+                         only=("seed", "n_frames", "width", "height", "points_per_m2", "with_lidar", "sensor"),
                          aliases={"n_frames": "--frames", "with_lidar": "--lidar"})
     parser.add_argument("--storage", choices=("sqlite3", "mcap", "both"), default="both",
                         help="bag storage format (default both)")
@@ -69,7 +70,8 @@ def run(args) -> int:
     splits = scene_splits(args.scenes, args.split)
     t0 = time.perf_counter()
     manifest = {"synthetic": True, "note": "procedurally generated rooms, not real data",
-                "seed": args.seed, "frames": args.n_frames, "scenes": []}
+                "seed": args.seed, "frames": args.n_frames,
+                "sensor": args.sensor, "scenes": []}
     bar = tqdm(range(args.scenes), desc="sas synth", unit="room", file=sys.stderr)
     for i in bar:
         cfg = config_from_args(SynthConfig, args, seed=args.seed + i)

@@ -65,6 +65,9 @@ class SynthConfig:
     absent_classes: tuple = opt((), "object classes left out of the room (their placements are skipped; not wall "
                                     "or floor): rooms holding a subset of the classes, for scene-level labels",
                                 cli=False, ros=False)
+    sensor: str = opt("none", "RGB-D sensor model of the frames (sas_core.data.sensor_model presets): depth noise, "
+                              "quantisation, holes, colour noise, pose drift; none: perfect frames",
+                      choices=("none", "kinect", "realsense"))
 
 
 @dataclass
@@ -990,6 +993,10 @@ def generate_scene(config: Optional[SynthConfig] = None, progress: bool = False)
         frames_iter = tqdm(list(frames_iter), desc=f"render {scene.name}", unit="frame", leave=False)
     raycaster = scene.raycasting_scene()
     scene.frames = [_render(scene, raycaster, p, intr, s) for p, s in frames_iter]
+    if config.sensor != "none":  # what the camera reports; scene.camera_pose(stamp) stays the true pose
+        from sas_core.data.sensor_model import apply_sensor
+
+        scene.frames = apply_sensor(scene.frames, config.sensor, seed=config.seed)
     if config.with_lidar:
         n = config.n_lidar_sweeps
         if n is None:
