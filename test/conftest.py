@@ -39,3 +39,29 @@ def wait_until(cond, timeout: float, poll: float = 0.01) -> bool:
             return True
         time.sleep(poll)
     return False
+
+
+def tiny_openscene(root, dim: int = 16):
+    """Two 300-point training rooms (labels 0-2 by x) with fused features equal to each point's class
+    text vector, and one validation room, in the OpenScene layout under ``root`` (train/, val/, feat/).
+    Returns (class text embeddings, [positions of each training room])."""
+    import torch
+
+    from sas_core.data import fused_features
+    from sas_core.text import SCANNET_20, SyntheticTextEncoder, class_embeddings
+
+    rng = np.random.default_rng(0)
+    text = class_embeddings(SyntheticTextEncoder(SCANNET_20, dim=dim), SCANNET_20)
+    for split in ("train", "val"):
+        (root / split).mkdir()
+    (root / "feat").mkdir()
+    rooms = []
+    for s in range(2):
+        p = rng.uniform(0, 4, (300, 3)).astype(np.float32)
+        lab = np.minimum((p[:, 0] / 4 * 3).astype(np.int64), 2)
+        torch.save((p, rng.uniform(-1, 1, (300, 3)).astype(np.float32), lab), root / "train" / f"room{s}.pth")
+        fused_features.save_fused_features(root / "feat" / f"room{s}_0.pt", text[lab].half(),
+                                           torch.ones(300, dtype=torch.bool))
+        rooms.append(p)
+    torch.save((p, rng.uniform(-1, 1, (300, 3)).astype(np.float32), lab), root / "val" / "room9.pth")
+    return text, rooms

@@ -307,25 +307,14 @@ def test_boundary_band_by_hand():
 
 
 def _openscene(tmp_path, dim=16):
-    from sas_core.data import fused_features
-    from sas_core.text import SCANNET_20, SyntheticTextEncoder, class_embeddings
+    """conftest.tiny_openscene plus masks next to the features and scene label lists."""
+    from conftest import tiny_openscene
+    from sas_core.train.datasets import scene_from_arrays
 
-    rng = np.random.default_rng(0)
-    text = class_embeddings(SyntheticTextEncoder(SCANNET_20, dim=dim), SCANNET_20)
-    for split in ("train", "val"):
-        (tmp_path / split).mkdir()
-    (tmp_path / "feat").mkdir()
-    for s in range(2):
-        p = rng.uniform(0, 4, (300, 3)).astype(np.float32)
-        lab = np.minimum((p[:, 0] / 4 * 3).astype(np.int64), 2)
-        torch.save((p, rng.uniform(-1, 1, (300, 3)).astype(np.float32), lab), tmp_path / "train" / f"room{s}.pth")
-        fused_features.save_fused_features(tmp_path / "feat" / f"room{s}_0.pt", text[lab].half(),
-                                           torch.ones(300, dtype=torch.bool))
-        from sas_core.train.datasets import scene_from_arrays
-
+    text, rooms = tiny_openscene(tmp_path, dim)
+    for s, p in enumerate(rooms):
         _slab_masks(scene_from_arrays(f"room{s}", p)).save(tmp_path / "feat" / f"room{s}.masks.npz")
         (tmp_path / "train" / f"room{s}.labels.txt").write_text("wall\nfloor\n")
-    torch.save((p, rng.uniform(-1, 1, (300, 3)).astype(np.float32), lab), tmp_path / "val" / "room9.pth")
     (tmp_path / "val" / "room9.labels.txt").write_text("wall\nfloor\ncabinet\n")
     return text
 

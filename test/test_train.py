@@ -293,22 +293,10 @@ def test_openscene_layout_dataset(tmp_path):
 
 
 def test_sas_distill_command_on_an_openscene_layout(tmp_path, capsys):
+    from conftest import tiny_openscene
     from sas_app.cli import main
-    from sas_core.data import fused_features
-    from sas_core.text import SCANNET_20, SyntheticTextEncoder, class_embeddings
 
-    rng = np.random.default_rng(0)
-    text = class_embeddings(SyntheticTextEncoder(SCANNET_20, dim=16), SCANNET_20)
-    for split in ("train", "val"):
-        (tmp_path / split).mkdir()
-    (tmp_path / "feat").mkdir()
-    for s in range(2):
-        p = rng.uniform(0, 4, (300, 3)).astype(np.float32)
-        lab = np.minimum((p[:, 0] / 4 * 3).astype(np.int64), 2)
-        torch.save((p, rng.uniform(-1, 1, (300, 3)).astype(np.float32), lab), tmp_path / "train" / f"room{s}.pth")
-        fused_features.save_fused_features(tmp_path / "feat" / f"room{s}_0.pt", text[lab].half(),
-                                           torch.ones(300, dtype=torch.bool))
-    torch.save((p, rng.uniform(-1, 1, (300, 3)).astype(np.float32), lab), tmp_path / "val" / "room9.pth")
+    tiny_openscene(tmp_path)
     out = tmp_path / "run"
     rc = main(["distill", "--data", str(tmp_path), "--features", str(tmp_path / "feat"), "--superpoints", "points",
                "--text-encoder", "synthetic", "--text-dim", "16", "--arch", "MinkUNet14A", "--epochs", "1",

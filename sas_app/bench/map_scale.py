@@ -39,6 +39,8 @@ import time
 
 import numpy as np
 
+from sas_app.bench.node import _rss_mb  # one /proc reader for the benches
+
 ROOM = (120, 120, 60)      # room size in voxels (6 x 6 x 3 m at 5 cm)
 VOXEL = 0.05
 N_OBJECTS = 8
@@ -47,14 +49,6 @@ CLASSES_OBJ = ("cabinet", "bed", "chair", "sofa", "table", "bookshelf", "desk", 
 QUERIES = {"vocabulary word 'chair'": "chair", "free text 'a wooden chair'": "a wooden chair"}
 THRESHOLD = 0.5
 MAX_POINTS = 5000
-
-
-def _rss_mb() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024.0
-    return float("nan")
 
 
 def _avail_mb() -> float:
