@@ -224,12 +224,8 @@ class BagPlayer:
         return stats
 
     def close(self) -> None:
-        for pub in list(getattr(self, "publishers", {}).values()):
-            try:
-                self.node.destroy_publisher(pub)
-            except Exception:  # the node may be gone already
-                pass
-        self.publishers = {}
+        """Close the bag. The publishers stay with the node and go with it: destroying them here
+        would race an executor that spins the node in another thread (rclpy's InvalidHandle)."""
         if getattr(self, "reader", None) is not None:
             self.reader.close()
             self.reader = None
