@@ -70,6 +70,16 @@ class Live:
     def wait(cond, timeout):
         return wait_until(cond, timeout)
 
+    def stream(self, frames):
+        """Play ``frames`` (at least 80 % integrated), then one labelling pass: its cloud."""
+        for frame in frames:
+            self.play(frame)
+        assert self.node.n_frames >= 0.8 * len(frames), (self.node.n_frames, self.node.drops)
+        n = len(self.clouds)
+        self.node.update_event.set()
+        assert self.wait(lambda: len(self.clouds) > n, 20.0), "no labelled cloud"
+        return self.clouds[-1]
+
     def call(self, client, request, timeout=20.0):
         from sas_ros.live_demo import call_service
 
@@ -161,13 +171,7 @@ def test_rgbd_stream_labelled_cloud_and_query(scene, tmp_path):
 
     live = Live({"map_dir": str(tmp_path / "maps")}, "sas_map_test")
     try:
-        for frame in scene.frames:
-            live.play(frame)
-        assert live.node.n_frames >= 0.8 * len(scene.frames), (live.node.n_frames, live.node.drops)
-        n = len(live.clouds)
-        live.node.update_event.set()
-        assert live.wait(lambda: len(live.clouds) > n, 20.0), "no labelled cloud"
-        cloud = live.clouds[-1]
+        cloud = live.stream(scene.frames)
         assert [f.name for f in cloud.fields] == ["x", "y", "z", "rgb", "label", "score", "instance"]
         assert [f.datatype for f in cloud.fields] == [7, 7, 7, 7, 6, 7, 5]
         assert cloud.header.frame_id == "map"
