@@ -8,7 +8,7 @@ topic's type is needed (for the publisher); topics whose type is not importable 
 skipped with a warning.
 
 Timing: message ``i`` is sent at wall time ``t0 + (log_time_i - first_log_time) / rate``
-(:func:`schedule`); ``loop`` starts over after the last message. ``/tf_static`` is published
+(:func:`send_offset`); ``loop`` starts over after the last message. ``/tf_static`` is published
 transient-local (late subscribers still get the static tree, as with ``ros2 bag play``); other
 topics reliable keep-last(``qos_depth``), which best-effort subscribers (sensor QoS) also match.
 With ``clock`` the bag time is published on ``/clock`` (``rosgraph_msgs/Clock``) before each
@@ -26,16 +26,19 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 STATIC_TF = "/tf_static"
 
 
-def schedule(log_times_ns: Sequence[int], rate: float, first_ns: Optional[int] = None) -> List[float]:
-    """Wall-clock offsets (s from the start of playback) at which each message is sent.
+def send_offset(log_time_ns: int, first_ns: int, rate: float) -> float:
+    """Seconds after the start of playback at which the message logged at ``log_time_ns`` is sent."""
+    return max(0.0, (log_time_ns - first_ns) * 1e-9 / rate)
 
-    ``first_ns`` is the bag time that maps to offset 0 (default: the first message's)."""
+
+def schedule(log_times_ns: Sequence[int], rate: float, first_ns: Optional[int] = None) -> List[float]:
+    """:func:`send_offset` of each message (``first_ns``, the bag time sent at 0: default the first's)."""
     if not rate > 0:
         raise ValueError(f"rate must be > 0, got {rate}")
     if not log_times_ns:
         return []
     t0 = log_times_ns[0] if first_ns is None else first_ns
-    return [max(0.0, (t - t0) * 1e-9 / rate) for t in log_times_ns]
+    return [send_offset(t, t0, rate) for t in log_times_ns]
 
 
 def message_class(msgtype: str):
@@ -201,7 +204,7 @@ class BagPlayer:
             sent = 0
             last_t = self.begin_ns
             for topic, t, raw in self._messages():
-                due = start + (t - self.begin_ns) * 1e-9 / self.rate
+                due = start + send_offset(t, self.begin_ns, self.rate)
                 delay = due - time.monotonic()
                 if delay > 0 and self._stop.wait(delay):
                     break

@@ -322,3 +322,25 @@ def test_mesh_superpoints_of_the_synthetic_world_never_cross_objects():
     # every superpoint holds points of one instance only (the mesh parts are separate components)
     pairs = np.unique(np.stack([sp, inst]), axis=1)
     assert len(np.unique(pairs[0])) == pairs.shape[1]
+
+
+def test_sas_distill_takes_the_text_space_sas_fuse_recorded(tmp_path, capsys):
+    """Without --text-encoder, distill uses the features folder's text_space.json (what sas fuse wrote);
+    a flag naming another space is one clear error."""
+    from conftest import tiny_openscene
+    from sas_app.cli import main
+    from sas_core.data.fused_features import write_text_space
+    from sas_core.text import SCANNET_20, SyntheticTextEncoder
+
+    tiny_openscene(tmp_path)
+    write_text_space(tmp_path / "feat", SyntheticTextEncoder(SCANNET_20, dim=16).config(), "sim_dense")
+    base = ["distill", "--data", str(tmp_path), "--features", str(tmp_path / "feat"), "--superpoints", "points",
+            "--arch", "MinkUNet14A", "--epochs", "1", "--voxel-size", "0.25", "--quiet", "--threads", "1"]
+    assert main(base + ["--out", str(tmp_path / "run")]) == 0  # no --text-encoder, no --text-dim: the record's
+    capsys.readouterr()
+    from sas_core.nn import load_checkpoint
+
+    _, config, _ = load_checkpoint(tmp_path / "run" / "last.pt")
+    assert json.dumps(config).count('"dim": 16') >= 1
+    assert main(base + ["--out", str(tmp_path / "run2"), "--text-encoder", "open_clip"]) == 1
+    assert "drop the flag" in capsys.readouterr().err

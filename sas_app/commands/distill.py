@@ -13,6 +13,7 @@ text encoder's weights default to the models file's (``--models``, see docs/mode
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 from sas_app.commands import add_models_argument, apply_model_paths
 
@@ -72,17 +73,20 @@ def run(args) -> int:
         cfg.device = f"cuda:{rank % max(1, torch.cuda.device_count())}"
     names = parse_vocabulary(args.vocabulary)
     recorded = read_text_space(args.features) if args.features else None
-    if recorded is not None and args.text_encoder is None:
-        # the space the features were fused in (sas fuse wrote it); --text-encoder and its flags win
-        encoder = text_encoder_from_config(recorded["text_encoder"])
-    elif recorded is not None and args.text_encoder and args.text_encoder != recorded["text_encoder"]["kind"]:
+    rec = recorded["text_encoder"] if recorded else None
+    kind = args.text_encoder or (rec["kind"] if rec else "open_clip")
+    if rec and kind != rec["kind"]:
         raise ValueError(f"--text-encoder {args.text_encoder}, but {args.features} was fused in the "
-                         f"{recorded['text_encoder']['kind']} text space (text_space.json): drop the flag")
-    elif args.text_encoder == "synthetic":
-        encoder = SyntheticTextEncoder(names, dim=args.text_dim)
+                         f"{rec['kind']} text space (text_space.json): drop the flag")
+    if kind == "synthetic":  # the recorded space exactly (its vocabulary, size and seed), else the flags'
+        encoder = text_encoder_from_config(rec) if rec else SyntheticTextEncoder(names, dim=args.text_dim)
     else:
         from sas_core.text import OpenClipTextEncoder
 
+        if rec:  # the CLIP model the features were fused with; its weights file when it is on this machine
+            args.clip_model = rec.get("model") or args.clip_model
+            if not args.clip_checkpoint and rec.get("checkpoint") and Path(rec["checkpoint"]).is_file():
+                args.clip_checkpoint = rec["checkpoint"]
         apply_model_paths(args, {"clip_model": "clip_model", "clip_checkpoint": "clip_checkpoint"})
         encoder = OpenClipTextEncoder(args.clip_model, args.clip_checkpoint)
     text = class_embeddings(encoder, names)
@@ -103,8 +107,6 @@ def run(args) -> int:
                   f"(unrestricted): {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}", file=sys.stderr)
     val_scenes = None
     if args.val_split is None:
-        from pathlib import Path
-
         args.val_split = "val" if (Path(args.data) / "val").is_dir() else ""
         if not args.val_split and rank == 0:
             print(f"no val split in {args.data}: training without validation", file=sys.stderr)
