@@ -120,6 +120,7 @@ class MappingNode(Node):
         self._last_warn: dict = {}
         self.drops: dict = {}
         self.n_updates = 0
+        self.n_inputs_done = 0  # inputs the integration worker finished (integrated, dropped or failed)
         self.integrate_rate = _Rate()
         self.integrate_ms: deque = deque(maxlen=200)
         self.update_ms: deque = deque(maxlen=50)
@@ -342,6 +343,8 @@ class MappingNode(Node):
                 if self._stopping():
                     break
                 self._drop("error", f"{kind} frame failed: {exc!r}\n{traceback.format_exc(limit=3)}")
+            finally:  # after the teacher hand-off too: a waiter sees the frame's teacher work queued
+                self.n_inputs_done += 1
 
     def _pose_timeout(self, recv: Optional[float]) -> float:
         """Seconds a frame received at ``recv`` may still wait for its pose: ``pose_wait`` from its

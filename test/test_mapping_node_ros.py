@@ -59,7 +59,7 @@ class Live:
         assert self.player.wait_for_subscribers(15.0), "node did not subscribe"
 
     def handled(self):
-        return self.node.n_frames + sum(self.node.drops.values())
+        return self.node.n_inputs_done
 
     def play(self, frame, **kw):
         before = self.handled()
@@ -71,13 +71,18 @@ class Live:
         return wait_until(cond, timeout)
 
     def stream(self, frames):
-        """Play ``frames`` (at least 80 % integrated), then one labelling pass: its cloud."""
+        """Play ``frames`` (at least 80 % integrated), wait until the teacher worker has fused every
+        frame it picked, then the cloud of a labelling pass that began after that. (A pass already
+        under way may publish voxels fused after its instance update: labelled, with instance -1,
+        "not grouped yet"; so the second cloud from now is the one taken.)"""
         for frame in frames:
             self.play(frame)
         assert self.node.n_frames >= 0.8 * len(frames), (self.node.n_frames, self.node.drops)
+        assert self.wait(lambda: self.node.teacher_pending == 0, 30.0), "teacher worker did not finish"
         n = len(self.clouds)
-        self.node.update_event.set()
-        assert self.wait(lambda: len(self.clouds) > n, 20.0), "no labelled cloud"
+        for k in (1, 2):
+            self.node.update_event.set()
+            assert self.wait(lambda: len(self.clouds) >= n + k, 20.0), "no labelled cloud"
         return self.clouds[-1]
 
     def call(self, client, request, timeout=20.0):
