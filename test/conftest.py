@@ -41,6 +41,33 @@ def wait_until(cond, timeout: float, poll: float = 0.01) -> bool:
     return False
 
 
+class Spun:
+    """Nodes spun by a MultiThreadedExecutor in a background thread, in their own rclpy context;
+    :meth:`close` stops the executor and joins its thread before the nodes go, so no callback
+    is taken on a destroyed entity (rclpy then prints "exception was never retrieved")."""
+
+    def __init__(self, context, *nodes, threads: int = 4):
+        import threading
+
+        from rclpy.executors import MultiThreadedExecutor
+
+        self.context, self.nodes = context, list(nodes)
+        self.executor = MultiThreadedExecutor(num_threads=threads, context=context)
+        for node in self.nodes:
+            self.executor.add_node(node)
+        self.thread = threading.Thread(target=self.executor.spin, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        import rclpy
+
+        self.executor.shutdown(timeout_sec=10.0)
+        self.thread.join(timeout=10.0)
+        for node in self.nodes:
+            node.destroy_node()
+        rclpy.shutdown(context=self.context)
+
+
 def tiny_openscene(root, dim: int = 16):
     """Two 300-point training rooms (labels 0-2 by x) with fused features equal to each point's class
     text vector, and one validation room, in the OpenScene layout under ``root`` (train/, val/, feat/).

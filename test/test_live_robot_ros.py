@@ -18,7 +18,7 @@ rclpy = pytest.importorskip("rclpy")
 pytest.importorskip("tf2_msgs.msg", reason="tf2_msgs is built by scripts/setup_env.sh")
 pytestmark = pytest.mark.ros
 
-from conftest import wait_until  # noqa: E402
+from conftest import Spun, wait_until  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 OPTICAL = "camera_color_optical_frame"
@@ -62,7 +62,6 @@ class Robot:
     """A MappingNode + a helper that plays a camera the way a robot's drivers do (own context)."""
 
     def __init__(self, name, params, static_first=True, compressed=True):
-        from rclpy.executors import MultiThreadedExecutor
         from rclpy.parameter import Parameter
         from sensor_msgs.msg import CameraInfo, CompressedImage, Image
         from std_msgs.msg import String
@@ -96,10 +95,7 @@ class Robot:
                                 parameter_overrides=[Parameter(k, value=v) for k, v in base.items()])
         self.stats = []
         self.helper.create_subscription(String, f"/{name}/stats", lambda m: self.stats.append(json.loads(m.data)), 10)
-        self.executor = MultiThreadedExecutor(num_threads=4, context=self.context)
-        self.executor.add_node(self.node)
-        self.executor.add_node(self.helper)
-        threading.Thread(target=self.executor.spin, daemon=True).start()
+        self.spun = Spun(self.context, self.node, self.helper)
         pubs = [self.pub_color, self.pub_depth, self.pub_info, self.pub_tf]
         assert wait_until(lambda: all(p.get_subscription_count() > 0 for p in pubs), 15.0), "node did not subscribe"
 
@@ -148,10 +144,7 @@ class Robot:
         return self.node.n_frames + sum(self.node.drops.values())
 
     def close(self):
-        self.executor.shutdown()
-        self.node.destroy_node()
-        self.helper.destroy_node()
-        rclpy.shutdown(context=self.context)
+        self.spun.close()
 
 
 @pytest.fixture(scope="module")

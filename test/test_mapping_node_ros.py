@@ -1,7 +1,6 @@
 """The live mapping node over loopback: a synthetic RGB-D stream in, labelled cloud and queries out."""
 
 import json
-import threading
 
 import numpy as np
 import pytest
@@ -9,7 +8,7 @@ import pytest
 rclpy = pytest.importorskip("rclpy")
 pytestmark = pytest.mark.ros
 
-from conftest import wait_until  # noqa: E402
+from conftest import Spun, wait_until  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -23,7 +22,6 @@ class Live:
     """A MappingNode and a helper node (player, subscriptions, clients) spun in one executor."""
 
     def __init__(self, params: dict, name: str):
-        from rclpy.executors import MultiThreadedExecutor
         from rclpy.parameter import Parameter
         from rcl_interfaces.msg import Log
         from sensor_msgs.msg import PointCloud2
@@ -51,11 +49,7 @@ class Live:
         self.set_vocab = self.helper.create_client(SetVocabulary, f"/{name}/set_vocabulary")
         self.save = self.helper.create_client(SaveMap, f"/{name}/save_map")
         self.reset = self.helper.create_client(Trigger, f"/{name}/reset")
-        self.executor = MultiThreadedExecutor(num_threads=4, context=self.context)
-        self.executor.add_node(self.node)
-        self.executor.add_node(self.helper)
-        self.thread = threading.Thread(target=self.executor.spin, daemon=True)
-        self.thread.start()
+        self.spun = Spun(self.context, self.node, self.helper)
         assert self.player.wait_for_subscribers(15.0), "node did not subscribe"
 
     def handled(self):
@@ -94,10 +88,7 @@ class Live:
         return response
 
     def close(self):
-        self.executor.shutdown()
-        self.node.destroy_node()
-        self.helper.destroy_node()
-        rclpy.shutdown(context=self.context)
+        self.spun.close()
 
 
 def _check_objects(scene, live, response, pts, cls):

@@ -4,7 +4,6 @@ every node parameter comes from a config dataclass field; bad device settings fa
 import os
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +12,7 @@ import pytest
 rclpy = pytest.importorskip("rclpy")
 pytestmark = pytest.mark.ros
 
-from conftest import wait_until  # noqa: E402
+from conftest import Spun, wait_until  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -22,7 +21,6 @@ class _Node:
     """A MappingNode + a helper node in one executor (own context)."""
 
     def __init__(self, name, params):
-        from rclpy.executors import MultiThreadedExecutor
         from rclpy.parameter import Parameter
 
         from sas_ros.live_demo import remap_args
@@ -33,17 +31,10 @@ class _Node:
         self.node = MappingNode(name, context=self.context, cli_args=remap_args(),
                                 parameter_overrides=[Parameter(k, value=v) for k, v in params.items()])
         self.helper = rclpy.create_node(f"{name}_helper", context=self.context)
-        self.executor = MultiThreadedExecutor(num_threads=4, context=self.context)
-        self.executor.add_node(self.node)
-        self.executor.add_node(self.helper)
-        self.thread = threading.Thread(target=self.executor.spin, daemon=True)
-        self.thread.start()
+        self.spun = Spun(self.context, self.node, self.helper)
 
     def close(self):
-        self.executor.shutdown()
-        self.node.destroy_node()
-        self.helper.destroy_node()
-        rclpy.shutdown(context=self.context)
+        self.spun.close()
 
 
 def _bag_messages(path):
