@@ -151,12 +151,21 @@ def _kernels():
                     csum[u, a] += np.float64(cols[t, a])
         return m
 
-    @njit(parallel=True, cache=True, nogil=True)
-    def lookup(keys, lbits, hk, hv, shift, table, out):  # pragma: no cover
+    def lookup_impl(keys, lbits, hk, hv, shift, table, out, chunk):  # pragma: no cover
         lmask = (np.int64(1) << lbits) - 1
-        for t in prange(keys.shape[0]):
-            b = find(hk, hv, shift, keys[t] >> lbits)
-            out[t] = -1 if b < 0 else table[b, keys[t] & lmask]
+        n = keys.shape[0]
+        for c in prange((n + chunk - 1) // chunk):  # contiguous chunks: consecutive keys share blocks
+            last_key = np.int64(-1)
+            b = np.int32(-1)
+            for t in range(c * chunk, min(n, (c + 1) * chunk)):
+                bk = keys[t] >> lbits
+                if bk != last_key:
+                    b = find(hk, hv, shift, bk)
+                    last_key = bk
+                out[t] = -1 if b < 0 else table[b, keys[t] & lmask]
+
+    lookup = njit(parallel=True, cache=True, nogil=True)(lookup_impl)
+    lookup_serial = njit(cache=True, nogil=True)(lookup_impl)
 
     @njit(inline="always")
     def hdelete(hk, hv, shift, i):  # pragma: no cover
@@ -241,7 +250,7 @@ def _kernels():
                     out[k] = s
                     k += 1
 
-    return dict(rehash=rehash, assign=assign, dedup=dedup, lookup=lookup, unlink=unlink, drop_empty=drop_empty,
+    return dict(rehash=rehash, assign=assign, dedup=dedup, lookup=lookup, lookup_serial=lookup_serial, unlink=unlink, drop_empty=drop_empty,
                 gather=gather)
 
 
@@ -343,8 +352,10 @@ class BlockIndex:
         """(P,) int64 slot of each voxel key, -1 where absent."""
         keys = np.ascontiguousarray(keys, np.int64)
         out = np.empty(len(keys), np.int32)
-        if len(keys):
-            self._k["lookup"](keys, self.lbits, self.hk, self.hv, self.shift, self.table, out)
+        if len(keys):  # one thread below a million keys (a parallel launch waits for every thread)
+            big = len(keys) >= 1 << 20
+            self._k["lookup" if big else "lookup_serial"](keys, self.lbits, self.hk, self.hv, self.shift, self.table,
+                                                          out, 1 << 16 if big else len(keys))
         return out.astype(np.int64)
 
     def frame(self, keys: np.ndarray, pts: np.ndarray, cols):
