@@ -14,14 +14,19 @@ int8 with one float32 scale per voxel, plus two float32 error terms::
 
 The codes are kept in two arrays: the first 32 columns (the "head": the basis starts with the
 vocabulary's directions) and the rest (the "tail"), with the tail's norm ``|s q_tail|`` (float32).
-A query scans the head only and rescores exactly, with the tail, every voxel whose bound
+A query reads the head only and rescores exactly, with the tail, every voxel whose bound
 ``head + |s q_tail| |t_tail|`` reaches the threshold (and those that could hold the best score); a
-text far from the head (bound > 0.1) scans both parts. ``r + 16`` bytes a voxel (144 B at r = 128,
-against 1280 B today).
+text far from the head (bound > 0.1) scans both parts. The head is read only in the groups of 256
+slots whose bound (:class:`GroupBounds`: the box of the group's head coefficients) reaches the
+threshold or the best score, which gives the same candidates as reading every voxel; with more sure
+matches than ``max_points``, only those that can be among the returned ones are rescored (the rest
+are counted). ``r + 16`` bytes a voxel (144 B at r = 128, against 1280 B), + 1 B for the group bounds.
 
 Guarantee. Queries, labels and scores are computed on the stored feature ``f_hat`` and are
-*exactly* a full scan of the store: ``f_hat . t = s q . (B^T t)`` is what one int8 GEMV computes
-for every voxel (no candidate set, nothing approximate beyond float32 rounding). Against the
+*exactly* a full scan of the store: ``f_hat . t = s q . (B^T t)`` is what the int8 kernels compute,
+for every voxel that bounds cannot rule out (the bounds only skip voxels that provably score below
+the threshold, or cannot be returned; nothing approximate beyond float32 rounding, covered by a
+1e-4 slack on every comparison). Against the
 original feature ``f`` (what the full fp16 store kept), for a unit text ``t`` with ``t_r = B^T t``
 and ``tau = |t - B t_r|``::
 

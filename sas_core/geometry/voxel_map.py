@@ -4,11 +4,14 @@ Geometry. Each occupied voxel (edge ``voxel_size``) holds one point: the running
 points that fell into it, their mean colour, an observation count and the index of the last
 integration that touched it. Voxel keys are the three integer voxel coordinates packed into one
 int64 *block-major* (:func:`block_keys`: the 8^3-voxel block first, as nvblox / voxblox group
-voxels, then the voxel inside it); a sorted key array plus ``np.searchsorted`` maps keys to slots,
-so integrating a frame is a few vectorised sorts and merges (no per-point Python), and a block's
-voxels are one contiguous run of the index: a box (:meth:`VoxelMap.box_slots`, ``query(...,
-region=)``, the segmenter's context :meth:`VoxelMap.region_slots`) reads only the blocks it
-overlaps (a sorted array of the occupied blocks' keys, one binary search per block). Per-voxel data live in slot arrays that
+voxels, then the voxel inside it). The key index (:mod:`sas_core.geometry.voxel_index`) is a hash
+of the occupied blocks, each with a dense table of its 512 voxels' slots: a frame's points find
+their voxels in one pass (one hash probe per block, one table read per point), so integrating a
+frame costs O(points + voxels touched) whatever the map's size, and a new voxel is O(1). A box
+(:meth:`VoxelMap.box_slots`, ``query(..., region=)``, the segmenter's context
+:meth:`VoxelMap.region_slots`) reads only the blocks it overlaps. Key order (:meth:`VoxelMap.slots`,
+exports, saved maps) is the occupied blocks sorted by key, each block's table in order: cached,
+rebuilt in one O(N) pass after voxels come or go. Per-voxel data live in slot arrays that
 grow geometrically up to ``max_points`` and never beyond: when the map is full, the eviction
 policy frees slots (``oldest``: least recently observed voxels first; ``farthest``: farthest from
 the sensor first), always freeing a little more than needed (``evict_fraction``) so eviction does
@@ -54,8 +57,9 @@ machine under a load average of ~13): vocabulary word 36 ms CPU / 133 ms wall vs
 Building scale (``feature_store="int8"``, :mod:`sas_core.geometry.feature_store`). The fp16
 features and the reduced store above are replaced by the rank-r coefficients in the same basis,
 int8 with a per-voxel scale, plus two error terms and the tail norm (r + 16 bytes a voxel: 144 B at
-r = 128, against 1280 B): an int8 GEMV over the 32 vocabulary columns plus exact rescoring of the
-candidates with the rest is an exact full scan of that store, and each score is within a stated bound
+r = 128, against 1280 B): the 32 vocabulary columns give every voxel that can reach the threshold
+(read only in the slot groups whose per-group bound reaches it), exact rescoring of those with the
+rest is an exact full scan of that store, and each score is within a stated bound
 of the original feature's (see that module; ``sas bench map-scale`` measures recall and precision
 against the original features, and the memory model by component).
 
@@ -1206,9 +1210,9 @@ class VoxelMap:
     def memory_model(self) -> dict:
         """Bytes by component: ``geometry`` (positions, colours, counts, ages, flags), ``labels``
         (labels, scores), ``features`` (the fp16 features, or the int8 codes + scales + error
-        terms + basis + refit sample), ``query_store`` (the fp16 store's reduced coefficients and
-        residuals), ``index`` (sorted keys, their slots, block keys, free list), ``refit`` (a refit
-        under way)."""
+        terms + basis + refit sample + per-group query bounds), ``query_store`` (the fp16 store's
+        reduced coefficients and residuals), ``index`` (each slot's key, the block index's hash and
+        slot tables, the cached key order, the free list), ``refit`` (a refit under way)."""
         nb = lambda *arrs: int(sum(a.nbytes for a in arrs if isinstance(a, np.ndarray)))  # noqa: E731
         out = dict(geometry=nb(self.positions, self.colors, self.counts, self.last_seen, self.dirty, self.valid,
                                self.feature_counts),
