@@ -174,27 +174,35 @@ def _kernels():
             out[g] = acc
 
     # head scores of the rows of groups gids (buffer hbuf, group rows per group), best and count
-    def group_scan_impl(q, scale, t, valid, fcount, gids, group, top, thr, hbuf, gbest, gcount):  # pragma: no cover
+    @njit(inline="always")
+    def scan_group(q, scale, t, valid, fcount, gids, group, top, thr, hbuf, gbest, gcount, a):  # pragma: no cover
         none = np.float32(_NONE)
-        for a in prange(gids.shape[0]):
-            g = gids[a]
-            m = none
-            c = 0
-            base = a * group
-            for i in range(g * group, (g + 1) * group):
-                v = none
-                if i < top and valid[i] and fcount[i] > 0:
-                    v = dot_row(q, i, t) * scale[i]
-                hbuf[base + i - g * group] = v
-                if v > m:
-                    m = v
-                if v >= thr:
-                    c += 1
-            gbest[a] = m
-            gcount[a] = c
+        g = gids[a]
+        m = none
+        c = 0
+        base = a * group
+        for i in range(g * group, (g + 1) * group):
+            v = none
+            if i < top and valid[i] and fcount[i] > 0:
+                v = dot_row(q, i, t) * scale[i]
+            hbuf[base + i - g * group] = v
+            if v > m:
+                m = v
+            if v >= thr:
+                c += 1
+        gbest[a] = m
+        gcount[a] = c
 
-    group_scan = njit(parallel=True, cache=True, nogil=True, fastmath=True)(group_scan_impl)
-    group_scan_serial = njit(cache=True, nogil=True, fastmath=True)(group_scan_impl)
+    # two kernels, not one function compiled twice: numba's disk cache keys on the Python function
+    @njit(parallel=True, cache=True, nogil=True, fastmath=True)
+    def group_scan(q, scale, t, valid, fcount, gids, group, top, thr, hbuf, gbest, gcount):  # pragma: no cover
+        for a in prange(gids.shape[0]):
+            scan_group(q, scale, t, valid, fcount, gids, group, top, thr, hbuf, gbest, gcount, a)
+
+    @njit(cache=True, nogil=True, fastmath=True)
+    def group_scan_serial(q, scale, t, valid, fcount, gids, group, top, thr, hbuf, gbest, gcount):  # pragma: no cover
+        for a in range(gids.shape[0]):
+            scan_group(q, scale, t, valid, fcount, gids, group, top, thr, hbuf, gbest, gcount, a)
 
     @njit(cache=True, nogil=True)
     def group_collect(hbuf, gids, group, thr, offs, rows, vals):  # pragma: no cover

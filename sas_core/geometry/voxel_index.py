@@ -151,21 +151,28 @@ def _kernels():
                     csum[u, a] += np.float64(cols[t, a])
         return m
 
-    def lookup_impl(keys, lbits, hk, hv, shift, table, out, chunk):  # pragma: no cover
+    @njit(inline="always")
+    def lookup_range(keys, lbits, hk, hv, shift, table, out, lo, hi):  # pragma: no cover
         lmask = (np.int64(1) << lbits) - 1
-        n = keys.shape[0]
-        for c in prange((n + chunk - 1) // chunk):  # contiguous chunks: consecutive keys share blocks
-            last_key = np.int64(-1)
-            b = np.int32(-1)
-            for t in range(c * chunk, min(n, (c + 1) * chunk)):
-                bk = keys[t] >> lbits
-                if bk != last_key:
-                    b = find(hk, hv, shift, bk)
-                    last_key = bk
-                out[t] = -1 if b < 0 else table[b, keys[t] & lmask]
+        last_key = np.int64(-1)
+        b = np.int32(-1)
+        for t in range(lo, hi):  # consecutive keys mostly share a block: one probe per block
+            bk = keys[t] >> lbits
+            if bk != last_key:
+                b = find(hk, hv, shift, bk)
+                last_key = bk
+            out[t] = -1 if b < 0 else table[b, keys[t] & lmask]
 
-    lookup = njit(parallel=True, cache=True, nogil=True)(lookup_impl)
-    lookup_serial = njit(cache=True, nogil=True)(lookup_impl)
+    # two kernels, not one function compiled twice: numba's disk cache keys on the Python function
+    @njit(parallel=True, cache=True, nogil=True)
+    def lookup(keys, lbits, hk, hv, shift, table, out, chunk):  # pragma: no cover
+        n = keys.shape[0]
+        for c in prange((n + chunk - 1) // chunk):
+            lookup_range(keys, lbits, hk, hv, shift, table, out, c * chunk, min(n, (c + 1) * chunk))
+
+    @njit(cache=True, nogil=True)
+    def lookup_serial(keys, lbits, hk, hv, shift, table, out, chunk):  # pragma: no cover
+        lookup_range(keys, lbits, hk, hv, shift, table, out, 0, keys.shape[0])
 
     @njit(inline="always")
     def hdelete(hk, hv, shift, i):  # pragma: no cover
