@@ -307,3 +307,8 @@ def test_map_scale_bench_case_runs_and_checks_itself():
     assert out["region_labelling_per_frame"]["same_voxels"]
     assert out["save_load"]["reloaded_same_size"]
     assert set(out["memory"]["by_component_bytes_per_voxel"]) >= {"geometry", "features", "index"}
+    # frames into a cleared room insert voxels; the index costs are replayed on the map's keys
+    assert out["integration_640x480"]["stride1_into_a_cleared_room"]["new_voxels_median"] > 0
+    ki = out["key_index"]
+    assert ki["voxels"] > 0 and ki["new_voxels"] > 0 and ki["frame_points"] > 0
+    assert set(ki["insert_ms"]) == set(ki["lookup_frame_ms"]) == {"sorted_arrays_before", "block_index_now"}

@@ -7,7 +7,10 @@ building and measures:
 * memory: the map's bytes by component (:meth:`VoxelMap.memory_model`), bytes per voxel, and the
   process's resident memory before and after building the map (RSS delta);
 * integration of a 640x480 RGB-D frame into the full map (a camera inside one room, depth ray-cast
-  against the room's box; pixel stride 1 and 2, the node's default), frames per second;
+  against the room's box; pixel stride 1 and 2, the node's default), frames per second; and at
+  stride 1 into the same room after its voxels were removed (frames that insert voxels);
+* the key index: inserting a frame's new voxels and looking up a frame's points, against the
+  sorted-array index it replaced (replayed on the same keys in the same run);
 * region labelling: the frame's touched voxels relabelled (``classify``) and the segmenter's
   context box around them (``region_slots``, block-pruned, against a scan of every voxel);
 * query latency (median of repeats, threshold 0.5, 5000 points returned): a vocabulary word,
@@ -255,6 +258,7 @@ def run_case(n: int, store: str, repeats: int, save: bool, rank: int) -> dict:
             a = time.perf_counter()
             res = vmap.query(t, threshold=THRESHOLD, max_points=MAX_POINTS)
             times.append(time.perf_counter() - a)
+        groups = getattr(vmap, "last_query_groups", (0, 0))
         rtimes = []
         for _ in range(repeats):
             a = time.perf_counter()
@@ -283,7 +287,7 @@ def run_case(n: int, store: str, repeats: int, save: bool, rank: int) -> dict:
                         region_room_voxels=int(rres.rescored), rescored=int(res.rescored), count=int(res.count),
                         count_exact=int(truth.sum()),
                         recall=round(tp / max(1, int(truth.sum())), 4), precision=round(tp / max(1, int(pred.sum())), 4),
-                        returned=len(res.slots), **extra)
+                        returned=len(res.slots), groups_read=int(groups[0]), groups=int(groups[1]), **extra)
     out["queries"] = q
     del ref
     gc.collect()
@@ -326,7 +330,23 @@ def run_case(n: int, store: str, repeats: int, save: bool, rank: int) -> dict:
         med = float(np.median(times))
         integ[f"stride{stride}"] = dict(ms_median=round(med * 1e3, 1), hz=round(1 / med, 1),
                                         voxels_touched=int(np.median(touched)), new_voxels_median=int(np.median(new)))
+    # frames that add voxels: the room's voxels removed first, so each frame inserts what it sees
+    # (the case the sorted key index paid O(N) for)
+    vmap.remove(vmap.box_slots(*room_box))
+    times, new = [], []
+    for i in range(8):
+        depth, color, intr, pose = _camera_frame(room_box, yaw=i * 0.7 + 0.35, stride=1)
+        n_before = len(vmap)
+        a = time.perf_counter()
+        pts, cols, _ = rgbd_points(depth, color, intr, pose, stride=1, max_depth=10.0)
+        vmap.integrate(pts, cols, sensor_origin=pose[:3, 3])
+        times.append(time.perf_counter() - a)
+        new.append(len(vmap) - n_before)
+    med = float(np.median(times))
+    integ["stride1_into_a_cleared_room"] = dict(ms_median=round(med * 1e3, 1), hz=round(1 / med, 1),
+                                                new_voxels_median=int(np.median(new)), new_voxels_max=int(max(new)))
     out["integration_640x480"] = integ
+    out["key_index"] = _index_costs(vmap, pts)
     ms = lambda v: round(float(np.median(v)) * 1e3, 1)  # noqa: E731
     out["region_labelling_per_frame"] = dict(dirty_voxels=int(np.median(n_dirty)), relabel_ms=ms(relabel),
                                              context_box_voxels=int(np.median(n_box)),
@@ -372,6 +392,53 @@ def run_case(n: int, store: str, repeats: int, save: bool, rank: int) -> dict:
     return out
 
 
+def _index_costs(vmap, frame_points, n_new: int = 3348, repeats: int = 5) -> dict:
+    """Insert and lookup cost of the map's key index against the sorted-array index it replaced,
+    in one run: the old ``_slots_for`` steps (binary searches, ``np.insert`` of the new keys and
+    their slots into the sorted arrays, the block keys) replayed on this map's keys, and a copy of
+    the block index (:class:`sas_core.geometry.voxel_index.BlockIndex`) built from the same keys."""
+    from sas_core.geometry.voxel_index import BlockIndex
+    from sas_core.geometry.voxel_map import _LOCAL, block_keys
+
+    order = vmap.slots()
+    keys = vmap._slot_key[order]
+    bkeys = np.unique(keys >> _LOCAL)
+    frame_keys = block_keys(np.floor(frame_points * np.float32(1.0 / vmap.config.voxel_size)))
+    rng = np.random.default_rng(0)
+    lo, hi = keys.min(), keys.max()
+    newk = np.setdiff1d(np.unique(rng.integers(lo, hi, 2 * n_new)), keys)[:n_new]  # keys not in the map
+    new_slots = np.arange(len(keys), len(keys) + len(newk))
+    sorted_ms, block_ms, lk_sorted, lk_block = [], [], [], []
+    for _ in range(repeats):
+        a = time.perf_counter()
+        pos = np.searchsorted(keys, newk)
+        k2, s2 = np.insert(keys, pos, newk), np.insert(order, pos, new_slots)
+        nb = np.unique(newk >> _LOCAL)
+        nb = nb[~np.isin(nb, bkeys, assume_unique=True)]
+        b2 = np.insert(bkeys, np.searchsorted(bkeys, nb), nb)
+        sorted_ms.append(time.perf_counter() - a)
+        del k2, s2, b2
+        a = time.perf_counter()
+        p = np.minimum(np.searchsorted(keys, frame_keys), len(keys) - 1)
+        np.where(keys[p] == frame_keys, order[p], -1)
+        lk_sorted.append(time.perf_counter() - a)
+    idx = BlockIndex(_LOCAL)
+    idx.insert(keys, order)
+    for _ in range(repeats):
+        a = time.perf_counter()
+        idx.insert(newk, new_slots)
+        block_ms.append(time.perf_counter() - a)
+        idx.remove(newk)
+        a = time.perf_counter()
+        idx.lookup(frame_keys)
+        lk_block.append(time.perf_counter() - a)
+    ms = lambda v: round(float(np.median(v)) * 1e3, 2)  # noqa: E731
+    return dict(voxels=len(keys), new_voxels=len(newk), frame_points=len(frame_keys),
+                insert_ms=dict(sorted_arrays_before=ms(sorted_ms), block_index_now=ms(block_ms)),
+                lookup_frame_ms=dict(sorted_arrays_before=ms(lk_sorted), block_index_now=ms(lk_block)),
+                block_index_mb=round(idx.nbytes / 2 ** 20, 1))
+
+
 def _peak_rss_mb() -> float:
     import resource
 
@@ -406,9 +473,9 @@ def main(argv: list[str]) -> dict:
                   threshold=THRESHOLD, max_points=MAX_POINTS, feature_dim=512, cases=[])
     for n in sizes:
         for store in stores:
-            per_voxel = {"int8": 210 + args.rank, "fp16": 1350}[store]  # rough peak of the case
+            per_voxel = {"int8": 240 + args.rank, "fp16": 1390}[store]  # rough peak of the case
             need_mb = n * per_voxel * 1.3 / 2 ** 20  # the map + the bench's own arrays
-            save_mb = n * per_voxel * 3 / 2 ** 20    # + the snapshot and the export copies
+            save_mb = n * per_voxel * 2.5 / 2 ** 20  # + the snapshot and the export copies (8.1 GB at 10M before)
             avail = _avail_mb()
             if need_mb > 0.6 * avail:
                 result["cases"].append(dict(voxels=n, store=store, skipped=f"needs ~{need_mb:.0f} MB, "

@@ -14,14 +14,19 @@ int8 with one float32 scale per voxel, plus two float32 error terms::
 
 The codes are kept in two arrays: the first 32 columns (the "head": the basis starts with the
 vocabulary's directions) and the rest (the "tail"), with the tail's norm ``|s q_tail|`` (float32).
-A query scans the head only and rescores exactly, with the tail, every voxel whose bound
+A query reads the head only and rescores exactly, with the tail, every voxel whose bound
 ``head + |s q_tail| |t_tail|`` reaches the threshold (and those that could hold the best score); a
-text far from the head (bound > 0.1) scans both parts. ``r + 16`` bytes a voxel (144 B at r = 128,
-against 1280 B today).
+text far from the head (bound > 0.1) scans both parts. The head is read only in the groups of 256
+slots whose bound (:class:`GroupBounds`: the box of the group's head coefficients) reaches the
+threshold or the best score, which gives the same candidates as reading every voxel; with more sure
+matches than ``max_points``, only those that can be among the returned ones are rescored (the rest
+are counted). ``r + 16`` bytes a voxel (144 B at r = 128, against 1280 B), + 1 B for the group bounds.
 
 Guarantee. Queries, labels and scores are computed on the stored feature ``f_hat`` and are
-*exactly* a full scan of the store: ``f_hat . t = s q . (B^T t)`` is what one int8 GEMV computes
-for every voxel (no candidate set, nothing approximate beyond float32 rounding). Against the
+*exactly* a full scan of the store: ``f_hat . t = s q . (B^T t)`` is what the int8 kernels compute,
+for every voxel that bounds cannot rule out (the bounds only skip voxels that provably score below
+the threshold, or cannot be returned; nothing approximate beyond float32 rounding, covered by a
+1e-4 slack on every comparison). Against the
 original feature ``f`` (what the full fp16 store kept), for a unit text ``t`` with ``t_r = B^T t``
 and ``tau = |t - B t_r|``::
 
@@ -44,7 +49,8 @@ from typing import Optional
 
 import numpy as np
 
-__all__ = ["quantize", "int8_scores", "int8_threshold_scan", "int8_project", "error_bound", "DecodedFeatures"]
+__all__ = ["quantize", "int8_scores", "int8_threshold_scan", "int8_group_candidates", "int8_project", "error_bound",
+           "GroupBounds", "DecodedFeatures"]
 
 #: rows per NumPy block where a block-wise float32 conversion is needed
 CHUNK = 65536
@@ -85,15 +91,23 @@ def _kernels():
                 acc += np.float32(q[i, j]) * t[j]
             out[i] = acc * scale[i]
 
+    @njit(inline="always")
+    def dot_row(q, i, t):  # pragma: no cover - the one per-row dot product of every kernel
+        acc = np.float32(0.0)
+        for j in range(q.shape[1]):
+            acc += np.float32(q[i, j]) * t[j]
+        return acc
+
     @njit(parallel=True, cache=True, nogil=True, fastmath=True)
     def scores_rows(q, scale, t, rows, out):  # pragma: no cover - compiled by numba
-        r = q.shape[1]
         for k in prange(rows.shape[0]):
-            i = rows[k]
-            acc = np.float32(0.0)
-            for j in range(r):
-                acc += np.float32(q[i, j]) * t[j]
-            out[k] = acc * scale[i]
+            out[k] = dot_row(q, rows[k], t) * scale[rows[k]]
+
+    # serial twins for small work: a parallel launch waits for every thread (slow on a loaded machine)
+    @njit(cache=True, nogil=True, fastmath=True)
+    def scores_rows_serial(q, scale, t, rows, out):  # pragma: no cover
+        for k in range(rows.shape[0]):
+            out[k] = dot_row(q, rows[k], t) * scale[rows[k]]
 
     # after the GEMV: unusable rows get the finite sentinel _NONE; per-block best score and count
     @njit(parallel=True, cache=True, nogil=True)
@@ -125,7 +139,207 @@ def _kernels():
                     idx[k] = i
                     k += 1
 
-    return scores_all, scores_rows, scan_blocks, collect
+    # per-group (GROUP consecutive slots) box of the dequantised head coefficients, valid rows only
+    @njit(parallel=True, cache=True, nogil=True)
+    def group_box(q, scale, valid, gids, group, top, gmax, gmin):  # pragma: no cover
+        h = q.shape[1]
+        for a in prange(gids.shape[0]):
+            g = gids[a]
+            for j in range(h):
+                gmax[g, j] = np.float32(-np.inf)
+                gmin[g, j] = np.float32(np.inf)
+            for i in range(g * group, min(top, (g + 1) * group)):
+                if valid[i]:
+                    s = scale[i]
+                    for j in range(h):
+                        v = np.float32(q[i, j]) * s
+                        if v > gmax[g, j]:
+                            gmax[g, j] = v
+                        if v < gmin[g, j]:
+                            gmin[g, j] = v
+
+    # upper bound of every group's head scores for the text t: sum_j max(t_j cmax_j, t_j cmin_j)
+    # (small kernels run serial: a parallel launch waits for every thread, slow on a loaded machine)
+    @njit(cache=True, nogil=True)
+    def group_upper(gmax, gmin, t, out):  # pragma: no cover
+        h = gmax.shape[1]
+        for g in range(gmax.shape[0]):
+            if gmax[g, 0] < gmin[g, 0]:  # no valid row
+                out[g] = -np.inf
+                continue
+            acc = 0.0
+            for j in range(h):
+                a = np.float64(t[j])
+                acc += max(a * gmax[g, j], a * gmin[g, j])
+            out[g] = acc
+
+    # head scores of the rows of groups gids (buffer hbuf, group rows per group), best and count
+    @njit(inline="always")
+    def scan_group(q, scale, t, valid, fcount, gids, group, top, thr, hbuf, gbest, gcount, a):  # pragma: no cover
+        none = np.float32(_NONE)
+        g = gids[a]
+        m = none
+        c = 0
+        base = a * group
+        for i in range(g * group, (g + 1) * group):
+            v = none
+            if i < top and valid[i] and fcount[i] > 0:
+                v = dot_row(q, i, t) * scale[i]
+            hbuf[base + i - g * group] = v
+            if v > m:
+                m = v
+            if v >= thr:
+                c += 1
+        gbest[a] = m
+        gcount[a] = c
+
+    # two kernels, not one function compiled twice: numba's disk cache keys on the Python function
+    @njit(parallel=True, cache=True, nogil=True, fastmath=True)
+    def group_scan(q, scale, t, valid, fcount, gids, group, top, thr, hbuf, gbest, gcount):  # pragma: no cover
+        for a in prange(gids.shape[0]):
+            scan_group(q, scale, t, valid, fcount, gids, group, top, thr, hbuf, gbest, gcount, a)
+
+    @njit(cache=True, nogil=True, fastmath=True)
+    def group_scan_serial(q, scale, t, valid, fcount, gids, group, top, thr, hbuf, gbest, gcount):  # pragma: no cover
+        for a in range(gids.shape[0]):
+            scan_group(q, scale, t, valid, fcount, gids, group, top, thr, hbuf, gbest, gcount, a)
+
+    @njit(cache=True, nogil=True)
+    def group_collect(hbuf, gids, group, thr, offs, rows, vals):  # pragma: no cover
+        for a in range(gids.shape[0]):
+            k = offs[a]
+            if offs[a + 1] == k:
+                continue
+            g = gids[a]
+            for r in range(group):
+                v = hbuf[a * group + r]
+                if v >= thr:
+                    rows[k] = g * group + r
+                    vals[k] = v
+                    k += 1
+
+    return dict(scores_all=scores_all, scores_rows=scores_rows, scan_blocks=scan_blocks, collect=collect,
+                scores_rows_serial=scores_rows_serial, group_box=group_box, group_upper=group_upper,
+                group_scan=group_scan, group_scan_serial=group_scan_serial, group_collect=group_collect)
+
+
+#: Work (rows x columns) below which a kernel runs on one thread.
+_SERIAL_WORK = 1 << 22
+
+
+#: Slots per group of the int8 store's per-group bounds (:class:`GroupBounds`).
+GROUP = 256
+#: Slack added to every bound comparison (float32 rounding of scores and bounds is far below it).
+_SLACK = 1e-4
+
+
+class GroupBounds:
+    """Per group of ``GROUP`` consecutive slots, the box ``[cmin_j, cmax_j]`` of the dequantised
+    head coefficients ``s q_j`` of its valid rows (2 x head float32 a group: 1 B a slot at head 32).
+
+    For a text with head coefficients ``t``, every row of group g scores at most
+    ``U_g = sum_j max(t_j cmax_j, t_j cmin_j)`` on the head, so a query reads only the groups whose
+    ``U_g`` can reach its threshold (or the best score): a full scan's answer from a fraction of the
+    store. New voxels are given slots in key order (block after block), so a group covers a few
+    neighbouring blocks and its box is tight where the map holds one kind of surface. Groups are
+    recomputed lazily (marked stale when codes are written or rows reset)."""
+
+    def __init__(self, capacity: int, head: int):
+        g = (capacity + GROUP - 1) // GROUP
+        self.cmax = np.full((g, head), -np.inf, np.float32)
+        self.cmin = np.full((g, head), np.inf, np.float32)
+        self.stale = np.ones(g, bool)
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.cmax.nbytes + self.cmin.nbytes + self.stale.nbytes)
+
+    def grow(self, capacity: int) -> None:
+        g = (capacity + GROUP - 1) // GROUP
+        old = len(self.stale)
+        if g <= old:
+            return
+        for name, fill in (("cmax", -np.inf), ("cmin", np.inf)):
+            arr = np.full((g, self.cmax.shape[1]), fill, np.float32)
+            arr[:old] = getattr(self, name)
+            setattr(self, name, arr)
+        stale = np.ones(g, bool)
+        stale[:old] = self.stale
+        self.stale = stale
+
+    def mark(self, rows=None) -> None:
+        """Mark the groups of ``rows`` (None: all) stale."""
+        if rows is None:
+            self.stale[:] = True
+        else:
+            self.stale[np.asarray(rows, np.int64) // GROUP] = True
+
+    def refresh(self, q, scale, valid, top: int) -> None:
+        gids = np.flatnonzero(self.stale[: (top + GROUP - 1) // GROUP])
+        if len(gids):
+            _kernels()["group_box"](q, scale, valid, gids, GROUP, top, self.cmax, self.cmin)
+            self.stale[gids] = False
+
+
+def int8_group_candidates(q, scale, t_h, valid, fcount, bounds: GroupBounds, top: int, threshold: float,
+                          spread: float):
+    """Rows that a full scan of the head codes would pick: every usable row whose head score is
+    ``>= threshold`` or ``>= best - spread`` (best: the highest head score of any usable row).
+    Reads only the groups whose bound reaches that (:class:`GroupBounds`; slack ``_SLACK`` on every
+    comparison, so the set may hold a few more rows, never fewer). Returns ``(rows (increasing),
+    their head scores (float32, within float rounding of :func:`int8_scores`'), best head score or
+    -inf, groups read, groups)``."""
+    k = _kernels()
+    t_h = np.ascontiguousarray(t_h, np.float32)
+    bounds.refresh(q, scale, valid, top)
+    ng = (top + GROUP - 1) // GROUP
+    upper = np.empty(ng, np.float64)
+    k["group_upper"](bounds.cmax[:ng], bounds.cmin[:ng], t_h, upper)
+    thr = threshold - _SLACK
+    scanned, bufs, best = [], [], float("-inf")
+    todo = np.flatnonzero(upper >= thr - _SLACK)
+    rest = np.flatnonzero((upper < thr - _SLACK) & (upper > float("-inf")))
+    ranked = False
+    batch = 64
+    while True:
+        if len(todo):
+            gids = np.ascontiguousarray(np.sort(todo), np.int64)
+            hbuf = np.empty(len(gids) * GROUP, np.float32)
+            gbest = np.empty(len(gids), np.float32)
+            gcount = np.empty(len(gids), np.int64)
+            scan = k["group_scan_serial" if len(hbuf) * q.shape[1] < _SERIAL_WORK else "group_scan"]
+            scan(q, scale, t_h, valid, fcount, gids, GROUP, top, np.float32(-np.inf), hbuf, gbest, gcount)
+            scanned.append(gids)
+            bufs.append(hbuf)
+            gb = float(gbest.max())
+            if gb > _NONE:
+                best = max(best, gb)
+        # groups left that may hold a row within spread of the best (or the best itself)
+        low = best - spread - 2 * _SLACK
+        if not len(rest) or float(upper[rest].max()) < low:
+            break
+        if best > float("-inf"):
+            near = upper[rest] >= low
+            todo, rest = rest[near], rest[~near]
+        else:  # nothing usable read yet: the best bounds first, in growing batches
+            if not ranked:
+                rest = rest[np.argsort(-upper[rest], kind="stable")]
+                ranked = True
+            todo, rest = rest[:batch], rest[batch:]
+            batch *= 2
+    cut = min(thr, best - spread - _SLACK)
+    rows, vals = [np.zeros(0, np.int64)], [np.zeros(0, np.float32)]
+    for gids, hbuf in zip(scanned, bufs):
+        cnt = (hbuf >= np.float32(cut)).reshape(len(gids), GROUP).sum(1)
+        offs = np.zeros(len(gids) + 1, np.int64)
+        np.cumsum(cnt, out=offs[1:])
+        out, val = np.empty(int(offs[-1]), np.int64), np.empty(int(offs[-1]), np.float32)
+        k["group_collect"](hbuf, gids, GROUP, np.float32(cut), offs, out, val)
+        rows.append(out)
+        vals.append(val)
+    rows, vals = np.concatenate(rows), np.concatenate(vals)
+    order = np.argsort(rows, kind="stable")
+    return rows[order], vals[order], best, int(sum(len(g) for g in scanned)), ng
 
 
 def int8_threshold_scan(q, scale, t_r, valid, fcount, threshold: float, block: int = 16384):
@@ -144,11 +358,11 @@ def int8_threshold_scan(q, scale, t_r, valid, fcount, threshold: float, block: i
     out = np.empty(n, np.float32)
     bmax = np.full(nb, _NONE, np.float32)
     bcount = np.zeros(nb, np.int64)
-    k[0](q, scale, t_r, out)
-    k[2](out, valid, fcount, np.float32(threshold), block, bmax, bcount)
+    k["scores_all"](q, scale, t_r, out)
+    k["scan_blocks"](out, valid, fcount, np.float32(threshold), block, bmax, bcount)
     bstart = np.concatenate([[0], np.cumsum(bcount)]).astype(np.int64)
     idx = np.empty(int(bstart[-1]), np.int64)
-    k[3](out, np.float32(threshold), block, bstart, idx)
+    k["collect"](out, np.float32(threshold), block, bstart, idx)
     best = float(bmax.max()) if nb else _NONE
     return out, (best if best > _NONE else float("-inf")), idx
 
@@ -162,7 +376,7 @@ def int8_scores(q: np.ndarray, scale: np.ndarray, t_r: np.ndarray, rows: Optiona
     if rows is None:
         out = np.empty(len(q), np.float32)
         if k is not None and q.flags.c_contiguous:
-            k[0](q, scale, t_r, out)
+            k["scores_all"](q, scale, t_r, out)
         else:  # pragma: no cover - fallback without numba
             for a in range(0, len(q), CHUNK):
                 out[a:a + CHUNK] = (q[a:a + CHUNK].astype(np.float32) @ t_r) * scale[a:a + CHUNK]
@@ -170,7 +384,7 @@ def int8_scores(q: np.ndarray, scale: np.ndarray, t_r: np.ndarray, rows: Optiona
     rows = np.ascontiguousarray(rows, np.int64)
     out = np.empty(len(rows), np.float32)
     if k is not None and q.flags.c_contiguous:
-        k[1](q, scale, t_r, rows, out)
+        k["scores_rows_serial" if len(rows) * q.shape[1] < _SERIAL_WORK else "scores_rows"](q, scale, t_r, rows, out)
     else:  # pragma: no cover
         for a in range(0, len(rows), CHUNK):
             r = rows[a:a + CHUNK]

@@ -4,11 +4,14 @@ Geometry. Each occupied voxel (edge ``voxel_size``) holds one point: the running
 points that fell into it, their mean colour, an observation count and the index of the last
 integration that touched it. Voxel keys are the three integer voxel coordinates packed into one
 int64 *block-major* (:func:`block_keys`: the 8^3-voxel block first, as nvblox / voxblox group
-voxels, then the voxel inside it); a sorted key array plus ``np.searchsorted`` maps keys to slots,
-so integrating a frame is a few vectorised sorts and merges (no per-point Python), and a block's
-voxels are one contiguous run of the index: a box (:meth:`VoxelMap.box_slots`, ``query(...,
-region=)``, the segmenter's context :meth:`VoxelMap.region_slots`) reads only the blocks it
-overlaps (a sorted array of the occupied blocks' keys, one binary search per block). Per-voxel data live in slot arrays that
+voxels, then the voxel inside it). The key index (:mod:`sas_core.geometry.voxel_index`) is a hash
+of the occupied blocks, each with a dense table of its 512 voxels' slots: a frame's points find
+their voxels in one pass (one hash probe per block, one table read per point), so integrating a
+frame costs O(points + voxels touched) whatever the map's size, and a new voxel is O(1). A box
+(:meth:`VoxelMap.box_slots`, ``query(..., region=)``, the segmenter's context
+:meth:`VoxelMap.region_slots`) reads only the blocks it overlaps. Key order (:meth:`VoxelMap.slots`,
+exports, saved maps) is the occupied blocks sorted by key, each block's table in order: cached,
+rebuilt in one O(N) pass after voxels come or go. Per-voxel data live in slot arrays that
 grow geometrically up to ``max_points`` and never beyond: when the map is full, the eviction
 policy frees slots (``oldest``: least recently observed voxels first; ``farthest``: farthest from
 the sensor first), always freeing a little more than needed (``evict_fraction``) so eviction does
@@ -54,8 +57,9 @@ machine under a load average of ~13): vocabulary word 36 ms CPU / 133 ms wall vs
 Building scale (``feature_store="int8"``, :mod:`sas_core.geometry.feature_store`). The fp16
 features and the reduced store above are replaced by the rank-r coefficients in the same basis,
 int8 with a per-voxel scale, plus two error terms and the tail norm (r + 16 bytes a voxel: 144 B at
-r = 128, against 1280 B): an int8 GEMV over the 32 vocabulary columns plus exact rescoring of the
-candidates with the rest is an exact full scan of that store, and each score is within a stated bound
+r = 128, against 1280 B): the 32 vocabulary columns give every voxel that can reach the threshold
+(read only in the slot groups whose per-group bound reaches it), exact rescoring of those with the
+rest is an exact full scan of that store, and each score is within a stated bound
 of the original feature's (see that module; ``sas bench map-scale`` measures recall and precision
 against the original features, and the memory model by component).
 
@@ -229,11 +233,15 @@ class VoxelMap:
         """Forget everything (capacity shrinks back to ``initial_capacity``)."""
         cap = int(min(self.config.initial_capacity, self.config.max_points))
         self._generation += 1                     # a snapshot under way starts again
-        self._keys = np.zeros(0, np.int64)        # sorted block-major voxel keys in use (never written in place)
-        self._key_slot = np.zeros(0, np.int64)    # slot of each sorted key (never written in place)
-        self._bkeys = np.zeros(0, np.int64)       # sorted keys of the blocks that hold a voxel
+        from sas_core.geometry.voxel_index import BlockIndex
+
+        self._index = BlockIndex(_LOCAL)          # block-major voxel key -> slot (hash of blocks + slot tables)
+        self._n = 0                               # live voxels
+        self._order: Optional[np.ndarray] = None  # live slots in key order (cache; never written in place)
+        self._block_xyz = None                    # (sorted block ids, their block coordinates) cache
         self._free = np.zeros(0, np.int64)        # free slots below self._top
         self._top = 0                             # slots >= _top were never used
+        self._slot_key = np.zeros(cap, np.int64)  # block-major key of each slot's voxel
         self.positions = np.zeros((cap, 3), np.float32)
         self.colors = np.zeros((cap, 3), np.float32)
         self.counts = np.zeros(cap, np.uint32)
@@ -252,6 +260,8 @@ class VoxelMap:
         self._qt: Optional[np.ndarray] = None       # (C, r - h) int8 tail of the codes
         self._qtn: Optional[np.ndarray] = None      # (C,) f32 |s q_tail|
         self._qtn_max = 0.0                         # running max of _qtn (never decreases)
+        self._gb = None                             # int8 store: per-group bounds of the head codes (GroupBounds)
+        self.last_query_groups = (0, 0)             # int8 store: (groups read, groups) by the last query
         self._dim = 0
         self._sample: Optional[np.ndarray] = None   # int8 store: reservoir of original features (basis refits)
         self._n_sampled = 0
@@ -271,7 +281,31 @@ class VoxelMap:
         return len(self.positions)
 
     def __len__(self) -> int:
-        return len(self._keys)
+        return self._n
+
+    def _ordered(self) -> np.ndarray:
+        """(N,) live slots in key order (cached until a voxel comes or goes; never written in place)."""
+        if self._order is None:
+            self._order = self._index.ordered()
+        return self._order
+
+    @property
+    def _key_slot(self) -> np.ndarray:
+        return self._ordered()
+
+    @property
+    def _keys(self) -> np.ndarray:
+        """(N,) sorted block-major keys of the live voxels."""
+        return self._slot_key[self._ordered()]
+
+    @property
+    def _bkeys(self) -> np.ndarray:
+        """(B,) sorted keys of the blocks that hold a voxel."""
+        return self._index.block_keys_sorted()
+
+    def _live(self) -> np.ndarray:
+        """(N,) live slots in slot order (no key order needed: cheaper than :meth:`_ordered`)."""
+        return np.flatnonzero(self.valid[:self._top])
 
     def _store_names(self) -> tuple:
         """Names of the per-slot arrays of the feature store in use."""
@@ -285,7 +319,7 @@ class VoxelMap:
             return
         new = int(min(self.config.max_points, max(needed, 2 * cap)))
         for name in ("positions", "colors", "counts", "last_seen", "labels", "scores", "dirty", "valid",
-                     "feature_counts") + self._store_names():
+                     "feature_counts", "_slot_key") + self._store_names():
             old = getattr(self, name)
             if old is None or not isinstance(old, np.ndarray):
                 continue
@@ -296,6 +330,8 @@ class VoxelMap:
             setattr(self, name, arr)
         if self._pending is not None:
             self._pending.grow(new)
+        if self._gb is not None:
+            self._gb.grow(new)
 
     @property
     def rank(self) -> int:
@@ -308,9 +344,10 @@ class VoxelMap:
         self._dim = int(dim)
         r = self.rank
         if self.compact:
-            from sas_core.geometry.feature_store import DecodedFeatures
+            from sas_core.geometry.feature_store import DecodedFeatures, GroupBounds
 
             h = min(r, _HEAD)
+            self._gb = GroupBounds(cap, h)
             self._q = np.zeros((cap, h), np.int8)         # head: the first columns (the vocabulary)
             self._qt = np.zeros((cap, r - h), np.int8)    # tail: the rest
             self._qtn = np.zeros(cap, np.float32)         # |s q_tail|: bounds the tail's part of a score
@@ -352,12 +389,13 @@ class VoxelMap:
         pts = np.asarray(points).reshape(-1, 3).astype(np.float32)  # same arithmetic as integrate()
         with np.errstate(invalid="ignore"):
             coords = np.floor(pts * np.float32(1.0 / self.config.voxel_size))
-            coords = np.where(np.isfinite(coords), np.clip(coords, 1 - _OFFSET, _OFFSET - 2), _OFFSET - 2)
+            # out of range / non-finite -> +-(_OFFSET - 1): a coordinate integrate never stores (it keeps
+            # |c| < _OFFSET - 1), so such points find no voxel (not the voxel at the edge of the range)
+            coords = np.where(np.isfinite(coords), np.clip(coords, 1 - _OFFSET, _OFFSET - 1), _OFFSET - 1)
         keys = block_keys(coords)
-        if len(self._keys) == 0:
+        if self._n == 0:
             return np.full(len(keys), -1, np.int64)
-        pos = np.minimum(np.searchsorted(self._keys, keys), len(self._keys) - 1)
-        return np.where(self._keys[pos] == keys, self._key_slot[pos], -1)
+        return self._index.lookup(keys)
 
     # ------------------------------------------------------------------ integration
     def integrate(self, points: np.ndarray, colors: Optional[np.ndarray] = None,
@@ -384,8 +422,9 @@ class VoxelMap:
         pts = points if points.dtype == np.float32 else points.astype(np.float32)
         coords = np.floor(pts * np.float32(1.0 / self.config.voxel_size))
         with np.errstate(invalid="ignore"):
-            ok = (np.abs(coords) < _OFFSET - 1).all(axis=1)  # also drops NaN / inf rows
-        if not ok.all():
+            inside = np.abs(coords) < _OFFSET - 1  # also drops NaN / inf rows
+            ok = None if inside.all() else inside.all(axis=1)  # (a flat check first: no row reduction)
+        if ok is not None:
             pts, coords = pts[ok], coords[ok]
             colors = colors[ok] if colors is not None else None
         if sensor_origin is not None and self.config.max_radius > 0:
@@ -396,69 +435,69 @@ class VoxelMap:
             self._drop_outside_radius(origin)
         if len(pts) == 0:
             return np.zeros(0, np.int64)
-        keys = block_keys(coords)
-        ukeys, inverse, npts = np.unique(keys, return_inverse=True, return_counts=True)
-        inverse = inverse.reshape(-1)
-        if len(ukeys) > self.config.max_points:  # one frame bigger than the whole map: keep a subset
-            keep = np.random.default_rng(self.n_integrations).choice(len(ukeys), self.config.max_points,
-                                                                     replace=False)
-            sel = np.zeros(len(ukeys), bool)
-            sel[keep] = True
-            pts, coords = pts[sel[inverse]], coords[sel[inverse]]
-            colors = colors[sel[inverse]] if colors is not None else None
-            keys = block_keys(coords)
-            ukeys, inverse, npts = np.unique(keys, return_inverse=True, return_counts=True)
-            inverse = inverse.reshape(-1)
-        mean_pos = np.stack([np.bincount(inverse, pts[:, i], len(ukeys)) for i in range(3)], 1) / npts[:, None]
-        mean_col = None
-        if colors is not None:
-            mean_col = np.stack([np.bincount(inverse, colors[:, i], len(ukeys)) for i in range(3)], 1) / npts[:, None]
-        slots = self._slots_for(ukeys, mean_pos, sensor_origin)
-        old = self.counts[slots].astype(np.float64)
-        w = (npts / (old + npts))[:, None]
-        self.positions[slots] += ((mean_pos - self.positions[slots]) * w).astype(np.float32)
-        if mean_col is not None:
-            self.colors[slots] += ((mean_col - self.colors[slots]) * w).astype(np.float32)
-        self.counts[slots] = np.minimum(old + npts, np.iinfo(np.uint32).max).astype(np.uint32)
+        slots = self._integrate_keys(block_keys(coords), pts, colors, sensor_origin)
         self.last_seen[slots] = self.n_integrations
         self.dirty[slots] = True
         self._touch(slots)
         return slots
 
-    def _slots_for(self, ukeys: np.ndarray, mean_pos: np.ndarray, origin) -> np.ndarray:
-        """Slots of sorted unique keys, allocating (and evicting) for new ones."""
-        pos = np.searchsorted(self._keys, ukeys)
-        found = np.zeros(len(ukeys), bool)
-        if len(self._keys):
-            found = self._keys[np.minimum(pos, len(self._keys) - 1)] == ukeys
-        slots = np.empty(len(ukeys), np.int64)
-        slots[found] = self._key_slot[pos[found]]
-        self.last_seen[slots[found]] = self.n_integrations  # protect re-observed voxels from eviction
-        new = ~found
-        n_new = int(new.sum())
-        if n_new == 0:
-            return slots
-        free_after = len(self._free) + (self.config.max_points - self._top)
-        if n_new > free_after:
-            need = n_new - free_after + int(self.config.evict_fraction * self.config.max_points)
-            self._evict(need, origin, protect=slots[found])
-        take_free = min(len(self._free), n_new)
-        fresh = n_new - take_free
-        self._grow(self._top + fresh)
-        new_slots = np.concatenate([self._free[:take_free], np.arange(self._top, self._top + fresh)])
-        self._free = self._free[take_free:]
-        self._top += fresh
-        slots[new] = new_slots
-        self._reset_slots(new_slots)
-        self.positions[new_slots] = mean_pos[new]
-        # merge the new keys into the sorted key index (positions recomputed: eviction changed it)
-        pos_new = np.searchsorted(self._keys, ukeys[new])
-        self._keys = np.insert(self._keys, pos_new, ukeys[new])
-        self._key_slot = np.insert(self._key_slot, pos_new, new_slots)
-        nb = np.unique(ukeys[new] >> _LOCAL)
-        nb = nb[~np.isin(nb, self._bkeys, assume_unique=True)]
-        if len(nb):
-            self._bkeys = np.insert(self._bkeys, np.searchsorted(self._bkeys, nb), nb)
+    def _integrate_keys(self, keys: np.ndarray, pts: np.ndarray, colors: Optional[np.ndarray], origin) -> np.ndarray:
+        """Fold points (their voxel keys) into their voxels, allocating (and evicting) for new ones.
+        Returns the distinct voxels' slots in key order. Cost O(points + voxels touched): one pass
+        finds every point's voxel in the block index and sums it (float64, in point order, as
+        ``np.bincount`` would), the running means are updated per voxel."""
+        idx = self._index
+        _, pu, ub, ul, uslot, npts, psum, csum = idx.frame(keys, pts, colors)
+        new = uslot < 0
+        restore = (ub, ul, uslot, new)
+        done = False
+        try:
+            ukeys = (idx.bkey[ub] << _LOCAL) | ul
+            order = np.argsort(ukeys, kind="stable")
+            if len(ukeys) > self.config.max_points:  # one frame bigger than the whole map: keep a subset
+                idx.settle(*restore)
+                done = True
+                keep = np.random.default_rng(self.n_integrations).choice(len(ukeys), self.config.max_points,
+                                                                         replace=False)
+                sel = np.zeros(len(ukeys), bool)
+                sel[order[keep]] = True
+                sel = sel[pu]
+                return self._integrate_keys(keys[sel], pts[sel], None if colors is None else colors[sel], origin)
+            ub, ul, ukeys, new, npts, psum = ub[order], ul[order], ukeys[order], new[order], npts[order], psum[order]
+            slots = uslot[order]
+            csum = None if csum is None else csum[order]
+            found = ~new
+            self.last_seen[slots[found]] = self.n_integrations  # protect re-observed voxels from eviction
+            n_new = int(new.sum())
+            if n_new:
+                free_after = len(self._free) + (self.config.max_points - self._top)
+                if n_new > free_after:
+                    need = n_new - free_after + int(self.config.evict_fraction * self.config.max_points)
+                    self._evict(need, origin, protect=slots[found])
+                take_free = min(len(self._free), n_new)
+                fresh = n_new - take_free
+                self._grow(self._top + fresh)
+                new_slots = np.concatenate([self._free[:take_free], np.arange(self._top, self._top + fresh)])
+                self._free = self._free[take_free:]
+                self._top += fresh
+                slots[new] = new_slots
+                self._reset_slots(new_slots)
+                self.positions[new_slots] = psum[new] / npts[new, None]
+                self._slot_key[new_slots] = ukeys[new]
+                self._n += n_new
+                self._order = None
+            idx.settle(ub, ul, slots, new)
+            done = True
+        finally:
+            if not done:  # leave the index as it was
+                idx.settle(*restore)
+        mean_pos = psum / npts[:, None]
+        old = self.counts[slots].astype(np.float64)
+        w = (npts / (old + npts))[:, None]
+        self.positions[slots] += ((mean_pos - self.positions[slots]) * w).astype(np.float32)
+        if csum is not None:
+            self.colors[slots] += ((csum / npts[:, None] - self.colors[slots]) * w).astype(np.float32)
+        self.counts[slots] = np.minimum(old + npts, np.iinfo(np.uint32).max).astype(np.uint32)
         return slots
 
     def _reset_slots(self, s: np.ndarray) -> None:
@@ -473,28 +512,30 @@ class VoxelMap:
                 arr = getattr(self, name)
                 if isinstance(arr, np.ndarray):
                     arr[s] = 0
+            if self._gb is not None:
+                self._gb.mark(s)
             if self._pending is not None:
                 for arr in self._pending.arrays.values():
                     arr[s] = 0
         self._touch(s)
 
     def remove(self, slots: np.ndarray) -> None:
-        """Free ``slots`` (their voxels leave the map)."""
+        """Free ``slots`` (their voxels leave the map; slots not in use are ignored)."""
         slots = np.unique(np.asarray(slots, np.int64))
+        slots = slots[self.valid[slots]]
         if len(slots) == 0:
             return
-        drop = np.zeros(self.capacity, bool)
-        drop[slots] = True
-        keep = ~drop[self._key_slot]
-        self._keys, self._key_slot = self._keys[keep], self._key_slot[keep]
-        self._bkeys = _unique_sorted(self._keys >> _LOCAL)
+        self._index.remove(self._slot_key[slots])
         self.valid[slots] = False
         self.dirty[slots] = False
         self._free = np.concatenate([self._free, slots])
         self.n_evicted += len(slots)
+        self._n -= len(slots)
+        self._order = None
+        self._touch(slots)
 
     def _evict(self, n: int, origin, protect: np.ndarray) -> None:
-        live = self._key_slot
+        live = self._live()
         if self.config.eviction == "farthest" and origin is not None:
             d = np.einsum("ij,ij->i", self.positions[live] - origin, self.positions[live] - origin)
             order_key = -d
@@ -506,10 +547,12 @@ class VoxelMap:
             order_key = np.where(mask[live], np.inf, order_key)
         n = min(n, len(live))
         victims = live[np.argpartition(order_key, n - 1)[:n]] if n > 0 else live[:0]
+        if len(protect):  # never a voxel of the frame under way, even when fewer others are left
+            victims = victims[~mask[victims]]
         self.remove(victims)
 
     def _drop_outside_radius(self, origin: np.ndarray) -> None:
-        live = self._key_slot
+        live = self._live()
         d2 = np.einsum("ij,ij->i", self.positions[live] - origin, self.positions[live] - origin)
         far = d2 > self.config.max_radius ** 2
         if far.any():
@@ -526,33 +569,33 @@ class VoxelMap:
         running a network on a changed region). Reads only the blocks the box overlaps."""
         slots = np.asarray(slots, np.int64)
         if len(slots) == 0:
-            return self._key_slot[:0]
+            return np.zeros(0, np.int64)
         lo = self.positions[slots].min(0) - margin
         hi = self.positions[slots].max(0) + margin
         return self.box_slots(lo, hi)
 
     def n_blocks(self) -> int:
         """Number of BLOCK^3 voxel blocks that hold at least one voxel."""
-        return len(self._bkeys)
+        return self._index.n_blocks
 
     def box_slots(self, lo, hi) -> np.ndarray:
         """Live slots whose (mean) position lies in the box ``lo <= p <= hi`` (metres, (3,) each), in
         key order. Cost: the blocks that overlap the box (a binary search each) and their voxels."""
         lo = np.asarray(lo, np.float64).reshape(3)
         hi = np.asarray(hi, np.float64).reshape(3)
-        if len(self._keys) == 0 or not np.all(lo <= hi):
-            return self._key_slot[:0]
-        bc = _block_coords(self._bkeys)
+        if self._n == 0 or not np.all(lo <= hi):
+            return np.zeros(0, np.int64)
+        ids = self._index.sorted_blocks()
+        if self._block_xyz is None or self._block_xyz[0] is not ids:
+            self._block_xyz = (ids, _block_coords(self._index.bkey[ids]))
+        bc = self._block_xyz[1]
         # a voxel's mean position stays inside its voxel (one voxel of slack for float rounding)
         blo = np.floor((np.floor(lo / self.config.voxel_size) - 1) / BLOCK)
         bhi = np.floor((np.floor(hi / self.config.voxel_size) + 1) / BLOCK)
-        sel = self._bkeys[((bc >= blo) & (bc <= bhi)).all(axis=1)]
+        sel = ids[((bc >= blo) & (bc <= bhi)).all(axis=1)]
         if len(sel) == 0:
-            return self._key_slot[:0]
-        start = np.searchsorted(self._keys, sel << _LOCAL)
-        end = np.searchsorted(self._keys, (sel + 1) << _LOCAL)
-        idx = _ranges(start, end)
-        cand = self._key_slot[idx]
+            return np.zeros(0, np.int64)
+        cand = self._index.slots_of_blocks(sel)
         p = self.positions[cand]
         return cand[((p >= lo.astype(np.float32)) & (p <= hi.astype(np.float32))).all(axis=1)]
 
@@ -605,7 +648,7 @@ class VoxelMap:
             return
         text = np.asarray(_to_numpy(text), np.float32)
         self.set_anchor(text)
-        slots = self._key_slot if slots is None else np.asarray(slots, np.int64)
+        slots = self._ordered() if slots is None else np.asarray(slots, np.int64)
         slots = slots[self.valid[slots] & (self.feature_counts[slots] > 0)]
         from sas_core.text import text_labels  # the one argmax against text embeddings
 
@@ -677,7 +720,8 @@ class VoxelMap:
         from their stored ``f_hat``, see :mod:`sas_core.geometry.feature_store`.)"""
         if self.features is None:
             return
-        live = self._key_slot[self.feature_counts[self._key_slot] > 0]
+        live = self._ordered()
+        live = live[self.feature_counts[live] > 0]
         if self.compact and (self._basis is None or not len(self._sample)):
             return
         basis = self._fit_basis(self._fit_sample(live, sample, seed), seed)
@@ -710,6 +754,8 @@ class VoxelMap:
         self._basis = p.basis
         for name, arr in p.arrays.items():
             setattr(self, name, arr)
+        if self._gb is not None:
+            self._gb.mark()
         self._fit_n, self._fit_anchor = p.fit_n, p.anchor_version
         self._pending = None
         self._touch_all()
@@ -739,7 +785,8 @@ class VoxelMap:
                 self._n_sampled > max(2 * self._fit_n, 256)
         if self._basis is None or self._fit_anchor != self._anchor_version:
             return True
-        n_feat = int(np.count_nonzero(self.feature_counts[self._key_slot] > 0))
+        top = self._top
+        n_feat = int(np.count_nonzero((self.feature_counts[:top] > 0) & self.valid[:top]))
         return n_feat > max(2 * self._fit_n, 1000) and self._fit_n < 200_000
 
     def maybe_refit(self) -> bool:
@@ -788,6 +835,8 @@ class VoxelMap:
         """Store the (M, r) int8 codes ``q`` of slots ``s``: head, tail and the tail's norm."""
         h = arrays["_q"].shape[1]
         arrays["_q"][s], arrays["_qt"][s], arrays["_qscale"][s] = q[:, :h], q[:, h:], scale
+        if self._gb is not None and arrays["_q"] is self._q:
+            self._gb.mark(s)
         tail = q[:, h:].astype(np.float32)
         qtn = np.sqrt(np.einsum("ij,ij->i", tail, tail)) * scale * np.float32(1.0 + 1e-6) + np.float32(1e-7)
         arrays["_qtn"][s] = qtn
@@ -846,11 +895,15 @@ class VoxelMap:
         return out
 
     def _query8(self, t_r: np.ndarray, threshold: float, max_points: int) -> QueryResult:
-        """int8 store query: one scan of the head codes (the vocabulary's columns, ``_HEAD`` bytes a
-        voxel) finds every voxel that can reach the threshold, ``head + |s q_tail| |t_tail|``; those,
-        and those that can be the best, are rescored exactly with their tail. When the text is far
-        from the head (the bound is loose) both parts are scanned in full instead."""
-        from sas_core.geometry.feature_store import int8_scores, int8_threshold_scan
+        """int8 store query: the head codes (the vocabulary's columns, ``_HEAD`` bytes a voxel) give
+        every voxel that can reach the threshold, ``head + |s q_tail| |t_tail|``; those, and those
+        that can be the best, are rescored exactly (head and tail). Only the slot groups whose head
+        bound (:class:`sas_core.geometry.feature_store.GroupBounds`) reaches them are read: the
+        candidates are those of a scan of every voxel. When the text is far from the head (the
+        tail bound is loose) both parts are scanned in full instead."""
+        from sas_core.geometry.feature_store import _SLACK as _FS_SLACK
+        from sas_core.geometry.feature_store import _kernels as _fs_kernels
+        from sas_core.geometry.feature_store import int8_group_candidates, int8_scores, int8_threshold_scan
 
         top = self._top
         h = self._q.shape[1]
@@ -865,16 +918,35 @@ class VoxelMap:
             score += int8_scores(self._qt[:top], self._qscale[:top], tt)
             score[~usable] = -np.inf
             return _ranked(None, score, threshold, max_points, top)
-        head, best_h, cand = int8_threshold_scan(self._q[:top], self._qscale[:top], t_r[:h], valid, fc,
-                                                 threshold - margin)
+        if _fs_kernels() is None:  # pragma: no cover - without numba: one scan of the head codes
+            head, best_h, cand = int8_threshold_scan(self._q[:top], self._qscale[:top], t_r[:h], valid, fc,
+                                                     threshold - margin)
+            if best_h - 2 * margin < threshold - margin:  # the best voxel may lie below the candidates
+                cand = np.union1d(cand, np.flatnonzero(head >= best_h - 2 * margin))
+            head = head[cand]
+            self.last_query_groups = (1, 1)
+        else:  # the same candidates, reading only the groups whose bound reaches them
+            cand, head, best_h, read, ng = int8_group_candidates(
+                self._q, self._qscale, t_r[:h], self.valid, self.feature_counts, self._gb, top,
+                threshold - margin, 2 * margin)
+            self.last_query_groups = (read, ng)
         if best_h == float("-inf"):
             return QueryResult(np.zeros(0, np.int64), np.zeros(0, np.float32), 0, float("-inf"), 0)
-        if best_h - 2 * margin < threshold - margin:  # the best voxel may lie below the candidates
-            cand = np.union1d(cand, np.flatnonzero(head >= best_h - 2 * margin))
-        exact = head[cand]
-        if len(tt) and len(cand):
-            exact = exact + int8_scores(self._qt, self._qscale, tt, rows=cand)
-        res = _ranked(cand, exact, threshold, max_points, len(cand))
+        # a candidate is surely above the threshold when head - margin is; with more of those than
+        # max_points, only the candidates whose upper bound reaches the max_points-th best lower
+        # bound can be returned (they include the best voxel), and the rest are counted unscored
+        slack = 2 * _FS_SLACK
+        lo, hi = head - np.float32(margin + slack), head + np.float32(margin + slack)
+        certain = lo >= threshold
+        n_cert = int(np.count_nonzero(certain))
+        if not max_points or n_cert <= max_points:
+            return _ranked(cand, self._int8_rows(t_r, cand), threshold, max_points, len(cand))
+        kth = np.partition(lo[certain], n_cert - max_points)[n_cert - max_points]
+        need = (hi >= threshold) & (~certain | (hi >= kth))
+        rows = cand[need]
+        exact = self._int8_rows(t_r, rows)
+        res = _ranked(rows, exact, threshold, max_points, len(rows))
+        res.count = int(np.count_nonzero(certain & ~need)) + int(np.count_nonzero(exact >= threshold))
         return res
 
     def stored_scores(self, text: np.ndarray, slots: np.ndarray) -> np.ndarray:
@@ -918,7 +990,7 @@ class VoxelMap:
         considered (:meth:`box_slots`: only the blocks the box overlaps are read); scored exactly.
         """
         empty = QueryResult(np.zeros(0, np.int64), np.zeros(0, np.float32), 0, float("-inf"), 0)
-        if self.features is None or len(self._key_slot) == 0:
+        if self.features is None or self._n == 0:
             return empty
         t = np.asarray(_to_numpy(text), np.float32).reshape(-1)
         if t.shape[0] != self._dim:
@@ -988,7 +1060,7 @@ class VoxelMap:
     def scan_query(self, text: np.ndarray, threshold: float = 0.0) -> np.ndarray:
         """Reference: (N,) exact scores of all live voxels (in ``slots()`` order) by a full scan (of
         the fp16 features, or of the decoded int8 store ``f_hat`` in float32)."""
-        live = self._key_slot
+        live = self._ordered()
         t = np.asarray(text, np.float32)
         if self.compact:
             return np.concatenate([self.features.float32(live[a:a + 65536]) @ t
@@ -998,7 +1070,7 @@ class VoxelMap:
     # ------------------------------------------------------------------ export and snapshots
     def _export_sources(self) -> dict:
         """Per-slot arrays that :meth:`export` reads (by name)."""
-        src = {name: getattr(self, name) for name in _EXPORT_SLOT_ARRAYS}
+        src = {name: getattr(self, name) for name in _EXPORT_SLOT_ARRAYS + ("_slot_key",)}
         if self.features is not None:
             src.update({k: v for k, v in self._store_arrays().items() if k != "_qtn"} if self.compact
                        else {"features": self.features})
@@ -1009,7 +1081,9 @@ class VoxelMap:
         scores (N,) f32, counts (N,) u32, coords (N,3) i32 voxel coordinates, feature_counts (N,) f32,
         features (N,D) f16 or None. The int8 store gives ``features`` None and its own arrays
         instead: codes (N,r) i8, code_scale / code_resid / code_qerr (N,) f32, code_basis (D,r) f32."""
-        return _export_arrays(self._export_sources(), self._keys, self._key_slot, self._basis if self.compact else None)
+        order = self._ordered()
+        return _export_arrays(self._export_sources(), self._slot_key[order], order,
+                              self._basis if self.compact else None)
 
     def start_snapshot(self) -> "MapSnapshot":
         """Begin an incremental, consistent copy of the map for saving (call under the caller's lock;
@@ -1077,8 +1151,9 @@ class VoxelMap:
                 raise ValueError(f"{npz}: {key} has {len(data[key])} rows for {n} positions")
         m = cls(config)
         m._grow(n)
-        m._keys, m._key_slot, m._top = keys[order], np.arange(n, dtype=np.int64)[order], n
-        m._bkeys = _unique_sorted(m._keys >> _LOCAL)
+        m._order, m._top, m._n = np.arange(n, dtype=np.int64)[order], n, n
+        m._index.insert(keys[order], m._order)
+        m._slot_key[:n] = keys
         m.valid[:n] = True
         m.positions[:n] = pos
         colors = np.asarray(data["colors"])
@@ -1137,17 +1212,17 @@ class VoxelMap:
     def memory_model(self) -> dict:
         """Bytes by component: ``geometry`` (positions, colours, counts, ages, flags), ``labels``
         (labels, scores), ``features`` (the fp16 features, or the int8 codes + scales + error
-        terms + basis + refit sample), ``query_store`` (the fp16 store's reduced coefficients and
-        residuals), ``index`` (sorted keys, their slots, block keys, free list), ``refit`` (a refit
-        under way)."""
+        terms + basis + refit sample + per-group query bounds), ``query_store`` (the fp16 store's
+        reduced coefficients and residuals), ``index`` (each slot's key, the block index's hash and
+        slot tables, the cached key order, the free list), ``refit`` (a refit under way)."""
         nb = lambda *arrs: int(sum(a.nbytes for a in arrs if isinstance(a, np.ndarray)))  # noqa: E731
         out = dict(geometry=nb(self.positions, self.colors, self.counts, self.last_seen, self.dirty, self.valid,
                                self.feature_counts),
                    labels=nb(self.labels, self.scores),
-                   index=nb(self._keys, self._key_slot, self._bkeys, self._free))
+                   index=nb(self._slot_key, self._order, self._free) + self._index.nbytes)
         if self.compact:
             out["features"] = nb(self._q, self._qt, self._qtn, self._qscale, self._resid, self._qerr, self._basis,
-                                 self._sample)
+                                 self._sample) + (0 if self._gb is None else self._gb.nbytes)
             out["query_store"] = 0
         else:
             out["features"] = nb(self.features)
@@ -1185,8 +1260,8 @@ class MapSnapshot:
     The per-slot arrays are copied slot range by slot range (:meth:`step`, ``LOCK_SLICE`` slots a
     call: a few ms each, under the caller's lock, released in between); every slot the map changes
     meanwhile is marked and copied again by the last step, which also takes the key index (the
-    sorted key arrays are never written in place, so taking them costs nothing) and slots past the
-    range copied. The copy equals the map at the moment the last step returned. :meth:`export` then
+    live slots in key order: cached by the map, or one pass over its block tables) and slots past
+    the range copied. The copy equals the map at the moment the last step returned. :meth:`export` then
     gathers the voxels in key order without any lock."""
 
     def __init__(self, vmap: "VoxelMap"):
@@ -1203,7 +1278,7 @@ class MapSnapshot:
         self.bufs = {name: np.empty((self.n0,) + arr.shape[1:], arr.dtype)
                      for name, arr in m._export_sources().items()}
         self.tails = None
-        self.keys = self.key_slot = self.basis = None
+        self.key_slot = self.basis = None
 
     def step(self, rows: int = LOCK_SLICE) -> bool:
         """Copy the next ``rows`` slots (0: all); returns True once the copy is complete."""
@@ -1225,7 +1300,7 @@ class MapSnapshot:
             buf[again] = src[name][again]
         top = m._top
         self.tails = {name: src[name][self.n0:top].copy() for name in self.bufs}
-        self.keys, self.key_slot = m._keys, m._key_slot
+        self.key_slot = m._ordered()  # the key order (cached, or one pass over the block tables; never written in place)
         self.basis = None if m._basis is None or not m.compact else m._basis.copy()
         self.done = True
         if m._snap is self:
@@ -1247,7 +1322,8 @@ class MapSnapshot:
             out[~low] = tail[s[~low] - n0]
             return out
 
-        return _export_arrays(self.bufs, self.keys, self.key_slot, self.basis, take=take)
+        order = self.key_slot
+        return _export_arrays(self.bufs, take(self.bufs["_slot_key"], order), order, self.basis, take=take)
 
 
 #: ``format`` of a saved map's manifest, and the version this code reads up to: 1 (fp16 features or
@@ -1405,23 +1481,6 @@ def _ranked(cand: Optional[np.ndarray], score: np.ndarray, threshold: float, max
     order = above[np.argsort(-score[above], kind="stable")]
     slots = order if cand is None else cand[order]
     return QueryResult(slots.astype(np.int64), score[order].astype(np.float32), int(n), best, int(rescored))
-
-
-def _unique_sorted(a: np.ndarray) -> np.ndarray:
-    """Distinct values of the sorted array ``a`` (one pass, no sort)."""
-    if len(a) == 0:
-        return a.copy()
-    return a[np.concatenate([[True], a[1:] != a[:-1]])]
-
-
-def _ranges(start: np.ndarray, end: np.ndarray) -> np.ndarray:
-    """Concatenation of ``arange(start[i], end[i])`` for all i, vectorised."""
-    n = end - start
-    total = int(n.sum())
-    if total == 0:
-        return np.zeros(0, np.int64)
-    offs = np.repeat(start - np.concatenate([[0], np.cumsum(n)[:-1]]), n)
-    return np.arange(total, dtype=np.int64) + offs
 
 
 def _to_numpy(x) -> np.ndarray:
