@@ -60,6 +60,17 @@ def test_farthest_eviction_measures_from_the_current_sensor_and_falls_back_to_ol
     m.integrate(_at(6.5))                                            # no origin: oldest first (1.5, 2.5 tie
     assert _present(m, 5.5, 6.5, 9.5) == [True, True, True]          # with 9.5; 5.5 is newer)
     assert len(m) == 4 and m.n_evicted == 2
+    # the farthest voxel is seen again in the frame that needs room: it stays, the next farthest goes
+    m = VoxelMap(cfg)
+    m.integrate(_at(0.5, 1.5, 2.5, 9.5), sensor_origin=np.zeros(3))
+    m.integrate(_at(9.5, 3.5), sensor_origin=np.zeros(3))
+    assert _present(m, 0.5, 1.5, 2.5, 3.5, 9.5) == [True, True, False, True, True]
+    # "oldest" ignores the sensor position
+    m = VoxelMap(VoxelMapConfig(voxel_size=1.0, max_points=3, evict_fraction=0.0))
+    for x in (9.5, 0.5, 1.5):
+        m.integrate(_at(x), sensor_origin=np.zeros(3))
+    m.integrate(_at(2.5), sensor_origin=np.zeros(3))
+    assert _present(m, 0.5, 1.5, 2.5, 9.5) == [True, True, True, False]
 
 
 def test_one_frame_bigger_than_the_map_keeps_exactly_max_points_of_its_voxels():
@@ -90,8 +101,10 @@ def test_remove_frees_slots_that_new_voxels_reuse_and_dirty_flags():
     assert len(m) == 2 and m.n_evicted == 2 and _present(m, 1.5, 2.5) == [False, False]
     assert len(m.take_dirty()) == 0
     m.remove(np.zeros(0, np.int64))
+    m.remove(m.lookup(_at(3.5)))
+    assert m.n_evicted == 3 and len(m) == 1
     new = m.integrate(_at(7.5, 8.5, 9.5))
-    assert set(gone.tolist()) <= set(new.tolist()) and m.capacity == 8   # freed slots first
+    assert set(gone.tolist()) | set(m.lookup(_at(3.5)).tolist()) - {-1} <= set(new.tolist()) and m.capacity == 8
     assert sorted(m.take_dirty().tolist()) == sorted(new.tolist())
     m.integrate(_at(0.5))                          # an update makes a voxel dirty again
     assert m.take_dirty().tolist() == m.lookup(_at(0.5)).tolist()
@@ -106,9 +119,35 @@ def test_colours_counts_and_lookup_of_unmappable_points():
     m.integrate(_at(0.5), colors=np.array([[255, 255, 255, 7]], np.uint8))   # uint8 / 255; alpha ignored
     np.testing.assert_allclose(m.colors[s], [(0.6 + 1) / 3, (0.4 + 1) / 3, 2 / 3], atol=1e-6)
     assert m.export()["colors"][0].tolist() == [136, 119, 170]
-    bad = np.array([[np.nan, 0, 0], [np.inf, 0, 0], [1e30, 0, 0], [0.5, 0.5, 0.5]])
-    assert m.lookup(bad).tolist() == [-1, -1, -1, s]
+    bad = np.array([[np.nan, 0, 0], [np.inf, 0, 0], [1e30, 0, 0], [-1e30, 0, 0], [0.5, 0.5, 0.5]])
+    assert m.lookup(bad).tolist() == [-1, -1, -1, -1, s]
     assert VoxelMap().lookup(_at(0.5)).tolist() == [-1]
+    assert VoxelMap().lookup(np.zeros((0, 3))).tolist() == []
+
+
+def test_lookup_of_unmappable_points_never_finds_the_voxel_at_the_edge_of_the_range():
+    """A voxel at the largest coordinate the map stores (2^20 - 2 voxels out) must not answer for a
+    NaN, infinite or out-of-range point (found by the mutation run: they were clipped onto it)."""
+    edge = float((1 << 20) - 2) + 0.5
+    m = VoxelMap(VoxelMapConfig(voxel_size=1.0))
+    assert len(m.integrate(np.array([[edge] * 3, [-edge + 1] * 3, [0.5] * 3]))) == 3
+    inside = m.lookup(np.array([[edge] * 3, [-edge + 1] * 3]))
+    assert (inside >= 0).all()
+    for p in ([np.nan] * 3, [np.inf] * 3, [-np.inf] * 3, [1e30] * 3, [-1e30] * 3, [edge + 1] * 3, [-edge] * 3):
+        assert m.lookup(np.array([p]))[0] == -1, p
+
+
+def test_lookup_and_keys_use_the_same_float32_arithmetic_as_integrate():
+    """Float64 points on voxel borders: lookup finds the voxel integrate put each point in."""
+    vs = 0.05
+    m = VoxelMap(VoxelMapConfig(voxel_size=vs))
+    k = np.arange(-300, 300)
+    pts = np.stack([k * vs, k * vs * 0.5 + 1e-9, -k * vs], 1).astype(np.float64)
+    m.integrate(pts)
+    own = np.array([m.integrate(p[None])[0] for p in pts])   # the voxel of each point on its own
+    np.testing.assert_array_equal(m.lookup(pts), own)
+    inner = m.lookup(pts[:5])
+    np.testing.assert_array_equal(m.keys_of(inner), np.floor(m.positions[inner] / np.float32(vs)).astype(np.int64))
 
 
 # ---------------------------------------------------------------------------------------- boxes
@@ -153,6 +192,10 @@ def test_region_slots_grow_the_box_of_the_given_voxels_by_the_margin():
         hi = m.positions[some].max(0) + margin
         np.testing.assert_array_equal(np.sort(m.region_slots(some, margin)), _brute_box(m, lo, hi))
     assert len(m.region_slots(np.zeros(0, np.int64))) == 0
+    one = live[3:4]
+    p = m.positions[one[0]]
+    np.testing.assert_array_equal(np.sort(m.region_slots(one)), _brute_box(m, p - 1.0, p + 1.0))   # 1 m by default
+    np.testing.assert_array_equal(m.region_slots(list(one), margin=0.0), one)
 
 
 # ---------------------------------------------------------------------------------------- queries
@@ -161,22 +204,16 @@ def _tie_map(store="fp16", d=8):
     first component, exactly (ties: 30 at the best value, 40 at the next, 50 at the third)."""
     m = VoxelMap(VoxelMapConfig(voxel_size=1.0, feature_store=store, query_rank=d, store_rank=d))
     groups = [(30, 0.96), (40, 0.8), (50, 0.6), (20, 0.1)]
-    slots, feats, gid = [], [], []
-    x = 0
-    for g, (n, a) in enumerate(groups):
-        s = m.integrate(_at(*(np.arange(x, x + n) + 0.5)))
-        x += n
-        f = np.zeros((n, d), np.float32)
-        f[:, 0], f[:, 1] = a, np.sqrt(1 - a * a)
-        slots.append(s)
-        feats.append(f)
-        gid += [g] * n
-    slots, feats = np.concatenate(slots), np.concatenate(feats)
-    perm = np.random.default_rng(0).permutation(len(slots))      # slot order is not score order
-    m.set_features(slots[perm], feats[perm])
+    slots = m.integrate(_at(*(np.arange(140) + 0.5)))
+    # groups scattered over the slots (slot order is not score order)
+    gid = np.random.default_rng(0).permutation(np.repeat(np.arange(4), [n for n, _ in groups]))
+    a = np.array([groups[g][1] for g in gid], np.float32)
+    feats = np.zeros((len(slots), d), np.float32)
+    feats[:, 0], feats[:, 1] = a, np.sqrt(1 - a * a)
+    m.set_features(slots, feats)
     t = np.zeros(d, np.float32)
     t[0] = 1
-    return m, slots, np.array(gid), t
+    return m, slots, gid, t
 
 
 @pytest.mark.parametrize("store", ["fp16", "int8"])
@@ -184,7 +221,12 @@ def test_threshold_is_inclusive_and_ties_at_the_cut_are_filled_from_the_tied_gro
     m, slots, gid, t = _tie_map(store)
     every = m.query(t, threshold=-1.0)
     assert every.count == len(slots) and len(every.slots) == len(slots)
-    val = {g: every.scores[np.isin(every.slots, slots[gid == g])] for g in range(4)}
+    # the exact values: fp16, the stored features' (a query may return its reduced-store estimate,
+    # within 1e-5, where that is already tighter than 1e-4); int8, the query's own full scan
+    score_of = dict(zip(every.slots.tolist(), every.scores.tolist()))
+    exact = m.stored_scores(t, slots) if store == "fp16" else np.array([score_of[s] for s in slots.tolist()], np.float32)
+    np.testing.assert_allclose([score_of[s] for s in slots.tolist()], exact, atol=1e-5)
+    val = {g: exact[gid == g] for g in range(4)}
     for g in range(4):  # one value per group (exact ties in fp16; within float rounding in int8)
         assert np.ptp(val[g]) <= 1e-6, g
     s0, s1, s2 = (float(val[g].min()) for g in range(3))
@@ -197,8 +239,8 @@ def test_threshold_is_inclusive_and_ties_at_the_cut_are_filled_from_the_tied_gro
         for kw in ({}, {"exact_topk": True}):
             res = m.query(t, threshold=s2, max_points=k, **kw)
             assert res.count == 120 and len(res.slots) == k == len(set(res.slots.tolist()))
-            want = np.sort(every.scores)[::-1][:k]
-            np.testing.assert_allclose(res.scores, want, atol=1e-6)
+            want = np.sort(exact)[::-1][:k]
+            np.testing.assert_allclose(res.scores, want, atol=1e-5)
             top = set(res.slots.tolist())
             for g in range(3):                      # better groups complete before a worse one starts
                 n_better = int((gid < g).sum())
@@ -206,7 +248,7 @@ def test_threshold_is_inclusive_and_ties_at_the_cut_are_filled_from_the_tied_gro
                     assert set(slots[gid < g].tolist()) <= top
     # a region query ranks the same way (scored exactly)
     res = m.query(t, threshold=s2, max_points=50, region=([0, 0, 0], [200, 1, 1]))
-    np.testing.assert_allclose(res.scores, np.sort(every.scores)[::-1][:50], atol=1e-6)
+    np.testing.assert_allclose(res.scores, np.sort(exact)[::-1][:50], atol=1e-6)
     assert res.count == 120 and res.best_score == pytest.approx(s0, abs=1e-6)
 
 
@@ -525,3 +567,59 @@ def test_rgbd_points_equal_a_per_pixel_loop():
         assert (2, 4) not in [tuple(p) for p in pix]
     pts, cols, _ = rgbd_points(depth, None, K, np.eye(4))
     assert cols is None and len(pts) == int(np.sum(np.nan_to_num(depth) > 0))
+
+
+# ---------------------------------------------------------------------------------------- refits
+def test_fp16_basis_refit_is_due_when_the_voxels_with_features_double():
+    rng = np.random.default_rng(0)
+    m = VoxelMap(VoxelMapConfig(voxel_size=1.0, query_rank=4))
+    s = m.integrate(_at(*(np.arange(2500) + 0.5)))
+    assert len(s) == 2500
+    m.set_features(s[:600], rng.normal(size=(600, 8)))
+    assert m.needs_refit() and m.maybe_refit() and not m.needs_refit() and not m.maybe_refit()
+    m.set_features(s[600:1000], rng.normal(size=(400, 8)))
+    assert not m.needs_refit()                  # 1000 voxels: not above the 1000 floor
+    m.set_features(s[1000:1200], rng.normal(size=(200, 8)))
+    assert not m.needs_refit()                  # 1200 = 2 * 600: not above
+    m.set_features(s[1200:1201], rng.normal(size=(1, 8)))
+    assert m.needs_refit()                      # 1201 > max(2 * 600, 1000)
+    m.refit_basis()
+    m.set_features(s[1201:2402], rng.normal(size=(1201, 8)))
+    assert not m.needs_refit()                  # 2402 = 2 * 1201
+    m.set_features(s[2402:2403], rng.normal(size=(1, 8)))
+    assert m.needs_refit()
+    m.set_anchor(np.eye(8, dtype=np.float32)[:2])
+    m.refit_basis()
+    assert not m.needs_refit()
+    m.set_anchor(np.eye(8, dtype=np.float32)[1:3])   # a new vocabulary
+    assert m.needs_refit()
+
+
+@pytest.mark.parametrize("store", ["fp16", "int8"])
+def test_a_refit_under_way_survives_the_slot_arrays_growing(store):
+    rng = np.random.default_rng(4)
+    m = VoxelMap(VoxelMapConfig(voxel_size=0.05, initial_capacity=512, feature_store=store, query_rank=8,
+                                store_rank=8))
+    s = m.integrate(rng.random((400, 3)) * 2)
+    m.set_features(s, rng.normal(size=(len(s), 32)))
+    s2 = m.integrate(rng.random((400, 3)) * 2 + 3)
+    m.set_features(s2, rng.normal(size=(len(s2), 32)))
+    m.start_refit()
+    assert m.refit_pending and not m.refit_step(rows=100)
+    new = m.integrate(rng.random((3000, 3)) * 2 + 6)              # the slot arrays grow mid-refit
+    assert m.capacity > 512
+    f = rng.normal(size=(len(new), 32)).astype(np.float32)
+    m.set_features(new, f)
+    while not m.refit_step(rows=300):
+        pass
+    t = rng.normal(size=32).astype(np.float32)
+    t /= np.linalg.norm(t)
+    ref = m.scan_query(t)
+    res = m.query(t, threshold=0.1)
+    assert res.count == int((ref >= 0.1).sum()) > 0
+    live = m.slots()
+    pos = {x: i for i, x in enumerate(live.tolist())}
+    np.testing.assert_allclose(res.scores, ref[[pos[x] for x in res.slots.tolist()]], atol=1e-4)
+    fn = f / np.linalg.norm(f, axis=1, keepdims=True)
+    err = np.abs(fn @ t - m.stored_scores(t, new))
+    assert (err <= m.error_bound(t, new) + (2e-3 if store == "fp16" else 1e-5)).all()

@@ -352,7 +352,9 @@ class VoxelMap:
         pts = np.asarray(points).reshape(-1, 3).astype(np.float32)  # same arithmetic as integrate()
         with np.errstate(invalid="ignore"):
             coords = np.floor(pts * np.float32(1.0 / self.config.voxel_size))
-            coords = np.where(np.isfinite(coords), np.clip(coords, 1 - _OFFSET, _OFFSET - 2), _OFFSET - 2)
+            # out of range / non-finite -> +-(_OFFSET - 1): a coordinate integrate never stores (it keeps
+            # |c| < _OFFSET - 1), so such points find no voxel (not the voxel at the edge of the range)
+            coords = np.where(np.isfinite(coords), np.clip(coords, 1 - _OFFSET, _OFFSET - 1), _OFFSET - 1)
         keys = block_keys(coords)
         if len(self._keys) == 0:
             return np.full(len(keys), -1, np.int64)
