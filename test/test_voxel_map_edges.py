@@ -51,6 +51,17 @@ def test_eviction_frees_the_extra_fraction_beyond_what_is_needed():
     assert len(m) == 10 and m.n_evicted == 3 and m.capacity == cap == 10
 
 
+def test_eviction_frees_exactly_the_n_oldest_of_many():
+    rng = np.random.default_rng(3)
+    m = VoxelMap(VoxelMapConfig(voxel_size=1.0, max_points=300, evict_fraction=0.0))
+    xs = rng.permutation(300) + 0.5                  # observed one by one, in a random spatial order
+    for x in xs:
+        m.integrate(_at(x))
+    m.integrate(_at(*(np.arange(1000, 1017) + 0.5)))  # 17 new voxels: the 17 observed first go
+    gone = np.array([m.lookup(_at(x))[0] == -1 for x in xs])
+    assert gone[:17].all() and not gone[17:].any() and len(m) == 300
+
+
 def test_farthest_eviction_measures_from_the_current_sensor_and_falls_back_to_oldest():
     cfg = VoxelMapConfig(voxel_size=1.0, max_points=4, eviction="farthest", evict_fraction=0.0)
     m = VoxelMap(cfg)
@@ -311,8 +322,10 @@ def _check_bound_along_the_error(m, slots, f, tight: bool, loose: float = 0.0):
             assert bound <= diff * loose + 0.02, (i, bound, diff)
 
 
-def test_int8_error_bound_is_sound_and_tight_along_each_voxels_error():
-    m, slots, f, rng = _int8_map()
+@pytest.mark.parametrize("rank", [24, 48])
+def test_int8_error_bound_is_sound_and_tight_along_each_voxels_error(rank):
+    """rank 48: the codes have a tail past the 32 head columns (stored scores add both parts)."""
+    m, slots, f, rng = _int8_map(rank=rank)
     _check_bound_along_the_error(m, slots, f, tight=True)
     # random texts: sound for every voxel at once
     for _ in range(5):
@@ -320,8 +333,12 @@ def test_int8_error_bound_is_sound_and_tight_along_each_voxels_error():
         t /= np.linalg.norm(t)
         err = np.abs(f @ t - m.stored_scores(t, slots))
         assert (err <= m.error_bound(t, slots) + 1e-5).all()
-    # the stored score is what the decoded features give
+    # the stored score is what the decoded features give, and what a region query returns
     np.testing.assert_allclose(m.stored_scores(t, slots), m.features.float32(slots) @ t, atol=1e-5)
+    res = m.query(t, threshold=-1.0, region=([0, 0, 0], [1, 1, 1]))
+    inside = m.box_slots([0, 0, 0], [1, 1, 1])
+    assert res.count == len(inside) > 0
+    np.testing.assert_allclose(res.scores, np.sort(m.features.float32(inside) @ t)[::-1], atol=1e-5)
 
 
 def test_int8_error_bound_stays_sound_after_a_refit_from_the_store():
@@ -548,6 +565,20 @@ def test_legacy_npz_maps_and_their_names(tmp_path):
         _same(back.export(), m.export())
     with pytest.raises(FileNotFoundError):
         map_arrays_path(tmp_path / "run")
+
+
+def test_load_at_exactly_max_points_without_coords_and_never_unpickles(tmp_path):
+    m, slots, f, _ = _int8_map(n=60, d=16, rank=8)
+    a = m.export()
+    arrays = {k: v for k, v in a.items() if v is not None and k != "coords"}   # an older file: no coords
+    np.savez(tmp_path / "old.npz", voxel_size=np.float32(0.05), **arrays)
+    cfg = VoxelMapConfig(voxel_size=0.05, feature_store="int8", store_rank=8, max_points=len(m))
+    back, _ = VoxelMap.load(tmp_path / "old.npz", cfg)          # exactly max_points voxels: fits
+    _same(back.export(), a)                                     # the voxel keys come from the positions
+    arrays["labels"] = np.array([object()] * len(m), dtype=object)   # a pickled array is refused
+    np.savez(tmp_path / "pickled.npz", voxel_size=np.float32(0.05), **arrays)
+    with pytest.raises(ValueError):
+        VoxelMap.load(tmp_path / "pickled.npz", cfg)
 
 
 @pytest.mark.parametrize("change, message", [
