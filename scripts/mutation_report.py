@@ -62,7 +62,12 @@ def main(argv=None) -> int:
     p.add_argument("--no-diffs", action="store_true", help="do not list the survivors' diffs")
     args = p.parse_args(argv)
     if args.run:
-        rc = subprocess.run(["mutmut", "run", "--max-children", str(args.jobs)], cwd=ROOT).returncode
+        # mutmut forks a worker per mutant from a process that already ran numba's parallel kernels:
+        # GNU OpenMP (numba's first choice here, sas_core.numba_support) kills such a child with
+        # SIGTERM ("fork() called from a process already using GNU OpenMP"), which mutmut counts as
+        # "suspicious". The workqueue layer is fork-safe.
+        env = dict(os.environ, NUMBA_THREADING_LAYER="workqueue")
+        rc = subprocess.run(["mutmut", "run", "--max-children", str(args.jobs)], cwd=ROOT, env=env).returncode
         if rc not in (0, 1):
             print(f"mutmut run failed (rc {rc})", file=sys.stderr)
             return rc
