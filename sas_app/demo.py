@@ -303,7 +303,7 @@ def distill_settings(cfg: DemoConfig) -> dict:
 
 
 def distill_rows(world: World, work_dir: Path, t0: float, tesd_variants: Optional[Dict[str, dict]] = None,
-                 pixel_point: bool = True) -> Dict[str, object]:
+                 pixel_point: bool = True, superpoint: bool = True) -> Dict[str, object]:
     """Step 7: the three 3D rows; returns name -> trained model.
 
     The SP row is trained once and every SP+TESD row branches from the SP run's checkpoint at its TESD
@@ -311,7 +311,8 @@ def distill_rows(world: World, work_dir: Path, t0: float, tesd_variants: Optiona
     same steps, same RNG; ``test_train`` checks the weights bit for bit), so it is not trained twice.
     ``tesd_variants``: optional extra SP+TESD rows, name -> :class:`DistillConfig` overrides (e.g.
     ``tesd_alpha``, ``stage2_fraction``, ``tesd_weight``), each branching from the SP run at its own
-    start. ``pixel_point=False`` leaves that row out (sweeps of the SP / TESD settings)."""
+    start. ``pixel_point=False`` leaves that row out (sweeps of the SP / TESD settings), ``superpoint=False``
+    the SP and SP+TESD rows (the rows can then be trained in separate processes)."""
     from sas_core.train.distill import DistillConfig, Distiller
 
     cfg = world.config
@@ -327,6 +328,9 @@ def distill_rows(world: World, work_dir: Path, t0: float, tesd_variants: Optiona
     if pixel_point:
         models["pixel_point"] = trainer("pixel_point", "pixel_point").run().model
         _log(f"pixel-point distillation: {cfg.epochs} epochs", t0)
+    if not superpoint:
+        world.timings["distill_s"] = time.time() - t
+        return models
     variants = {"sp_tesd": {}, **(tesd_variants or {})}
     starts = {name: DistillConfig(mode="sp_tesd", **{**common, **over}).stage1_epochs
               for name, over in variants.items()}

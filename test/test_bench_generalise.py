@@ -97,7 +97,16 @@ def test_merge_joins_seeds_and_recomputes_the_goal():
     assert m["own_map_minus_held_out"][4]["sp_tesd"] == pytest.approx(45.0 - 41.0)
     assert "N = 4" in generalise.format_markdown(m)
     with pytest.raises(ValueError, match="seeds repeat"):
-        generalise.merge_results([a, a])
+        generalise.merge_results([a, {**a, "rows": [{**r, "miou_per_seed": [r["miou"] + 1]} for r in a["rows"]]}])
+    # the rows of one seed split over two processes: the 2D row is in both (same value), the 3D rows in one
+    pp = _part(0, {("held_out", "capability"): 40.0, ("held_out", "pixel_point"): 32.0})
+    rest = _part(0, {("held_out", "capability"): 40.0, ("held_out", "sp"): 42.0, ("held_out", "sp_tesd"): 38.0})
+    rest["runs"][0]["distill_s"] = 9.0
+    one = generalise.merge_results([pp, rest])
+    assert {r["key"]: r["miou_per_seed"] for r in one["rows"]} == {"capability": [40.0], "pixel_point": [32.0],
+                                                                   "sp": [42.0], "sp_tesd": [38.0]}
+    assert len(one["runs"]) == 1 and one["runs"][0]["distill_s"] == 9.0  # the parts ran at the same time
+    assert one["goal"]["ordering_pixel_point_lt_sp_lt_sp_tesd"] is False
     c = {**_part(2, {("held_out", "capability"): 1.0}), "schedule": "9 steps per row"}
     with pytest.raises(ValueError, match="schedule"):
         generalise.merge_results([a, c])

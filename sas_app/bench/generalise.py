@@ -68,8 +68,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--tesd-variant", action="append", default=[], metavar="alpha=A,start=F,weight=W",
                    help="an extra SP+TESD row with these settings (any subset), branched from the SP run at its "
                         "TESD start (stage 1 is not retrained); repeatable")
-    p.add_argument("--no-pixel-point", action="store_true",
-                   help="leave the pixel-point row out (sweeps of the SP / TESD settings; no goal ordering)")
+    rows = p.add_mutually_exclusive_group()
+    rows.add_argument("--no-pixel-point", action="store_true",
+                      help="leave the pixel-point row out (sweeps of the SP / TESD settings; no goal ordering)")
+    rows.add_argument("--only-pixel-point", action="store_true",
+                      help="train the pixel-point row only (run the rows of one seed in two processes: this and "
+                           "--no-pixel-point, then --merge)")
     p.add_argument("--sensor", choices=("none", "kinect", "realsense"), default="none",
                    help="sensor model of every room's frames (sas_core.data.sensor_model)")
     p.add_argument("--quick", action="store_true", help="the demo's --quick world (small rooms; smoke test)")
@@ -208,7 +212,7 @@ def _class_sizes(rooms, names) -> dict:
 
 
 def run_one(cfg, store: RoomStore, world_parts, n_rooms: int, test_rooms: int, own_map_rooms: int, t0: float,
-            variants=None, pixel_point: bool = True):
+            variants=None, pixel_point: bool = True, superpoint: bool = True):
     """Distil on the first ``n_rooms`` pool rooms of world ``cfg.seed``; evaluate every row.
 
     Returns (results: setting -> key -> evaluate() dict, extra: timings and the ensemble's share)."""
@@ -245,18 +249,19 @@ def run_one(cfg, store: RoomStore, world_parts, n_rooms: int, test_rooms: int, o
         test_data.append(scene_from_arrays(r["name"], r["positions"], labels=r["labels"], colors=r["colors"]))
     world = World(cfg, encoder, text, names, [], [], None, train_data, test_data, rows_2d)
     with tempfile.TemporaryDirectory() as work:
-        models = distill_rows(world, Path(work), t0, variants, pixel_point)
+        models = distill_rows(world, Path(work), t0, variants, pixel_point, superpoint)
     distill_s = world.timings["distill_s"]
     results = evaluate_rows(dataclasses.replace(world, train_data=train_data[:own_map_rooms]), models)
     preds, gts, shares = [], [], []
-    for scene, (f, m) in zip(test_data, fused_held):
+    for scene, (f, m) in zip(test_data, fused_held if "sp_tesd" in models else []):
         feats = scene_point_features(models["sp_tesd"], scene, cfg.voxel_size, input_color=cfg.input_color)
         lab, share = ensemble_labels(f, m, feats, text)
         preds.append(lab)
         gts.append(scene.labels)
         shares.append(share)
-    results["held_out"]["ensemble"] = evaluate(np.concatenate(preds), np.concatenate(gts), names)
-    extra = {"prepare_s": prep_s, "distill_s": distill_s, "ensemble_2d_share": statistics.fmean(shares),
+    if preds:
+        results["held_out"]["ensemble"] = evaluate(np.concatenate(preds), np.concatenate(gts), names)
+    extra = {"prepare_s": prep_s, "distill_s": distill_s, "ensemble_2d_share": statistics.fmean(shares) if shares else None,
              "steps_per_row": cfg.epochs * math.ceil(n_rooms / cfg.batch_size),
              "held_out_rooms": [r["name"] for r in held]}
     return results, extra, held
@@ -284,13 +289,15 @@ def _goal_and_gap(by: dict, rooms) -> tuple:
 
 #: result fields that must agree for runs to be merged
 MERGE_SAME = ("rooms", "test_rooms", "own_map_rooms", "schedule", "sensor", "augment", "input_color", "voxel_size",
-              "quick", "lr", "lr_schedule", "tesd_alpha", "tesd_start", "tesd_weight", "tesd_variants", "pixel_point")
+              "quick", "lr", "lr_schedule", "tesd_alpha", "tesd_start", "tesd_weight")
 
 
 def merge_results(parts: list) -> dict:
-    """One result from ``main`` results of the same setting with disjoint seeds (runs done in parallel
-    processes): per-seed values joined, means / spreads and the goal recomputed; per-class IoU and the
-    config note of the first part (its first seed)."""
+    """One result from ``main`` results of one setting run in parallel processes: parts with different
+    seeds, or the rows of one seed split over processes (``--only-pixel-point`` and ``--no-pixel-point``).
+    Per-seed values are joined (a row of one seed in two parts must have the same value: the 2D rows),
+    means / spreads and the goal recomputed; a seed's distillation time is the longest of its parts (they
+    ran at the same time); per-class IoU and the config note are those of the first seed."""
     if not parts:
         raise ValueError("nothing to merge")
     first = parts[0]
@@ -298,24 +305,44 @@ def merge_results(parts: list) -> dict:
         diff = [k for k in MERGE_SAME if other.get(k) != first.get(k)]
         if diff:
             raise ValueError(f"cannot merge runs of different settings: {', '.join(diff)} differ")
-    seeds = [s for p in parts for s in p["seeds"]]
-    if len(set(seeds)) != len(seeds):
-        raise ValueError(f"seeds repeat across the merged runs: {seeds}")
     groups: dict = {}
     for p in parts:
         for r in p["rows"]:
-            g = groups.setdefault((r["setting"], r["key"], r["n_rooms"]), {**r, "miou_per_seed": [], "seeds": []})
-            g["miou_per_seed"] += r["miou_per_seed"]
-            g["seeds"] += r["seeds"]
+            g = groups.setdefault((r["setting"], r["key"], r["n_rooms"]), {"row": r, "values": {}})
+            for seed, v in zip(r["seeds"], r["miou_per_seed"]):
+                if seed in g["values"] and g["values"][seed] != v:
+                    raise ValueError(f"row {r['key']} (N = {r['n_rooms']}, {r['setting']}): seed {seed} in two parts "
+                                     f"with different values ({g['values'][seed]} and {v}); seeds repeat")
+                g["values"][seed] = v
     rows = []
     for g in groups.values():
-        pairs = sorted(zip(g["seeds"], g["miou_per_seed"]))
-        vals = [v for _, v in pairs]
-        rows.append({**g, "seeds": [s for s, _ in pairs], "miou_per_seed": vals, "miou": statistics.fmean(vals),
+        seeds = sorted(g["values"])
+        vals = [g["values"][k] for k in seeds]
+        rows.append({**g["row"], "seeds": seeds, "miou_per_seed": vals, "miou": statistics.fmean(vals),
                      "miou_std": statistics.pstdev(vals)})
-    goal, gap = _goal_and_gap(_rows_by(rows), first["rooms"])
-    runs = sorted((r for p in parts for r in p["runs"]), key=lambda r: (r["n"], r["seed"]))
-    return {**first, "seeds": sorted(seeds), "rows": rows, "goal": goal, "own_map_minus_held_out": gap, "runs": runs,
+    by = _rows_by(rows)
+    goal, gap = _goal_and_gap(by, first["rooms"]) if ("held_out", "sp", max(first["rooms"])) in by else (None, None)
+    runs: dict = {}
+    for p in parts:
+        for r in p["runs"]:
+            key = (r["n"], r["seed"])
+            if key in runs:
+                runs[key] = {**runs[key], "distill_s": max(runs[key]["distill_s"], r["distill_s"]),
+                             "distill_s_parts": runs[key].get("distill_s_parts", [runs[key]["distill_s"]])
+                             + [r["distill_s"]],
+                             "ensemble_2d_share": runs[key].get("ensemble_2d_share") or r.get("ensemble_2d_share")}
+            else:
+                runs[key] = dict(r)
+    seeds = sorted({s for p in parts for s in p["seeds"]})
+    per_class: dict = {}
+    for p in parts:
+        if p["seeds"] and p["seeds"][0] == seeds[0]:
+            for c in p.get("per_class_held_out", []):
+                per_class.setdefault(c["class"], {}).update({k: v for k, v in c.items() if v is not None})
+    return {**first, "seeds": seeds, "rows": rows, "goal": goal, "own_map_minus_held_out": gap,
+            "runs": [runs[k] for k in sorted(runs)], "per_class_held_out": list(per_class.values()),
+            "rows_3d": sorted({p.get("rows_3d", "all") for p in parts}),
+            "tesd_variants": {k: v for p in parts for k, v in p.get("tesd_variants", {}).items()},
             "rooms_generated": sum(p["rooms_generated"] for p in parts),
             "seconds": max(p["seconds"] for p in parts), "seconds_per_part": [p["seconds"] for p in parts],
             "load_average_start": [p.get("load_average_start") for p in parts],
@@ -370,7 +397,7 @@ def main(argv: list) -> dict:
             epochs = math.ceil(args.steps / n) if args.steps else (args.epochs or demo_config(preset).epochs)
             cfg = demo_config(preset, seed=seed, train_rooms=n, test_rooms=args.test_rooms, epochs=epochs, **base)
             results, extra, held_rooms = run_one(cfg, store, worlds[seed], n, args.test_rooms, args.own_map_rooms, t0,
-                                                 variants, not args.no_pixel_point)
+                                                 variants, not args.no_pixel_point, not args.only_pixel_point)
             runs.append({"n": n, "seed": seed, "epochs": epochs, "results": results, **extra})
             _log("N=%d seed %d: held-out mIoU %s" % (n, seed, ", ".join(
                 f"{k} {100 * float(v['miou']):.1f}" for k, v in results["held_out"].items())), t0)
@@ -389,7 +416,7 @@ def main(argv: list) -> dict:
                               "miou_per_seed": vals, "seeds": [r["seed"] for r in part]})
     n_max = max(args.rooms)
     by = _rows_by(table)
-    goal, gap = _goal_and_gap(by, args.rooms)
+    goal, gap = _goal_and_gap(by, args.rooms) if ("held_out", "sp", n_max) in by else (None, None)
     # per-class IoU on the held-out rooms at the largest N (first seed) against the objects' size
     last = next(r for r in runs if r["n"] == n_max)
     sizes = _class_sizes(held_rooms or [], names)
@@ -411,7 +438,8 @@ def main(argv: list) -> dict:
         "augment": args.augment, "input_color": args.input_color, "voxel_size": cfg_last.voxel_size,
         "lr": cfg_last.lr, "lr_schedule": cfg_last.lr_schedule, "tesd_alpha": cfg_last.tesd_alpha,
         "tesd_start": cfg_last.stage2_fraction, "tesd_weight": cfg_last.tesd_weight,
-        "tesd_variants": {k: v for k, v in variants.items()}, "pixel_point": not args.no_pixel_point,
+        "tesd_variants": {k: v for k, v in variants.items()}, "rows_3d": "pixel_point" if args.only_pixel_point
+        else "sp" if args.no_pixel_point else "all",
         "load_average_start": list(load_start), "load_average_end": list(os.getloadavg()),
         "quick": args.quick, "rows": table, "goal": goal, "own_map_minus_held_out": gap,
         "per_class_held_out": per_class,
