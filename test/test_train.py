@@ -409,3 +409,28 @@ def test_lr_schedules(tmp_path):
         seen.append(d.scheduler.get_last_lr()[0])
         d.train_step(d.batch([step % 2], 0), 0, step, tesd=False)
     assert seen == pytest.approx([1e-2 * lr_factor(s, 4, 1e-2, "onecycle", 0.5) for s in range(4)])
+
+
+def test_a_branched_tesd_run_keeps_its_own_ema_constant(tmp_path):
+    """The TESD constant comes from the run's config, not from the checkpoint it starts from (an SP+TESD
+    row branched from the SP run's checkpoint, alpha 0.99 there, must run with its own alpha)."""
+    import shutil
+
+    from sas_core.train.distill import Distiller
+
+    scenes, text = tiny_scenes(2, n_points=150)
+    names = ["a", "b", "c"]
+    kw = dict(epochs=2, stage2_fraction=0.5)
+    Distiller(tiny_config(tmp_path / "sp", mode="sp", tesd_alpha=0.99, **kw), scenes, text, names).run(
+        stop_after_epochs=1)
+    ens = {}
+    for alpha in (0.0, 0.5):
+        out = tmp_path / f"a{alpha}"
+        out.mkdir()
+        shutil.copyfile(tmp_path / "sp" / "last.pt", out / "last.pt")
+        d = Distiller(tiny_config(out, mode="sp_tesd", tesd_alpha=alpha, **kw), scenes, text, names)
+        d.run()
+        assert d.tesd.alpha == alpha
+        ens[alpha] = {n: d.tesd.get(n).float() for n in d.tesd.scenes()}
+    # alpha 0: the history is the last output itself; 0.5: half of it is the superpoint-mean initialisation
+    assert any(not torch.equal(ens[0.0][n], ens[0.5][n]) for n in ens[0.0])

@@ -408,7 +408,8 @@ class Distiller:
         return self.checkpoint_path
 
     def load(self, path) -> None:
-        """Restore model, optimizer, scheduler, epoch, RNG and this process's TESD history."""
+        """Restore model, optimizer, scheduler, epoch, RNG and this process's TESD history (``tesd_alpha``
+        stays this config's)."""
         import torch
         from sas_core.nn import load_checkpoint
 
@@ -423,7 +424,9 @@ class Distiller:
         self.history = list(extra.get("history", []))
         mine = {self.train.scene(i).name for i in range(self.rank, len(self.train), self.world)}
         tesd = extra["tesd"]
-        self.tesd.load_state_dict({"alpha": tesd["alpha"],
+        # the histories come from the checkpoint, the EMA constant from this run's config: a run branched
+        # from another run's checkpoint (SP+TESD from the SP run) keeps its own tesd_alpha
+        self.tesd.load_state_dict({"alpha": self.cfg.tesd_alpha,
                                    "scenes": {k: v for k, v in tesd["scenes"].items() if k in mine}})
         set_rng_state(extra["rng"])
 
