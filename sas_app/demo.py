@@ -82,6 +82,8 @@ class DemoConfig:
     epochs: int = opt(100, "distillation epochs per 3D row (the paper's 100; TESD in the last 30)")
     stage2_fraction: float = opt(0.3, "last fraction of epochs with TESD")
     lr: float = opt(1e-2, "initial Adam learning rate (few steps: 100x the paper's 1e-4), decays linearly to lr/10")
+    lr_schedule: str = opt("linear", "linear (the paper) | onecycle (warm-up, then cosine to lr/10)",
+                           choices=("linear", "onecycle"))
     batch_size: int = opt(1, "scenes per step")
     input_color: bool = opt(False, "network input: RGB (OpenScene's option) instead of all ones (SAS)")
     augment: bool = opt(False, "OpenScene augmentation while distilling (paper: on, over ~1200 scenes; "
@@ -89,6 +91,7 @@ class DemoConfig:
     tesd_alpha: float = opt(0.9, "TESD EMA constant per visit of a room (the public code: 0.99 over many more "
                                  "visits; 18 visits here)")
     tesd_temperature: float = opt(0.07, "TESD logits temperature")
+    tesd_weight: float = opt(1.0, "weight of the TESD cross-entropies")
     queries: tuple = opt(("a chair", "a wooden table"), "free-text queries for the heat maps")
     ros: bool = opt(True, "replay a synthetic bag through the live ROS node when rclpy is importable")
     progress: bool = opt(True, "progress bars")
@@ -293,36 +296,57 @@ def distill_settings(cfg: DemoConfig) -> dict:
     """The :class:`sas_core.train.distill.DistillConfig` fields the demo sets (all but mode and out_dir)."""
     return dict(arch=cfg.arch, epochs=cfg.epochs,
                 stage2_fraction=cfg.stage2_fraction, batch_size=cfg.batch_size, lr=cfg.lr, final_lr=cfg.lr / 10,
+                lr_schedule=cfg.lr_schedule, tesd_weight=cfg.tesd_weight,
                 voxel_size=cfg.voxel_size, tesd_alpha=cfg.tesd_alpha, tesd_temperature=cfg.tesd_temperature,
                 seed=cfg.seed, val_every=0, resume=True, progress=cfg.progress, threads=cfg.threads,
                 input_color=cfg.input_color, augment=cfg.augment)
 
 
-def distill_rows(world: World, work_dir: Path, t0: float) -> Dict[str, object]:
-    """Step 7: the three 3D rows; returns name -> trained model. SP and SP+TESD share stage 1."""
+def distill_rows(world: World, work_dir: Path, t0: float, tesd_variants: Optional[Dict[str, dict]] = None,
+                 pixel_point: bool = True, superpoint: bool = True) -> Dict[str, object]:
+    """Step 7: the three 3D rows; returns name -> trained model.
+
+    The SP row is trained once and every SP+TESD row branches from the SP run's checkpoint at its TESD
+    start: with the same seed and schedule, stage 1 of SP+TESD *is* the SP run's prefix (same samples,
+    same steps, same RNG; ``test_train`` checks the weights bit for bit), so it is not trained twice.
+    ``tesd_variants``: optional extra SP+TESD rows, name -> :class:`DistillConfig` overrides (e.g.
+    ``tesd_alpha``, ``stage2_fraction``, ``tesd_weight``), each branching from the SP run at its own
+    start. ``pixel_point=False`` leaves that row out (sweeps of the SP / TESD settings), ``superpoint=False``
+    the SP and SP+TESD rows (the rows can then be trained in separate processes)."""
     from sas_core.train.distill import DistillConfig, Distiller
 
     cfg = world.config
     common = distill_settings(cfg)
     enc_cfg = world.encoder.config()
 
-    def trainer(mode, sub):
-        return Distiller(DistillConfig(mode=mode, out_dir=str(work_dir / sub), **common), world.train_data,
-                         world.text, world.class_names, None, enc_cfg)
+    def trainer(mode, sub, **over):
+        return Distiller(DistillConfig(mode=mode, out_dir=str(work_dir / sub), **{**common, **over}),
+                         world.train_data, world.text, world.class_names, None, enc_cfg)
 
     models = {}
     t = time.time()
-    models["pixel_point"] = trainer("pixel_point", "pixel_point").run().model
-    _log(f"pixel-point distillation: {cfg.epochs} epochs", t0)
-    tesd = trainer("sp_tesd", "sp_tesd")
-    stage1 = tesd.cfg.stage1_epochs
-    tesd.run(stop_after_epochs=stage1)  # stage 1, shared with the SP row
-    (work_dir / "sp").mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(work_dir / "sp_tesd" / "last.pt", work_dir / "sp" / "last.pt")
-    models["sp"] = trainer("sp", "sp").run().model
+    if pixel_point:
+        models["pixel_point"] = trainer("pixel_point", "pixel_point").run().model
+        _log(f"pixel-point distillation: {cfg.epochs} epochs", t0)
+    if not superpoint:
+        world.timings["distill_s"] = time.time() - t
+        return models
+    variants = {"sp_tesd": {}, **(tesd_variants or {})}
+    starts = {name: DistillConfig(mode="sp_tesd", **{**common, **over}).stage1_epochs
+              for name, over in variants.items()}
+    sp = trainer("sp", "sp")
+    for start in sorted(set(starts.values())):
+        if start > sp.epoch:
+            sp.run(stop_after_epochs=start - sp.epoch)  # the SP run up to this TESD start
+        for name in (n for n, s in starts.items() if s == start and s > 0):
+            (work_dir / name).mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(work_dir / "sp" / "last.pt", work_dir / name / "last.pt")
+    models["sp"] = sp.run().model
     _log(f"superpoint distillation: {cfg.epochs} epochs", t0)
-    models["sp_tesd"] = trainer("sp_tesd", "sp_tesd").run().model
-    _log(f"superpoint + TESD distillation: last {cfg.epochs - stage1} of {cfg.epochs} epochs with TESD", t0)
+    for name, over in variants.items():
+        models[name] = trainer("sp_tesd", name, **over).run().model
+        _log(f"superpoint + TESD distillation ({name}): last {cfg.epochs - starts[name]} of {cfg.epochs} epochs "
+             "with TESD", t0)
     world.timings["distill_s"] = time.time() - t
     return models
 
@@ -398,9 +422,11 @@ def format_markdown(rows: Sequence[dict], title: str = "Table 3 analogue (synthe
 def config_note(cfg: "DemoConfig") -> str:
     """One line naming the distillation settings that differ from the paper's."""
     return (f"3D rows: {cfg.arch}, {cfg.voxel_size * 100:g} cm voxels, {cfg.epochs} epochs (TESD in the last "
-            f"{cfg.stage2_fraction:.0%}), Adam lr {cfg.lr:g} -> {cfg.lr / 10:g}, input "
+            f"{cfg.stage2_fraction:.0%}), Adam lr {cfg.lr:g} -> {cfg.lr / 10:g}"
+            + ("" if cfg.lr_schedule == "linear" else f" ({cfg.lr_schedule})") + ", input "
             f"{'RGB colour (OpenScene option)' if cfg.input_color else 'all ones (SAS)'}, augmentation "
-            f"{'on (OpenScene)' if cfg.augment else 'off (paper: on)'}, TESD alpha {cfg.tesd_alpha:g}; "
+            f"{'on (OpenScene)' if cfg.augment else 'off (paper: on)'}, TESD alpha {cfg.tesd_alpha:g}"
+            + ("" if cfg.tesd_weight == 1.0 else f" weight {cfg.tesd_weight:g}") + "; "
             f"{cfg.train_rooms} distillation rooms, {cfg.test_rooms} held-out"
             + (f"; sensor model {cfg.sensor}." if cfg.sensor != "none" else "."))
 

@@ -24,13 +24,13 @@ def test_ensemble_takes_the_feature_with_the_higher_text_score():
 @pytest.mark.slow
 def test_generalise_bench_tiny_and_cached(tmp_path):
     argv = ["--quick", "--rooms", "1", "2", "--test-rooms", "1", "--own-map-rooms", "1", "--epochs", "2",
-            "--no-augment", "--cache", str(tmp_path / "cache")]
+            "--no-augment", "--cache", str(tmp_path / "cache"), "--tesd-variant", "alpha=0.5,start=0.5"]
     first = generalise.main(argv)
     assert first["synthetic"] and first["rooms"] == [1, 2] and first["rooms_generated"] == 3  # 2 pool + 1 held
     keys = {(r["setting"], r["key"], r["n_rooms"]) for r in first["rows"]}
     for n in (1, 2):
         for key in ("teacher_a", "teacher_b", "add", "linear", "capability", "pixel_point", "sp", "sp_tesd",
-                    "ensemble"):
+                    "sp_tesd[alpha=0.5,start=0.5]", "ensemble"):
             assert ("held_out", key, n) in keys
         assert ("own_map", "sp_tesd", n) in keys
     for r in first["rows"]:
@@ -59,3 +59,54 @@ def test_bad_arguments():
         generalise.main(["--rooms", "0"])
     with pytest.raises(SystemExit):
         generalise.main(["--epochs", "2", "--steps", "4"])  # one schedule or the other
+
+
+def test_tesd_variant_specs():
+    assert generalise.parse_variant("alpha=0.5") == ("sp_tesd[alpha=0.5]", {"tesd_alpha": 0.5})
+    key, over = generalise.parse_variant("weight=0.1, start=0.5")
+    assert key == "sp_tesd[start=0.5,weight=0.1]" and over == {"stage2_fraction": 0.5, "tesd_weight": 0.1}
+    for bad in ("beta=1", "alpha", "alpha=x", ""):
+        with pytest.raises(ValueError, match="tesd-variant"):
+            generalise.parse_variant(bad)
+
+
+def _part(seed, values):
+    """A bench result of one seed: rows (setting, key) -> mIoU at N = 4."""
+    rows = [{"setting": st, "key": k, "group": "g", "method": k, "n_rooms": 4, "miou": v, "miou_std": 0.0,
+             "miou_per_seed": [v], "seeds": [seed]} for (st, k), v in values.items()]
+    return {"rooms": [4], "test_rooms": 2, "own_map_rooms": 2, "schedule": "8 steps per row", "sensor": "none",
+            "augment": True, "input_color": False, "voxel_size": 0.1, "quick": False, "lr": 0.01,
+            "lr_schedule": "linear", "tesd_alpha": 0.9, "tesd_start": 0.3, "tesd_weight": 1.0, "tesd_variants": {},
+            "pixel_point": True, "seeds": [seed], "rows": rows, "rooms_generated": 1, "seconds": 10.0 + seed,
+            "runs": [{"n": 4, "seed": seed, "epochs": 2, "distill_s": 5.0, "steps_per_row": 8}]}
+
+
+def test_merge_joins_seeds_and_recomputes_the_goal():
+    a = _part(1, {("held_out", "capability"): 40.0, ("held_out", "pixel_point"): 30.0, ("held_out", "sp"): 38.0,
+                  ("held_out", "sp_tesd"): 44.0, ("own_map", "sp_tesd"): 50.0})
+    b = _part(0, {("held_out", "capability"): 40.0, ("held_out", "pixel_point"): 32.0, ("held_out", "sp"): 42.0,
+                  ("held_out", "sp_tesd"): 38.0, ("own_map", "sp_tesd"): 40.0})
+    m = generalise.merge_results([a, b])
+    by = {(r["setting"], r["key"]): r for r in m["rows"]}
+    sp_tesd = by[("held_out", "sp_tesd")]
+    assert sp_tesd["seeds"] == [0, 1] and sp_tesd["miou_per_seed"] == [38.0, 44.0]  # sorted by seed
+    assert sp_tesd["miou"] == pytest.approx(41.0) and sp_tesd["miou_std"] == pytest.approx(3.0)
+    assert m["seeds"] == [0, 1] and [r["seed"] for r in m["runs"]] == [0, 1] and m["seconds"] == 11.0
+    # means 31 < 40 < 41 and 41 >= capability 40: reached on the means, though seed 0 alone would not be
+    assert m["goal"]["sp_tesd_minus_capability"] == pytest.approx(1.0) and m["goal"]["reached"]
+    assert m["own_map_minus_held_out"][4]["sp_tesd"] == pytest.approx(45.0 - 41.0)
+    assert "N = 4" in generalise.format_markdown(m)
+    with pytest.raises(ValueError, match="seeds repeat"):
+        generalise.merge_results([a, {**a, "rows": [{**r, "miou_per_seed": [r["miou"] + 1]} for r in a["rows"]]}])
+    # the rows of one seed split over two processes: the 2D row is in both (same value), the 3D rows in one
+    pp = _part(0, {("held_out", "capability"): 40.0, ("held_out", "pixel_point"): 32.0})
+    rest = _part(0, {("held_out", "capability"): 40.0, ("held_out", "sp"): 42.0, ("held_out", "sp_tesd"): 38.0})
+    rest["runs"][0]["distill_s"] = 9.0
+    one = generalise.merge_results([pp, rest])
+    assert {r["key"]: r["miou_per_seed"] for r in one["rows"]} == {"capability": [40.0], "pixel_point": [32.0],
+                                                                   "sp": [42.0], "sp_tesd": [38.0]}
+    assert len(one["runs"]) == 1 and one["runs"][0]["distill_s"] == 9.0  # the parts ran at the same time
+    assert one["goal"]["ordering_pixel_point_lt_sp_lt_sp_tesd"] is False
+    c = {**_part(2, {("held_out", "capability"): 1.0}), "schedule": "9 steps per row"}
+    with pytest.raises(ValueError, match="schedule"):
+        generalise.merge_results([a, c])

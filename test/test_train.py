@@ -344,3 +344,93 @@ def test_sas_distill_takes_the_text_space_sas_fuse_recorded(tmp_path, capsys):
     assert json.dumps(config).count('"dim": 16') >= 1
     assert main(base + ["--out", str(tmp_path / "run2"), "--text-encoder", "open_clip"]) == 1
     assert "drop the flag" in capsys.readouterr().err
+
+
+def test_sp_tesd_branched_from_the_sp_run_is_bit_identical_to_a_run_from_scratch(tmp_path):
+    """Stage 1 of SP+TESD is the SP run's prefix (same seed, schedule, samples): branching the TESD run
+    from the SP run's checkpoint at the TESD start (what the demo and the generalisation bench do, so
+    stage 1 is trained once) gives exactly the weights, optimiser state and TESD history of a run
+    from scratch."""
+    import shutil
+
+    from sas_core.train.distill import Distiller
+
+    scenes, text = tiny_scenes(2, n_points=200)
+    names = ["a", "b", "c"]
+    kw = dict(epochs=4, stage2_fraction=0.5, augment=True, lr_schedule="onecycle", warmup_fraction=0.25)
+    scratch = Distiller(tiny_config(tmp_path / "scratch", mode="sp_tesd", keep_epochs=True, **kw), scenes, text, names)
+    scratch.run()
+    sp = Distiller(tiny_config(tmp_path / "sp", mode="sp", **kw), scenes, text, names)
+    sp.run(stop_after_epochs=scratch.cfg.stage1_epochs)
+    assert sp.epoch == 2
+    from sas_core.nn import load_checkpoint
+
+    prefix, _, _ = load_checkpoint(tmp_path / "scratch" / "epoch_002.pt")
+    for (k, a), (_, b) in zip(prefix.state_dict().items(), sp.model.state_dict().items()):
+        assert torch.equal(a, b), k
+    (tmp_path / "branch").mkdir()
+    shutil.copyfile(tmp_path / "sp" / "last.pt", tmp_path / "branch" / "last.pt")
+    branch = Distiller(tiny_config(tmp_path / "branch", mode="sp_tesd", **kw), scenes, text, names)
+    branch.run()
+    assert branch.epoch == 4 and branch.history[-1]["tesd"]
+    for (k, a), (_, b) in zip(scratch.model.state_dict().items(), branch.model.state_dict().items()):
+        assert torch.equal(a, b), k
+    sa, sb = scratch.optimizer.state_dict()["state"], branch.optimizer.state_dict()["state"]
+    for k in sa:
+        assert torch.equal(sa[k]["exp_avg_sq"], sb[k]["exp_avg_sq"])
+    for name in scratch.tesd.scenes():
+        assert torch.equal(scratch.tesd.get(name), branch.tesd.get(name))
+    # the SP run goes on from its prefix to its own end (no TESD), a different network
+    sp.run()
+    assert sp.epoch == 4 and not any(h["tesd"] for h in sp.history)
+    assert any(not torch.equal(a, b) for a, b in zip(sp.model.parameters(), branch.model.parameters()))
+
+
+def test_lr_schedules(tmp_path):
+    from sas_core.train.distill import DistillConfig, Distiller, lr_factor
+
+    lin = [lr_factor(s, 11, 0.1) for s in range(11)]
+    assert lin[0] == 1.0 and lin[-1] == pytest.approx(0.1) and all(a > b for a, b in zip(lin, lin[1:]))
+    one = [lr_factor(s, 101, 0.01, "onecycle", warmup=0.2) for s in range(101)]
+    assert one[0] == pytest.approx(0.01) and one[20] == pytest.approx(1.0) and one[-1] == pytest.approx(0.01)
+    assert all(a < b for a, b in zip(one[:20], one[1:21]))  # warm-up rises
+    assert all(a > b for a, b in zip(one[20:], one[21:]))  # then the cosine falls to the end
+    assert one[60] == pytest.approx(0.01 + 0.99 * 0.5)  # half way down the cosine: the mid value
+    with pytest.raises(ValueError, match="lr_schedule"):
+        DistillConfig(lr_schedule="step")
+    with pytest.raises(ValueError, match="warmup"):
+        DistillConfig(warmup_fraction=1.0)
+    # the trainer's scheduler follows it: lr after each step of a 2-scene, 2-epoch run
+    scenes, text = tiny_scenes(2, n_points=100)
+    d = Distiller(tiny_config(tmp_path, mode="sp", epochs=2, lr=1e-2, final_lr=1e-4,
+                              lr_schedule="onecycle", warmup_fraction=0.5), scenes, text, ["a", "b", "c"])
+    seen = []
+    for step in range(4):
+        seen.append(d.scheduler.get_last_lr()[0])
+        d.train_step(d.batch([step % 2], 0), 0, step, tesd=False)
+    assert seen == pytest.approx([1e-2 * lr_factor(s, 4, 1e-2, "onecycle", 0.5) for s in range(4)])
+
+
+def test_a_branched_tesd_run_keeps_its_own_ema_constant(tmp_path):
+    """The TESD constant comes from the run's config, not from the checkpoint it starts from (an SP+TESD
+    row branched from the SP run's checkpoint, alpha 0.99 there, must run with its own alpha)."""
+    import shutil
+
+    from sas_core.train.distill import Distiller
+
+    scenes, text = tiny_scenes(2, n_points=150)
+    names = ["a", "b", "c"]
+    kw = dict(epochs=2, stage2_fraction=0.5)
+    Distiller(tiny_config(tmp_path / "sp", mode="sp", tesd_alpha=0.99, **kw), scenes, text, names).run(
+        stop_after_epochs=1)
+    ens = {}
+    for alpha in (0.0, 0.5):
+        out = tmp_path / f"a{alpha}"
+        out.mkdir()
+        shutil.copyfile(tmp_path / "sp" / "last.pt", out / "last.pt")
+        d = Distiller(tiny_config(out, mode="sp_tesd", tesd_alpha=alpha, **kw), scenes, text, names)
+        d.run()
+        assert d.tesd.alpha == alpha
+        ens[alpha] = {n: d.tesd.get(n).float() for n in d.tesd.scenes()}
+    # alpha 0: the history is the last output itself; 0.5: half of it is the superpoint-mean initialisation
+    assert any(not torch.equal(ens[0.0][n], ens[0.5][n]) for n in ens[0.0])

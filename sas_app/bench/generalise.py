@@ -29,6 +29,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import os
 import statistics
 import tempfile
 import time
@@ -58,6 +59,21 @@ def _parser() -> argparse.ArgumentParser:
                    help="OpenScene augmentation while distilling (the paper's setting: on)")
     p.add_argument("--input-color", action="store_true", help="RGB network input instead of all ones (SAS)")
     p.add_argument("--lr", type=float, default=None, help="initial Adam learning rate (default: the demo's)")
+    p.add_argument("--lr-schedule", choices=("linear", "onecycle"), default=None,
+                   help="linear decay to lr/10 (the paper, the demo) or onecycle (warm-up, cosine to lr/10)")
+    p.add_argument("--tesd-alpha", type=float, default=None, help="TESD EMA constant (default: the demo's 0.9)")
+    p.add_argument("--tesd-start", type=float, default=None,
+                   help="last fraction of the steps with TESD (default: the paper's 0.3)")
+    p.add_argument("--tesd-weight", type=float, default=None, help="weight of the TESD cross-entropies (default 1)")
+    p.add_argument("--tesd-variant", action="append", default=[], metavar="alpha=A,start=F,weight=W",
+                   help="an extra SP+TESD row with these settings (any subset), branched from the SP run at its "
+                        "TESD start (stage 1 is not retrained); repeatable")
+    rows = p.add_mutually_exclusive_group()
+    rows.add_argument("--no-pixel-point", action="store_true",
+                      help="leave the pixel-point row out (sweeps of the SP / TESD settings; no goal ordering)")
+    rows.add_argument("--only-pixel-point", action="store_true",
+                      help="train the pixel-point row only (run the rows of one seed in two processes: this and "
+                           "--no-pixel-point, then --merge)")
     p.add_argument("--sensor", choices=("none", "kinect", "realsense"), default="none",
                    help="sensor model of every room's frames (sas_core.data.sensor_model)")
     p.add_argument("--quick", action="store_true", help="the demo's --quick world (small rooms; smoke test)")
@@ -65,7 +81,32 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--cache", type=Path, default=None, help="folder caching rooms and fused features (reruns "
                                                               "only distil); default: none")
     p.add_argument("--progress", action="store_true", help="progress bars")
+    p.add_argument("--merge", type=Path, nargs="+", default=None, metavar="JSON",
+                   help="merge the --json outputs of runs of one setting with different --seeds (run in parallel "
+                        "processes) into one result; distils nothing")
     return p
+
+
+#: --tesd-variant keys -> DistillConfig fields
+VARIANT_FIELDS = {"alpha": "tesd_alpha", "start": "stage2_fraction", "weight": "tesd_weight",
+                  "temperature": "tesd_temperature"}
+
+
+def parse_variant(spec: str) -> tuple:
+    """``"alpha=0.5,start=0.3"`` -> (row key ``sp_tesd[alpha=0.5,start=0.3]``, DistillConfig overrides)."""
+    over = {}
+    for part in (p.strip() for p in spec.split(",") if p.strip()):
+        k, sep, v = part.partition("=")
+        if not sep or k.strip() not in VARIANT_FIELDS:
+            raise ValueError(f"--tesd-variant {spec!r}: expected comma-separated key=value with keys "
+                             f"{', '.join(VARIANT_FIELDS)}")
+        try:
+            over[VARIANT_FIELDS[k.strip()]] = float(v)
+        except ValueError:
+            raise ValueError(f"--tesd-variant {spec!r}: {k.strip()} needs a number, got {v!r}") from None
+    if not over:
+        raise ValueError(f"--tesd-variant {spec!r} sets nothing")
+    return "sp_tesd[" + ",".join(f"{k}={over[f]:g}" for k, f in VARIANT_FIELDS.items() if f in over) + "]", over
 
 
 def _key(obj) -> str:
@@ -170,7 +211,8 @@ def _class_sizes(rooms, names) -> dict:
                 "diagonal_m": statistics.fmean(diag[k])} for k, v in pts.items()}
 
 
-def run_one(cfg, store: RoomStore, world_parts, n_rooms: int, test_rooms: int, own_map_rooms: int, t0: float):
+def run_one(cfg, store: RoomStore, world_parts, n_rooms: int, test_rooms: int, own_map_rooms: int, t0: float,
+            variants=None, pixel_point: bool = True, superpoint: bool = True):
     """Distil on the first ``n_rooms`` pool rooms of world ``cfg.seed``; evaluate every row.
 
     Returns (results: setting -> key -> evaluate() dict, extra: timings and the ensemble's share)."""
@@ -207,21 +249,104 @@ def run_one(cfg, store: RoomStore, world_parts, n_rooms: int, test_rooms: int, o
         test_data.append(scene_from_arrays(r["name"], r["positions"], labels=r["labels"], colors=r["colors"]))
     world = World(cfg, encoder, text, names, [], [], None, train_data, test_data, rows_2d)
     with tempfile.TemporaryDirectory() as work:
-        models = distill_rows(world, Path(work), t0)
+        models = distill_rows(world, Path(work), t0, variants, pixel_point, superpoint)
     distill_s = world.timings["distill_s"]
     results = evaluate_rows(dataclasses.replace(world, train_data=train_data[:own_map_rooms]), models)
     preds, gts, shares = [], [], []
-    for scene, (f, m) in zip(test_data, fused_held):
+    for scene, (f, m) in zip(test_data, fused_held if "sp_tesd" in models else []):
         feats = scene_point_features(models["sp_tesd"], scene, cfg.voxel_size, input_color=cfg.input_color)
         lab, share = ensemble_labels(f, m, feats, text)
         preds.append(lab)
         gts.append(scene.labels)
         shares.append(share)
-    results["held_out"]["ensemble"] = evaluate(np.concatenate(preds), np.concatenate(gts), names)
-    extra = {"prepare_s": prep_s, "distill_s": distill_s, "ensemble_2d_share": statistics.fmean(shares),
+    if preds:
+        results["held_out"]["ensemble"] = evaluate(np.concatenate(preds), np.concatenate(gts), names)
+    extra = {"prepare_s": prep_s, "distill_s": distill_s, "ensemble_2d_share": statistics.fmean(shares) if shares else None,
              "steps_per_row": cfg.epochs * math.ceil(n_rooms / cfg.batch_size),
              "held_out_rooms": [r["name"] for r in held]}
     return results, extra, held
+
+
+def _rows_by(rows) -> dict:
+    return {(r["setting"], r["key"], r["n_rooms"]): r["miou"] for r in rows}
+
+
+def _goal_and_gap(by: dict, rooms) -> tuple:
+    """The issue's goal at the largest N (SP+TESD >= capability fusion on held-out rooms and pixel-point
+    < SP < SP+TESD) from mean mIoUs ``by`` (setting, key, N) -> value; and own map minus held out per N."""
+    n_max = max(rooms)
+    pp = by.get(("held_out", "pixel_point", n_max))
+    goal = {"n_rooms": n_max,
+            "sp_tesd_minus_capability": by[("held_out", "sp_tesd", n_max)] - by[("held_out", "capability", n_max)],
+            "sp_minus_capability": by[("held_out", "sp", n_max)] - by[("held_out", "capability", n_max)],
+            "ordering_pixel_point_lt_sp_lt_sp_tesd": None if pp is None else
+            pp < by[("held_out", "sp", n_max)] < by[("held_out", "sp_tesd", n_max)]}
+    goal["reached"] = goal["sp_tesd_minus_capability"] >= 0 and bool(goal["ordering_pixel_point_lt_sp_lt_sp_tesd"])
+    gap = {n: {k: by[("own_map", k, n)] - by[("held_out", k, n)] for k in ("capability", "pixel_point", "sp", "sp_tesd")
+               if ("own_map", k, n) in by} for n in rooms}
+    return goal, gap
+
+
+#: result fields that must agree for runs to be merged
+MERGE_SAME = ("rooms", "test_rooms", "own_map_rooms", "schedule", "sensor", "augment", "input_color", "voxel_size",
+              "quick", "lr", "lr_schedule", "tesd_alpha", "tesd_start", "tesd_weight")
+
+
+def merge_results(parts: list) -> dict:
+    """One result from ``main`` results of one setting run in parallel processes: parts with different
+    seeds, or the rows of one seed split over processes (``--only-pixel-point`` and ``--no-pixel-point``).
+    Per-seed values are joined (a row of one seed in two parts must have the same value: the 2D rows),
+    means / spreads and the goal recomputed; a seed's distillation time is the longest of its parts (they
+    ran at the same time); per-class IoU and the config note are those of the first seed."""
+    if not parts:
+        raise ValueError("nothing to merge")
+    first = parts[0]
+    for other in parts[1:]:
+        diff = [k for k in MERGE_SAME if other.get(k) != first.get(k)]
+        if diff:
+            raise ValueError(f"cannot merge runs of different settings: {', '.join(diff)} differ")
+    groups: dict = {}
+    for p in parts:
+        for r in p["rows"]:
+            g = groups.setdefault((r["setting"], r["key"], r["n_rooms"]), {"row": r, "values": {}})
+            for seed, v in zip(r["seeds"], r["miou_per_seed"]):
+                if seed in g["values"] and g["values"][seed] != v:
+                    raise ValueError(f"row {r['key']} (N = {r['n_rooms']}, {r['setting']}): seed {seed} in two parts "
+                                     f"with different values ({g['values'][seed]} and {v}); seeds repeat")
+                g["values"][seed] = v
+    rows = []
+    for g in groups.values():
+        seeds = sorted(g["values"])
+        vals = [g["values"][k] for k in seeds]
+        rows.append({**g["row"], "seeds": seeds, "miou_per_seed": vals, "miou": statistics.fmean(vals),
+                     "miou_std": statistics.pstdev(vals)})
+    by = _rows_by(rows)
+    goal, gap = _goal_and_gap(by, first["rooms"]) if ("held_out", "sp", max(first["rooms"])) in by else (None, None)
+    runs: dict = {}
+    for p in parts:
+        for r in p["runs"]:
+            key = (r["n"], r["seed"])
+            if key in runs:
+                runs[key] = {**runs[key], "distill_s": max(runs[key]["distill_s"], r["distill_s"]),
+                             "distill_s_parts": runs[key].get("distill_s_parts", [runs[key]["distill_s"]])
+                             + [r["distill_s"]],
+                             "ensemble_2d_share": runs[key].get("ensemble_2d_share") or r.get("ensemble_2d_share")}
+            else:
+                runs[key] = dict(r)
+    seeds = sorted({s for p in parts for s in p["seeds"]})
+    per_class: dict = {}
+    for p in parts:
+        if p["seeds"] and p["seeds"][0] == seeds[0]:
+            for c in p.get("per_class_held_out", []):
+                per_class.setdefault(c["class"], {}).update({k: v for k, v in c.items() if v is not None})
+    return {**first, "seeds": seeds, "rows": rows, "goal": goal, "own_map_minus_held_out": gap,
+            "runs": [runs[k] for k in sorted(runs)], "per_class_held_out": list(per_class.values()),
+            "rows_3d": sorted({p.get("rows_3d", "all") for p in parts}),
+            "tesd_variants": {k: v for p in parts for k, v in p.get("tesd_variants", {}).items()},
+            "rooms_generated": sum(p["rooms_generated"] for p in parts),
+            "seconds": max(p["seconds"] for p in parts), "seconds_per_part": [p["seconds"] for p in parts],
+            "load_average_start": [p.get("load_average_start") for p in parts],
+            "load_average_end": [p.get("load_average_end") for p in parts], "merged_parts": len(parts)}
 
 
 def main(argv: list) -> dict:
@@ -229,6 +354,8 @@ def main(argv: list) -> dict:
                               probe_capability, world_teachers)
 
     args = _parser().parse_args(argv)
+    if args.merge:
+        return merge_results([json.loads(Path(f).read_text()) for f in args.merge])
     if min(args.rooms) < 1 or args.test_rooms < 1 or args.own_map_rooms < 0:
         raise ValueError("--rooms must be >= 1 and --test-rooms >= 1")
     if (args.steps is not None and args.steps < 1) or (args.epochs is not None and args.epochs < 1):
@@ -237,8 +364,12 @@ def main(argv: list) -> dict:
 
     torch.set_num_threads(1)
     t0 = time.time()
-    changes = {k: v for k, v in dict(voxel_size=args.voxel_size, lr=args.lr, frames=args.frames).items()
+    changes = {k: v for k, v in dict(voxel_size=args.voxel_size, lr=args.lr, frames=args.frames,
+                                     lr_schedule=args.lr_schedule, tesd_alpha=args.tesd_alpha,
+                                     stage2_fraction=args.tesd_start, tesd_weight=args.tesd_weight).items()
                if v is not None}
+    variants = dict(parse_variant(v) for v in args.tesd_variant)
+    load_start = os.getloadavg()
     base = dict(augment=args.augment, input_color=args.input_color, sensor=args.sensor, progress=args.progress,
                 ros=False, **changes)
     preset = "quick" if args.quick else None
@@ -265,14 +396,16 @@ def main(argv: list) -> dict:
         for seed in args.seeds:
             epochs = math.ceil(args.steps / n) if args.steps else (args.epochs or demo_config(preset).epochs)
             cfg = demo_config(preset, seed=seed, train_rooms=n, test_rooms=args.test_rooms, epochs=epochs, **base)
-            results, extra, held_rooms = run_one(cfg, store, worlds[seed], n, args.test_rooms, args.own_map_rooms, t0)
+            results, extra, held_rooms = run_one(cfg, store, worlds[seed], n, args.test_rooms, args.own_map_rooms, t0,
+                                                 variants, not args.no_pixel_point, not args.only_pixel_point)
             runs.append({"n": n, "seed": seed, "epochs": epochs, "results": results, **extra})
             _log("N=%d seed %d: held-out mIoU %s" % (n, seed, ", ".join(
                 f"{k} {100 * float(v['miou']):.1f}" for k, v in results["held_out"].items())), t0)
     names = worlds[args.seeds[0]][2]
     table = []
+    variant_rows = tuple((k, "3D", f"SP Dis. + TESD, {k[len('sp_tesd['):-1]}") for k in variants)
     for setting, _ in SETTINGS:
-        for key, group, label in ROWS + EXTRA_ROWS:
+        for key, group, label in ROWS + variant_rows + EXTRA_ROWS:
             for n in args.rooms:
                 part = [r for r in runs if r["n"] == n and key in r["results"].get(setting, {})]
                 if not part:
@@ -282,14 +415,8 @@ def main(argv: list) -> dict:
                               "miou": statistics.fmean(vals), "miou_std": statistics.pstdev(vals),
                               "miou_per_seed": vals, "seeds": [r["seed"] for r in part]})
     n_max = max(args.rooms)
-    by = {(r["setting"], r["key"], r["n_rooms"]): r["miou"] for r in table}
-    goal = {"n_rooms": n_max,
-            "sp_tesd_minus_capability": by[("held_out", "sp_tesd", n_max)] - by[("held_out", "capability", n_max)],
-            "ordering_pixel_point_lt_sp_lt_sp_tesd": by[("held_out", "pixel_point", n_max)]
-            < by[("held_out", "sp", n_max)] < by[("held_out", "sp_tesd", n_max)]}
-    goal["reached"] = goal["sp_tesd_minus_capability"] >= 0 and goal["ordering_pixel_point_lt_sp_lt_sp_tesd"]
-    gap = {n: {k: by[("own_map", k, n)] - by[("held_out", k, n)] for k in ("capability", "pixel_point", "sp", "sp_tesd")
-               if ("own_map", k, n) in by} for n in args.rooms}
+    by = _rows_by(table)
+    goal, gap = _goal_and_gap(by, args.rooms) if ("held_out", "sp", n_max) in by else (None, None)
     # per-class IoU on the held-out rooms at the largest N (first seed) against the objects' size
     last = next(r for r in runs if r["n"] == n_max)
     sizes = _class_sizes(held_rooms or [], names)
@@ -297,6 +424,8 @@ def main(argv: list) -> dict:
     for cls, size in sorted(sizes.items(), key=lambda kv: kv[1]["diagonal_m"]):
         row = {"class": cls, **size}
         for key in ("capability", "pixel_point", "sp", "sp_tesd", "ensemble"):
+            if key not in last["results"]["held_out"]:
+                continue
             pc = last["results"]["held_out"][key].get("per_class", {}).get(cls)
             row[f"iou_{key}"] = None if pc is None else 100 * float(pc["iou"])
         per_class.append(row)
@@ -307,6 +436,11 @@ def main(argv: list) -> dict:
         "own_map_rooms": args.own_map_rooms, "schedule": f"{args.steps} steps per row" if args.steps else
         f"{args.epochs or demo_config(preset).epochs} epochs per row", "sensor": args.sensor,
         "augment": args.augment, "input_color": args.input_color, "voxel_size": cfg_last.voxel_size,
+        "lr": cfg_last.lr, "lr_schedule": cfg_last.lr_schedule, "tesd_alpha": cfg_last.tesd_alpha,
+        "tesd_start": cfg_last.stage2_fraction, "tesd_weight": cfg_last.tesd_weight,
+        "tesd_variants": {k: v for k, v in variants.items()}, "rows_3d": "pixel_point" if args.only_pixel_point
+        else "sp" if args.no_pixel_point else "all",
+        "load_average_start": list(load_start), "load_average_end": list(os.getloadavg()),
         "quick": args.quick, "rows": table, "goal": goal, "own_map_minus_held_out": gap,
         "per_class_held_out": per_class,
         "runs": [{k: v for k, v in r.items() if k != "results"} for r in runs],

@@ -35,6 +35,7 @@ gradient of one process on the joint batch; gloo on CPU, NCCL on CUDA.
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import time
@@ -48,6 +49,7 @@ from sas_core.config import opt
 from sas_core.train.datasets import Batch, DataConfig, VoxelDataset, collate, epoch_batches
 
 MODES = ("pixel_point", "sp", "sp_tesd")
+LR_SCHEDULES = ("linear", "onecycle")
 LOSS_TERMS = ("point", "superpoint", "mask")
 
 
@@ -62,7 +64,11 @@ class DistillConfig:
     stage2_fraction: float = opt(0.3, "last fraction of epochs that adds TESD (mode sp_tesd)")
     batch_size: int = opt(2, "scenes per batch per process")
     lr: float = opt(1e-4, "initial Adam learning rate")
-    final_lr: float = opt(1e-5, "learning rate reached linearly at the last iteration")
+    final_lr: float = opt(1e-5, "learning rate reached at the last iteration")
+    lr_schedule: str = opt("linear", "linear: lr decays linearly to final_lr over all iterations (the paper); "
+                                     "onecycle: linear warm-up from final_lr to lr over warmup_fraction of the "
+                                     "iterations, then cosine decay to final_lr", choices=LR_SCHEDULES)
+    warmup_fraction: float = opt(0.1, "onecycle: fraction of the iterations spent warming up")
     weight_decay: float = opt(0.0, "Adam weight decay")
     max_voxels: int = opt(20000, "at most this many supervised voxels per batch enter the losses")
     voxel_size: float = opt(0.02, "metres (2 cm indoor, 5 cm outdoor)")
@@ -106,6 +112,10 @@ class DistillConfig:
             raise ValueError("max_voxels must be >= 1")
         if self.lr <= 0 or self.final_lr < 0:
             raise ValueError("learning rates must be positive")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"unknown lr_schedule {self.lr_schedule!r}; choose one of {LR_SCHEDULES}")
+        if not 0.0 <= self.warmup_fraction < 1.0:
+            raise ValueError(f"warmup_fraction must be in [0, 1), got {self.warmup_fraction}")
         terms = self.loss_terms
         unknown = [t for t in terms if t not in LOSS_TERMS]
         if unknown or not terms:
@@ -163,6 +173,25 @@ def forward_features(model, batch: Batch):
     """(M, C) network output for the voxels of ``batch``."""
     out = model(make_input(batch.feats, batch.coords))
     return out.features if hasattr(out, "features") else out
+
+
+def lr_factor(step: int, total: int, ratio: float, schedule: str = "linear", warmup: float = 0.1) -> float:
+    """Learning rate of iteration ``step`` of ``total`` relative to the peak ``lr`` (``ratio`` = final_lr / lr).
+
+    ``linear`` (the paper): 1 at step 0 down to ``ratio`` at the last step. ``onecycle``: up from
+    ``ratio`` to 1 over the first ``warmup`` fraction of the steps, then a half cosine down to ``ratio``
+    at the last step (a higher peak is reached safely and the rate is annealed at the end).
+    """
+    last = max(1, total - 1)
+    t = min(max(step, 0), last) / last
+    if schedule == "linear":
+        return 1.0 - (1.0 - ratio) * t
+    if schedule != "onecycle":
+        raise ValueError(f"unknown lr schedule {schedule!r}; choose one of {LR_SCHEDULES}")
+    if t < warmup:
+        return ratio + (1.0 - ratio) * t / warmup
+    u = (t - warmup) / max(1e-12, 1.0 - warmup)
+    return ratio + (1.0 - ratio) * 0.5 * (1.0 + math.cos(math.pi * u))
 
 
 def rng_state() -> dict:
@@ -273,10 +302,10 @@ class Distiller:
         total = max(1, self.steps_per_epoch * config.epochs)
         ratio = config.final_lr / config.lr
 
-        def linear(step):  # lr(step) = lr * (1 - (1 - ratio) * step / (total - 1)), reaching final_lr
-            return 1.0 - (1.0 - ratio) * min(step, total - 1) / max(1, total - 1)
+        def factor(step):  # a plain function: the scheduler's state_dict stays plain data
+            return lr_factor(step, total, ratio, config.lr_schedule, config.warmup_fraction)
 
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, linear)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, factor)
         from sas_core.train.tesd import TemporalEnsemble
 
         self.tesd = TemporalEnsemble(config.tesd_alpha)
@@ -379,7 +408,8 @@ class Distiller:
         return self.checkpoint_path
 
     def load(self, path) -> None:
-        """Restore model, optimizer, scheduler, epoch, RNG and this process's TESD history."""
+        """Restore model, optimizer, scheduler, epoch, RNG and this process's TESD history (``tesd_alpha``
+        stays this config's)."""
         import torch
         from sas_core.nn import load_checkpoint
 
@@ -394,7 +424,9 @@ class Distiller:
         self.history = list(extra.get("history", []))
         mine = {self.train.scene(i).name for i in range(self.rank, len(self.train), self.world)}
         tesd = extra["tesd"]
-        self.tesd.load_state_dict({"alpha": tesd["alpha"],
+        # the histories come from the checkpoint, the EMA constant from this run's config: a run branched
+        # from another run's checkpoint (SP+TESD from the SP run) keeps its own tesd_alpha
+        self.tesd.load_state_dict({"alpha": self.cfg.tesd_alpha,
                                    "scenes": {k: v for k, v in tesd["scenes"].items() if k in mine}})
         set_rng_state(extra["rng"])
 
