@@ -42,7 +42,7 @@ import time
 
 import numpy as np
 
-from sas_app.bench.node import _rss_mb  # one /proc reader for the benches
+from sas_app.bench.node import _rss_mb, proc_mb  # one /proc reader for the benches
 
 ROOM = (120, 120, 60)      # room size in voxels (6 x 6 x 3 m at 5 cm)
 VOXEL = 0.05
@@ -55,11 +55,7 @@ MAX_POINTS = 5000
 
 
 def _avail_mb() -> float:
-    with open("/proc/meminfo") as f:
-        for line in f:
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) / 1024.0
-    return float("nan")
+    return proc_mb("/proc/meminfo", "MemAvailable")
 
 
 def _room_voxels(ix: int, iy: int, rng, class_of: dict):

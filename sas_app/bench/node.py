@@ -31,12 +31,20 @@ import time
 import numpy as np
 
 
-def _rss_mb() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024.0
+def proc_mb(path: str, field: str) -> float:
+    """A ``Field:   N kB`` line of a /proc file in MiB (NaN where the file or field is missing)."""
+    try:
+        with open(path) as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
     return float("nan")
+
+
+def _rss_mb() -> float:
+    return proc_mb("/proc/self/status", "VmRSS")
 
 
 def bench_integration(n_frames: int, strides=(1, 2)) -> dict:
