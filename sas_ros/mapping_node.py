@@ -121,6 +121,7 @@ class MappingNode(Node):
         self.drops: dict = {}
         self.n_updates = 0
         self.n_inputs_done = 0  # inputs the integration worker finished (integrated, dropped or failed)
+        self._input_busy = False
         self.integrate_rate = _Rate()
         self.integrate_ms: deque = deque(maxlen=200)
         self.update_ms: deque = deque(maxlen=50)
@@ -297,6 +298,11 @@ class MappingNode(Node):
             self.teacher_cv.notify_all()
 
     @property
+    def input_pending(self) -> int:
+        """Inputs queued for the integration worker or being integrated."""
+        return len(self.queue) + int(self._input_busy)
+
+    @property
     def teacher_pending(self) -> int:
         """Teacher frames queued or being fused."""
         return len(self.teacher_queue) + int(self._teacher_busy)
@@ -329,6 +335,7 @@ class MappingNode(Node):
                     self.queue_cv.wait(timeout=0.1)
                     continue
                 kind, msgs, recv = self.queue.popleft()
+                self._input_busy = True
                 self.queue_cv.notify_all()  # room for a waiting (reliable_inputs) callback
             try:
                 t0 = time.perf_counter()
@@ -345,6 +352,7 @@ class MappingNode(Node):
                 self._drop("error", f"{kind} frame failed: {exc!r}\n{traceback.format_exc(limit=3)}")
             finally:  # after the teacher hand-off too: a waiter sees the frame's teacher work queued
                 self.n_inputs_done += 1
+                self._input_busy = False
 
     def _pose_timeout(self, recv: Optional[float]) -> float:
         """Seconds a frame received at ``recv`` may still wait for its pose: ``pose_wait`` from its

@@ -56,9 +56,13 @@ class Live:
         return self.node.n_inputs_done
 
     def play(self, frame, **kw):
+        """Publish one frame and wait until the node's integration worker has finished it
+        (integrated or dropped, teacher hand-off included). The count is read once the worker is
+        idle, so an earlier input finishing late (e.g. a dropped LiDAR sweep) is not taken for it."""
+        assert self.wait(lambda: self.node.input_pending == 0, 20.0), "the node's input queue did not drain"
         before = self.handled()
         self.player.publish(frame, **kw)
-        self.wait(lambda: self.handled() > before, 5.0)
+        assert self.wait(lambda: self.handled() > before, 20.0), ("frame not handled", self.node.drops)
 
     @staticmethod
     def wait(cond, timeout):
