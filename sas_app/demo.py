@@ -90,7 +90,7 @@ class DemoConfig:
                                "off here: few steps, own map)")
     tesd_alpha: float = opt(0.9, "TESD EMA constant per visit of a room (the public code: 0.99 over many more "
                                  "visits; 18 visits here)")
-    tesd_temperature: float = opt(0.07, "TESD logits temperature")
+    tesd_temperature: float = opt(0.07, "TESD logits temperature (0: raw dot product, the public code)")
     tesd_weight: float = opt(1.0, "weight of the TESD cross-entropies")
     queries: tuple = opt(("a chair", "a wooden table"), "free-text queries for the heat maps")
     ros: bool = opt(True, "replay a synthetic bag through the live ROS node when rclpy is importable")
@@ -227,6 +227,7 @@ class World:
     test_data: list  # SceneData (labels, no targets)
     rows_2d: dict  # setting ("own_map" | "held_out") -> name -> (pred (N_total,), gt (N_total,))
     timings: dict = field(default_factory=dict)
+    histories: dict = field(default_factory=dict)  # 3D row -> the trainer's per-epoch records (distill_rows)
 
 
 def world_teachers(cfg: DemoConfig):
@@ -325,8 +326,12 @@ def distill_rows(world: World, work_dir: Path, t0: float, tesd_variants: Optiona
 
     models = {}
     t = time.time()
+    def keep(name, result):
+        world.histories[name] = result.history
+        return result.model
+
     if pixel_point:
-        models["pixel_point"] = trainer("pixel_point", "pixel_point").run().model
+        models["pixel_point"] = keep("pixel_point", trainer("pixel_point", "pixel_point").run())
         _log(f"pixel-point distillation: {cfg.epochs} epochs", t0)
     if not superpoint:
         world.timings["distill_s"] = time.time() - t
@@ -341,10 +346,10 @@ def distill_rows(world: World, work_dir: Path, t0: float, tesd_variants: Optiona
         for name in (n for n, s in starts.items() if s == start and s > 0):
             (work_dir / name).mkdir(parents=True, exist_ok=True)
             shutil.copyfile(work_dir / "sp" / "last.pt", work_dir / name / "last.pt")
-    models["sp"] = sp.run().model
+    models["sp"] = keep("sp", sp.run())
     _log(f"superpoint distillation: {cfg.epochs} epochs", t0)
     for name, over in variants.items():
-        models[name] = trainer("sp_tesd", name, **over).run().model
+        models[name] = keep(name, trainer("sp_tesd", name, **over).run())
         _log(f"superpoint + TESD distillation ({name}): last {cfg.epochs - starts[name]} of {cfg.epochs} epochs "
              "with TESD", t0)
     world.timings["distill_s"] = time.time() - t

@@ -35,6 +35,7 @@ def test_generalise_bench_tiny_and_cached(tmp_path):
         assert ("own_map", "sp_tesd", n) in keys
     for r in first["rows"]:
         assert 0.0 <= r["miou"] <= 100.0 and r["miou_per_seed"] and r["seeds"] == [0]
+        assert 0.0 <= r["overall_acc_per_seed"][0] <= 100.0 and 0 <= r["classes_lost_per_seed"][0] <= 20
     by = {(r["setting"], r["key"], r["n_rooms"]): r["miou"] for r in first["rows"]}
     # the held-out rooms are the same for every N: the 2D rows do not change with N
     assert by[("held_out", "capability", 1)] == by[("held_out", "capability", 2)]
@@ -42,6 +43,10 @@ def test_generalise_bench_tiny_and_cached(tmp_path):
     assert first["goal"]["sp_tesd_minus_capability"] == pytest.approx(
         by[("held_out", "sp_tesd", 2)] - by[("held_out", "capability", 2)])
     runs = {r["n"]: r for r in first["runs"]}
+    curve = runs[2]["training_curves"]["sp_tesd"]  # 2 epochs, TESD in the last 30 %: the second one
+    assert [c["tesd"] for c in curve] == [False, True] and "tesd_fit" not in curve[0]
+    assert all(0.0 <= curve[1][k] <= 1.0 for k in ("tesd_fit", "tesd_pseudo_acc", "tesd_net_acc"))
+    assert "tesd_fit" not in runs[2]["training_curves"]["sp"][-1] and "point" in runs[2]["training_curves"]["sp"][-1]
     assert runs[1]["steps_per_row"] == 2 and runs[2]["steps_per_row"] == 4 and runs[2]["distill_s"] > 0
     assert first["per_class_held_out"] and all(c["diagonal_m"] > 0 for c in first["per_class_held_out"])
     json.dumps(first)  # plain JSON
@@ -107,6 +112,30 @@ def test_merge_joins_seeds_and_recomputes_the_goal():
                                                                    "sp": [42.0], "sp_tesd": [38.0]}
     assert len(one["runs"]) == 1 and one["runs"][0]["distill_s"] == 9.0  # the parts ran at the same time
     assert one["goal"]["ordering_pixel_point_lt_sp_lt_sp_tesd"] is False
+    # a merged result merges again: the same as merging its parts with the new one at once
+    c2 = _part(2, {("held_out", "capability"): 40.0, ("held_out", "pixel_point"): 31.0, ("held_out", "sp"): 40.0,
+                   ("held_out", "sp_tesd"): 41.0, ("own_map", "sp_tesd"): 45.0})
+    again, at_once = generalise.merge_results([m, c2]), generalise.merge_results([a, b, c2])
+    assert again["rows"] == at_once["rows"] and again["goal"] == at_once["goal"]
+    assert again["merged_parts"] == 3 and again["seconds_per_part"] == at_once["seconds_per_part"]
+    assert again["rows_3d"] == at_once["rows_3d"] and len(again["load_average_start"]) == 3
+    # a result from before tesd_temperature was recorded ran with its default, 0.07
+    assert generalise.merge_results([{**a, "tesd_temperature": 0.07}, b])["seeds"] == [0, 1]
+    with pytest.raises(ValueError, match="tesd_temperature"):
+        generalise.merge_results([{**a, "tesd_temperature": 0.0}, b])
     c = {**_part(2, {("held_out", "capability"): 1.0}), "schedule": "9 steps per row"}
     with pytest.raises(ValueError, match="schedule"):
         generalise.merge_results([a, c])
+
+
+def test_merge_keeps_the_per_seed_accuracy_and_lost_classes_of_every_row():
+    a = _part(1, {("held_out", "capability"): 40.0, ("held_out", "sp"): 38.0, ("held_out", "sp_tesd"): 36.0})
+    b = _part(0, {("held_out", "capability"): 40.0, ("held_out", "sp"): 42.0, ("held_out", "sp_tesd"): 38.0})
+    for part, acc, lost in ((a, 70.0, 2), (b, 75.0, 3)):
+        for r in part["rows"]:
+            r["overall_acc_per_seed"], r["classes_lost_per_seed"] = [acc + (r["key"] == "sp_tesd")], [lost]
+    b["rows"] = [{k: v for k, v in r.items() if k != "classes_lost_per_seed"} if r["key"] == "sp" else r
+                 for r in b["rows"]]  # a result written before the field existed
+    m = {r["key"]: r for r in generalise.merge_results([a, b])["rows"]}
+    assert m["sp_tesd"]["overall_acc_per_seed"] == [76.0, 71.0] and m["sp_tesd"]["classes_lost_per_seed"] == [3, 2]
+    assert m["sp"]["overall_acc_per_seed"] == [75.0, 70.0] and m["sp"]["classes_lost_per_seed"] == [None, 2]

@@ -434,3 +434,64 @@ def test_a_branched_tesd_run_keeps_its_own_ema_constant(tmp_path):
         ens[alpha] = {n: d.tesd.get(n).float() for n in d.tesd.scenes()}
     # alpha 0: the history is the last output itself; 0.5: half of it is the superpoint-mean initialisation
     assert any(not torch.equal(ens[0.0][n], ens[0.5][n]) for n in ens[0.0])
+
+
+def test_tesd_temperature_zero_is_the_raw_dot_product_of_the_public_code(tmp_path, monkeypatch):
+    """``tesd_temperature = 0`` (a CLI / ROS-friendly float) reaches the TESD loss as None: raw logits f . text."""
+    from sas_core.train import losses
+    from sas_core.train.distill import DistillConfig, Distiller
+
+    with pytest.raises(ValueError, match="tesd_temperature"):
+        DistillConfig(tesd_temperature=-0.1)
+    scenes, text = tiny_scenes(2, n_points=120)
+    seen = []
+    real = losses.tesd_loss
+
+    def spy(*args, **kw):
+        seen.append(args[5])
+        return real(*args, **kw)
+
+    monkeypatch.setattr(losses, "tesd_loss", spy)
+    for temperature in (0.0, 0.07):
+        d = Distiller(tiny_config(tmp_path / str(temperature), mode="sp_tesd", epochs=1, stage2_fraction=1.0,
+                                  tesd_temperature=temperature), scenes, text, ["a", "b", "c"])
+        d.initialize_tesd()
+        res = d.losses(d.batch([0], 0), 0, 0, tesd=True)
+        assert res["tesd_point"] > 0
+    assert seen == [None, 0.07]
+
+
+def test_tesd_diagnostics_by_hand(tmp_path):
+    """tesd_fit: the network's argmax equals its pseudo-label; pseudo / net accuracy against the known labels."""
+    from sas_core.train.distill import Distiller
+    from sas_core.types import IGNORE_LABEL
+
+    scenes, text = tiny_scenes(1, n_points=60)
+    d = Distiller(tiny_config(tmp_path, mode="sp_tesd", epochs=1), scenes, text, ["a", "b", "c"])
+    d.text = torch.eye(3)  # class k = axis k
+    out = torch.tensor([[2.0, 0, 0], [0, 1.0, 0], [0, 0, 3.0], [0, 0, 1.0]])  # argmax 0, 1, 2, 2
+    pseudo = torch.tensor([0, 1, 1, 2])
+    labels = torch.tensor([0, 0, 1, IGNORE_LABEL])
+    res = d._tesd_diagnostics(out, pseudo, labels)
+    assert res["tesd_fit"] == pytest.approx(3 / 4)
+    assert res["tesd_pseudo_acc"] == pytest.approx(2 / 3)  # pseudo 0, 1, 1 against 0, 0, 1
+    assert res["tesd_net_acc"] == pytest.approx(1 / 3)  # net 0, 1, 2 against 0, 0, 1
+    none = d._tesd_diagnostics(out, pseudo, torch.full((4,), IGNORE_LABEL))
+    assert none["tesd_fit"] == pytest.approx(3 / 4) and math.isnan(none["tesd_pseudo_acc"])
+
+
+def test_class_balanced_tesd_weighs_every_pseudo_class_the_same():
+    from sas_core.train.losses import class_balance_weights
+
+    labels = torch.tensor([0, 0, 0, 1])
+    w = class_balance_weights(labels)
+    assert w.tolist() == pytest.approx([4 / 6, 4 / 6, 4 / 6, 2.0]) and w.sum().item() == pytest.approx(4.0)
+    text = torch.eye(2)
+    f = torch.tensor([[1.0, 0.0], [1.0, 0.0], [1.0, 0.0], [1.0, 0.0]])  # all say class 0
+    seg = torch.arange(4)
+    plain, _ = tesd_loss(f, seg, labels, labels, text, temperature=1.0)
+    bal, bal_sp = tesd_loss(f, seg, labels, labels, text, temperature=1.0, balance=True)
+    right, wrong = math.log(1 + math.exp(-1)), math.log(1 + math.exp(1))
+    assert plain.item() == pytest.approx((3 * right + wrong) / 4, abs=1e-6)
+    assert bal.item() == pytest.approx((right + wrong) / 2, abs=1e-6)  # the one class-1 point weighs 3 class-0 ones
+    assert bal_sp.item() == pytest.approx(bal.item(), abs=1e-6)

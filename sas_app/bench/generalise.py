@@ -65,7 +65,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--tesd-start", type=float, default=None,
                    help="last fraction of the steps with TESD (default: the paper's 0.3)")
     p.add_argument("--tesd-weight", type=float, default=None, help="weight of the TESD cross-entropies (default 1)")
-    p.add_argument("--tesd-variant", action="append", default=[], metavar="alpha=A,start=F,weight=W",
+    p.add_argument("--tesd-temperature", type=float, default=None,
+                   help="TESD logits cos / temperature (default: the demo's 0.07); 0: the raw dot product f3d . text "
+                        "of the authors' public code")
+    p.add_argument("--tesd-variant", action="append", default=[], metavar="alpha=A,start=F,weight=W,temperature=T",
                    help="an extra SP+TESD row with these settings (any subset), branched from the SP run at its "
                         "TESD start (stage 1 is not retrained); repeatable")
     rows = p.add_mutually_exclusive_group()
@@ -89,7 +92,7 @@ def _parser() -> argparse.ArgumentParser:
 
 #: --tesd-variant keys -> DistillConfig fields
 VARIANT_FIELDS = {"alpha": "tesd_alpha", "start": "stage2_fraction", "weight": "tesd_weight",
-                  "temperature": "tesd_temperature"}
+                  "temperature": "tesd_temperature", "balance": "tesd_balance"}
 
 
 def parse_variant(spec: str) -> tuple:
@@ -262,9 +265,27 @@ def run_one(cfg, store: RoomStore, world_parts, n_rooms: int, test_rooms: int, o
     if preds:
         results["held_out"]["ensemble"] = evaluate(np.concatenate(preds), np.concatenate(gts), names)
     extra = {"prepare_s": prep_s, "distill_s": distill_s, "ensemble_2d_share": statistics.fmean(shares) if shares else None,
+             "training_curves": training_curves(world.histories),
              "steps_per_row": cfg.epochs * math.ceil(n_rooms / cfg.batch_size),
              "held_out_rooms": [r["name"] for r in held]}
     return results, extra, held
+
+
+#: per-epoch training figures kept in the bench JSON (losses; the TESD diagnostics of the TESD epochs)
+CURVE_KEYS = ("point", "superpoint", "tesd_point", "tesd_superpoint", "tesd_fit", "tesd_pseudo_acc", "tesd_net_acc")
+
+
+def training_curves(histories: dict) -> dict:
+    """3D row -> [{epoch, tesd, <CURVE_KEYS present>}] from the trainers' per-epoch records: the last
+    epochs before TESD starts and every TESD epoch (with their pseudo-label accuracy and fit)."""
+    curves = {}
+    for name, history in histories.items():
+        records = [h for h in history if h.get("kind", "epoch") == "epoch"]
+        first_tesd = next((i for i, h in enumerate(records) if h.get("tesd")), len(records))
+        keep = records[max(0, first_tesd - 3):] if first_tesd < len(records) else records[-3:]
+        curves[name] = [{"epoch": h["epoch"], "tesd": bool(h.get("tesd")),
+                         **{k: round(float(h[k]), 5) for k in CURVE_KEYS if k in h}} for h in keep]
+    return curves
 
 
 def _rows_by(rows) -> dict:
@@ -287,9 +308,20 @@ def _goal_and_gap(by: dict, rooms) -> tuple:
     return goal, gap
 
 
+#: per-seed figures kept beside the mIoU of every row: the point accuracy and the present classes a row
+#: has (almost) lost, which tell a row that trades rare classes for frequent ones (TESD's self-training)
+ROW_EXTRAS = {
+    "overall_acc": lambda res: 100 * float(res["overall_acc"]),
+    "classes_lost": lambda res: sum(1 for v in res["per_class"].values() if v["iou"] < 0.01),
+}
+
+
 #: result fields that must agree for runs to be merged
 MERGE_SAME = ("rooms", "test_rooms", "own_map_rooms", "schedule", "sensor", "augment", "input_color", "voxel_size",
-              "quick", "lr", "lr_schedule", "tesd_alpha", "tesd_start", "tesd_weight")
+              "quick", "lr", "lr_schedule", "tesd_alpha", "tesd_start", "tesd_weight", "tesd_temperature")
+
+#: the value of a setting in a result written before the setting was recorded (the default it ran with)
+MERGE_DEFAULTS = {"tesd_temperature": 0.07}
 
 
 def merge_results(parts: list) -> dict:
@@ -301,14 +333,19 @@ def merge_results(parts: list) -> dict:
     if not parts:
         raise ValueError("nothing to merge")
     first = parts[0]
+    def setting(part, k):
+        return part.get(k, MERGE_DEFAULTS.get(k))
+
     for other in parts[1:]:
-        diff = [k for k in MERGE_SAME if other.get(k) != first.get(k)]
+        diff = [k for k in MERGE_SAME if setting(other, k) != setting(first, k)]
         if diff:
             raise ValueError(f"cannot merge runs of different settings: {', '.join(diff)} differ")
     groups: dict = {}
     for p in parts:
         for r in p["rows"]:
-            g = groups.setdefault((r["setting"], r["key"], r["n_rooms"]), {"row": r, "values": {}})
+            g = groups.setdefault((r["setting"], r["key"], r["n_rooms"]), {"row": r, "values": {}, "extras": {}})
+            for k in ROW_EXTRAS:
+                g["extras"].setdefault(k, {}).update(zip(r["seeds"], r.get(f"{k}_per_seed", [None] * len(r["seeds"]))))
             for seed, v in zip(r["seeds"], r["miou_per_seed"]):
                 if seed in g["values"] and g["values"][seed] != v:
                     raise ValueError(f"row {r['key']} (N = {r['n_rooms']}, {r['setting']}): seed {seed} in two parts "
@@ -319,7 +356,8 @@ def merge_results(parts: list) -> dict:
         seeds = sorted(g["values"])
         vals = [g["values"][k] for k in seeds]
         rows.append({**g["row"], "seeds": seeds, "miou_per_seed": vals, "miou": statistics.fmean(vals),
-                     "miou_std": statistics.pstdev(vals)})
+                     "miou_std": statistics.pstdev(vals),
+                     **{f"{k}_per_seed": [g["extras"][k].get(s) for s in seeds] for k in ROW_EXTRAS}})
     by = _rows_by(rows)
     goal, gap = _goal_and_gap(by, first["rooms"]) if ("held_out", "sp", max(first["rooms"])) in by else (None, None)
     runs: dict = {}
@@ -339,14 +377,22 @@ def merge_results(parts: list) -> dict:
         if p["seeds"] and p["seeds"][0] == seeds[0]:
             for c in p.get("per_class_held_out", []):
                 per_class.setdefault(c["class"], {}).update({k: v for k, v in c.items() if v is not None})
+    def per_part(key, default=None):
+        """A per-part field over the parts; an already merged part contributes its own list of parts."""
+        out = []
+        for p in parts:
+            out.extend(p.get(key, default) if "merged_parts" in p else [p.get(key, default)])
+        return out
+
     return {**first, "seeds": seeds, "rows": rows, "goal": goal, "own_map_minus_held_out": gap,
             "runs": [runs[k] for k in sorted(runs)], "per_class_held_out": list(per_class.values()),
-            "rows_3d": sorted({p.get("rows_3d", "all") for p in parts}),
+            "rows_3d": sorted(set(per_part("rows_3d", "all"))),
             "tesd_variants": {k: v for p in parts for k, v in p.get("tesd_variants", {}).items()},
             "rooms_generated": sum(p["rooms_generated"] for p in parts),
-            "seconds": max(p["seconds"] for p in parts), "seconds_per_part": [p["seconds"] for p in parts],
-            "load_average_start": [p.get("load_average_start") for p in parts],
-            "load_average_end": [p.get("load_average_end") for p in parts], "merged_parts": len(parts)}
+            "seconds": max(p["seconds"] for p in parts),
+            "seconds_per_part": [x for p in parts for x in p.get("seconds_per_part", [p["seconds"]])],
+            "load_average_start": per_part("load_average_start"), "load_average_end": per_part("load_average_end"),
+            "merged_parts": sum(p.get("merged_parts", 1) for p in parts)}
 
 
 def main(argv: list) -> dict:
@@ -366,7 +412,8 @@ def main(argv: list) -> dict:
     t0 = time.time()
     changes = {k: v for k, v in dict(voxel_size=args.voxel_size, lr=args.lr, frames=args.frames,
                                      lr_schedule=args.lr_schedule, tesd_alpha=args.tesd_alpha,
-                                     stage2_fraction=args.tesd_start, tesd_weight=args.tesd_weight).items()
+                                     stage2_fraction=args.tesd_start, tesd_weight=args.tesd_weight,
+                                     tesd_temperature=args.tesd_temperature).items()
                if v is not None}
     variants = dict(parse_variant(v) for v in args.tesd_variant)
     load_start = os.getloadavg()
@@ -410,10 +457,12 @@ def main(argv: list) -> dict:
                 part = [r for r in runs if r["n"] == n and key in r["results"].get(setting, {})]
                 if not part:
                     continue
-                vals = [100 * float(r["results"][setting][key]["miou"]) for r in part]
+                res = [r["results"][setting][key] for r in part]
+                vals = [100 * float(x["miou"]) for x in res]
                 table.append({"setting": setting, "key": key, "group": group, "method": label, "n_rooms": n,
                               "miou": statistics.fmean(vals), "miou_std": statistics.pstdev(vals),
-                              "miou_per_seed": vals, "seeds": [r["seed"] for r in part]})
+                              "miou_per_seed": vals, "seeds": [r["seed"] for r in part],
+                              **{f"{k}_per_seed": [f(x) for x in res] for k, f in ROW_EXTRAS.items()}})
     n_max = max(args.rooms)
     by = _rows_by(table)
     goal, gap = _goal_and_gap(by, args.rooms) if ("held_out", "sp", n_max) in by else (None, None)
@@ -438,6 +487,7 @@ def main(argv: list) -> dict:
         "augment": args.augment, "input_color": args.input_color, "voxel_size": cfg_last.voxel_size,
         "lr": cfg_last.lr, "lr_schedule": cfg_last.lr_schedule, "tesd_alpha": cfg_last.tesd_alpha,
         "tesd_start": cfg_last.stage2_fraction, "tesd_weight": cfg_last.tesd_weight,
+        "tesd_temperature": cfg_last.tesd_temperature,
         "tesd_variants": {k: v for k, v in variants.items()}, "rows_3d": "pixel_point" if args.only_pixel_point
         else "sp" if args.no_pixel_point else "all",
         "load_average_start": list(load_start), "load_average_end": list(os.getloadavg()),

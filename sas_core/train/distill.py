@@ -75,8 +75,11 @@ class DistillConfig:
     augment: bool = opt(True, "OpenScene augmentation (elastic distortion, rotation, scale, flips)")
     input_color: bool = opt(False, "network input RGB in [-1, 1] (OpenScene option) instead of all ones (SAS)")
     tesd_alpha: float = opt(0.99, "EMA constant of the temporal ensemble (per visit of a scene)")
-    tesd_temperature: float = opt(0.07, "TESD logits = cos(f3d, text) / temperature")
+    tesd_temperature: float = opt(0.07, "TESD logits = cos(f3d, text) / temperature; 0: the raw dot product "
+                                        "f3d . text of the authors' public code")
     tesd_weight: float = opt(1.0, "weight of the TESD cross-entropies")
+    tesd_balance: bool = opt(False, "weight the TESD cross-entropies per pseudo-class, each present class equally "
+                                    "(not in the paper: a diagnostic of self-training that favours frequent classes)")
     seed: int = opt(0, "seeds initialisation, order, augmentation and sampling")
     val_every: int = opt(1, "validate every N epochs (0: never)")
     out_dir: str = opt("distill_output", "checkpoints and logs")
@@ -108,6 +111,8 @@ class DistillConfig:
             raise ValueError(f"epochs must be >= 1, got {self.epochs}")
         if not 0.0 <= self.stage2_fraction <= 1.0:
             raise ValueError(f"stage2_fraction must be in [0, 1], got {self.stage2_fraction}")
+        if self.tesd_temperature < 0:
+            raise ValueError(f"tesd_temperature must be >= 0 (0: raw dot product), got {self.tesd_temperature}")
         if self.max_voxels < 1:
             raise ValueError("max_voxels must be >= 1")
         if self.lr <= 0 or self.final_lr < 0:
@@ -506,9 +511,10 @@ class Distiller:
             allowed = self._batch_allowed(batch)  # scene-level labels (3DSS-VLG): absent classes masked
             p_lab, sp_lab = self.tesd.pseudo_labels(ens[sel_t], seg_t, self.text,
                                                     allowed=None if allowed is None else allowed[sel_t])  # eq. 12
-            lpt, lspt = tesd_loss(out[sel_t], seg_t, p_lab, sp_lab, self.text, self.cfg.tesd_temperature,
-                                  reduction="sum")  # eq. 13
+            lpt, lspt = tesd_loss(out[sel_t], seg_t, p_lab, sp_lab, self.text, self.cfg.tesd_temperature or None,
+                                  reduction="sum", balance=bool(self.cfg.tesd_balance))  # eq. 13
             terms["tesd_point"], terms["tesd_superpoint"] = lpt, lspt
+            diagnostics = self._tesd_diagnostics(out[sel_t].detach(), p_lab, batch.labels[sel_t])
         names = sorted(terms)
         counts = self._global([float(terms[k][1]) for k in names])
         result, total = {}, out.sum() * 0.0
@@ -520,7 +526,30 @@ class Distiller:
             result[k] = float(terms[k][0].detach()) / max(terms[k][1], 1)
         result["loss"] = total
         result["voxels"] = int(sel.numel())
+        if tesd:
+            result.update(diagnostics)
         return result
+
+    def _tesd_diagnostics(self, out, pseudo, labels) -> dict:
+        """Of the voxels the TESD terms saw: how well the network fits its pseudo-labels (``tesd_fit``,
+        argmax of its own output = pseudo-label) and, where ground truth is known (synthetic and
+        evaluation scenes), the accuracy of the pseudo-labels and of the network (``tesd_pseudo_acc``,
+        ``tesd_net_acc``). Read only, for the training log: they tell a self-training that cannot fit its
+        labels from one whose labels are wrong."""
+        import torch
+
+        from sas_core.text import text_labels
+        from sas_core.types import IGNORE_LABEL
+
+        with torch.no_grad():
+            pred = text_labels(out, self.text, normalize=True)[0].to(pseudo.device)  # the inference rule
+            res = {"tesd_fit": float((pred == pseudo).float().mean()) if pred.numel() else float("nan")}
+            known = labels.to(pseudo.device) != IGNORE_LABEL
+            gt = labels.to(pseudo.device)[known]
+            nan = float("nan")  # no ground truth here: NaN (an epoch mean with such a batch is NaN too)
+            res["tesd_pseudo_acc"] = float((pseudo[known] == gt).float().mean()) if gt.numel() else nan
+            res["tesd_net_acc"] = float((pred[known] == gt).float().mean()) if gt.numel() else nan
+        return res
 
     def train_step(self, batch: Batch, epoch: int, step: int, tesd: bool) -> dict:
         """One optimisation step; returns the loss terms as floats."""

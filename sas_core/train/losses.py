@@ -118,8 +118,19 @@ def text_logits(features: torch.Tensor, text: torch.Tensor, temperature: Optiona
     return F.normalize(features, dim=1, eps=_EPS) @ F.normalize(text, dim=1).t() / temperature
 
 
+def class_balance_weights(labels: torch.Tensor) -> torch.Tensor:
+    """(M,) per-element weights ``M / (C * count(label_i))`` over the C classes present in ``labels``:
+    every present class weighs the same in total, and the weights sum to M (so a weighted sum divided by
+    the element count is the class-balanced mean)."""
+    if labels.numel() == 0:
+        return torch.ones(0)
+    uniq, inverse, counts = torch.unique(labels, return_inverse=True, return_counts=True)
+    return (labels.numel() / (uniq.numel() * counts.float()))[inverse]
+
+
 def tesd_loss(f3d: torch.Tensor, seg: torch.Tensor, point_labels: torch.Tensor, sp_labels: torch.Tensor,
-              text: torch.Tensor, temperature: Optional[float] = 0.07, reduction: str = "mean"):
+              text: torch.Tensor, temperature: Optional[float] = 0.07, reduction: str = "mean",
+              balance: bool = False):
     """Temporal-ensembling self-distillation cross-entropies (eq. 13): returns (L_p^ST, L_sp^ST).
 
     Args:
@@ -129,6 +140,9 @@ def tesd_loss(f3d: torch.Tensor, seg: torch.Tensor, point_labels: torch.Tensor, 
         sp_labels: (L,) int64 pseudo-labels of the superpoints, indexed by the contiguous id of
             ``seg`` (sorted unique order, as :func:`contiguous_ids`).
         text: (K, C) class embeddings.
+        balance: weight every element by :func:`class_balance_weights` of its pseudo-label, so each
+            pseudo-class present weighs the same (NOT in the paper; a diagnostic of self-training that
+            favours frequent classes).
     """
     ids, n = contiguous_ids(seg)
     if sp_labels.shape[0] != n:
@@ -136,4 +150,7 @@ def tesd_loss(f3d: torch.Tensor, seg: torch.Tensor, point_labels: torch.Tensor, 
     mean3d, _ = segment_mean(f3d, ids, n)
     lp = F.cross_entropy(text_logits(f3d, text, temperature), point_labels, reduction="none")
     lsp = F.cross_entropy(text_logits(mean3d, text, temperature), sp_labels, reduction="none")
+    if balance:
+        lp = lp * class_balance_weights(point_labels).to(lp)
+        lsp = lsp * class_balance_weights(sp_labels).to(lsp)
     return _reduce(lp, reduction), _reduce(lsp, reduction)
