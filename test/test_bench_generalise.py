@@ -107,10 +107,13 @@ def test_merge_joins_seeds_and_recomputes_the_goal():
     pp = _part(0, {("held_out", "capability"): 40.0, ("held_out", "pixel_point"): 32.0})
     rest = _part(0, {("held_out", "capability"): 40.0, ("held_out", "sp"): 42.0, ("held_out", "sp_tesd"): 38.0})
     rest["runs"][0]["distill_s"] = 9.0
+    pp["runs"][0]["training_curves"] = {"pixel_point": [{"epoch": 2, "point": 0.5}]}
+    rest["runs"][0]["training_curves"] = {"sp": [{"epoch": 2, "point": 0.4}]}
     one = generalise.merge_results([pp, rest])
     assert {r["key"]: r["miou_per_seed"] for r in one["rows"]} == {"capability": [40.0], "pixel_point": [32.0],
                                                                    "sp": [42.0], "sp_tesd": [38.0]}
     assert len(one["runs"]) == 1 and one["runs"][0]["distill_s"] == 9.0  # the parts ran at the same time
+    assert set(one["runs"][0]["training_curves"]) == {"pixel_point", "sp"}  # every part's rows
     assert one["goal"]["ordering_pixel_point_lt_sp_lt_sp_tesd"] is False
     # a merged result merges again: the same as merging its parts with the new one at once
     c2 = _part(2, {("held_out", "capability"): 40.0, ("held_out", "pixel_point"): 31.0, ("held_out", "sp"): 40.0,
@@ -136,6 +139,7 @@ def test_merge_keeps_the_per_seed_accuracy_and_lost_classes_of_every_row():
             r["overall_acc_per_seed"], r["classes_lost_per_seed"] = [acc + (r["key"] == "sp_tesd")], [lost]
     b["rows"] = [{k: v for k, v in r.items() if k != "classes_lost_per_seed"} if r["key"] == "sp" else r
                  for r in b["rows"]]  # a result written before the field existed
-    m = {r["key"]: r for r in generalise.merge_results([a, b])["rows"]}
+    old = _part(0, {("held_out", "capability"): 40.0, ("held_out", "sp"): 42.0})  # the same seed 0 rows, no extras
+    m = {r["key"]: r for r in generalise.merge_results([a, b, old])["rows"]}
     assert m["sp_tesd"]["overall_acc_per_seed"] == [76.0, 71.0] and m["sp_tesd"]["classes_lost_per_seed"] == [3, 2]
     assert m["sp"]["overall_acc_per_seed"] == [75.0, 70.0] and m["sp"]["classes_lost_per_seed"] == [None, 2]

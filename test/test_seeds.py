@@ -248,6 +248,8 @@ def test_distiller_with_mask_loss_and_scene_labels(tmp_path):
     assert cfg.loss_terms == ("point", "superpoint", "mask")
     d = Distiller(cfg, scenes, text, ["a", "b", "c"])
     assert len(d.adapter_history) == 3 and set(d.allowed) == {"scene0", "scene1"}
+    with pytest.raises(ValueError, match="tesd_guide"):  # fused-guided pseudo-labels: without scene lists only
+        Distiller(tiny_config(tmp_path / "guide", mode="sp_tesd", tesd_guide=True), scenes, text, ["a", "b", "c"])
     batch = d.batch([0], epoch=0)
     res = d.losses(batch, 0, 0, tesd=False)
     assert {"point", "superpoint", "mask", "membership_focal", "membership_dice"} <= set(res)

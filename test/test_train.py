@@ -495,3 +495,21 @@ def test_class_balanced_tesd_weighs_every_pseudo_class_the_same():
     assert plain.item() == pytest.approx((3 * right + wrong) / 4, abs=1e-6)
     assert bal.item() == pytest.approx((right + wrong) / 2, abs=1e-6)  # the one class-1 point weighs 3 class-0 ones
     assert bal_sp.item() == pytest.approx(bal.item(), abs=1e-6)
+
+
+def test_fused_guided_pseudo_labels_take_the_2d_label_where_it_scores_higher():
+    """tesd_guide (not in the paper): per superpoint, OpenScene's rule between the ensemble and the fused 2D mean."""
+    text = torch.eye(3)
+    seg = torch.tensor([0, 0, 1, 1, 2])
+    ens = torch.tensor([[1.0, 0.2, 0], [1.0, 0.2, 0], [0, 1.0, 0.9], [0, 1.0, 0.9], [1.0, 0, 0]])
+    fused = torch.tensor([[0, 0, 1.0], [0, 0, 1.0], [0, 0, 1.0], [0, 0, 0], [0, 1.0, 0]])
+    sup = torch.tensor([True, True, True, False, False])
+    plain_p, plain_sp = TemporalEnsemble.pseudo_labels(ens, seg, text)
+    assert plain_sp.tolist() == [0, 1, 0]
+    p, sp = TemporalEnsemble.pseudo_labels(ens, seg, text, fused=fused, supervised=sup)
+    # sp 0: fused cos 1.0 > ensemble 0.98 -> 2; sp 1: its one supervised voxel says 2 (cos 1 > 0.74) -> 2;
+    # sp 2: no supervised voxel -> the ensemble's 0
+    assert sp.tolist() == [2, 2, 0] and p.tolist() == [2, 2, 2, 2, 0]
+    with pytest.raises(ValueError, match="scene-level"):
+        TemporalEnsemble.pseudo_labels(ens, seg, text, allowed=torch.ones(5, 3, dtype=torch.bool), fused=fused,
+                                       supervised=sup)

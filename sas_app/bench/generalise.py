@@ -92,7 +92,7 @@ def _parser() -> argparse.ArgumentParser:
 
 #: --tesd-variant keys -> DistillConfig fields
 VARIANT_FIELDS = {"alpha": "tesd_alpha", "start": "stage2_fraction", "weight": "tesd_weight",
-                  "temperature": "tesd_temperature", "balance": "tesd_balance"}
+                  "temperature": "tesd_temperature", "balance": "tesd_balance", "guide": "tesd_guide"}
 
 
 def parse_variant(spec: str) -> tuple:
@@ -344,8 +344,9 @@ def merge_results(parts: list) -> dict:
     for p in parts:
         for r in p["rows"]:
             g = groups.setdefault((r["setting"], r["key"], r["n_rooms"]), {"row": r, "values": {}, "extras": {}})
-            for k in ROW_EXTRAS:
-                g["extras"].setdefault(k, {}).update(zip(r["seeds"], r.get(f"{k}_per_seed", [None] * len(r["seeds"]))))
+            for k in ROW_EXTRAS:  # a part written before the field existed has none: the others' values stay
+                g["extras"].setdefault(k, {}).update(
+                    (seed, v) for seed, v in zip(r["seeds"], r.get(f"{k}_per_seed", [])) if v is not None)
             for seed, v in zip(r["seeds"], r["miou_per_seed"]):
                 if seed in g["values"] and g["values"][seed] != v:
                     raise ValueError(f"row {r['key']} (N = {r['n_rooms']}, {r['setting']}): seed {seed} in two parts "
@@ -368,7 +369,9 @@ def merge_results(parts: list) -> dict:
                 runs[key] = {**runs[key], "distill_s": max(runs[key]["distill_s"], r["distill_s"]),
                              "distill_s_parts": runs[key].get("distill_s_parts", [runs[key]["distill_s"]])
                              + [r["distill_s"]],
-                             "ensemble_2d_share": runs[key].get("ensemble_2d_share") or r.get("ensemble_2d_share")}
+                             "ensemble_2d_share": runs[key].get("ensemble_2d_share") or r.get("ensemble_2d_share"),
+                             "training_curves": {**r.get("training_curves", {}),
+                                                 **runs[key].get("training_curves", {})}}
             else:
                 runs[key] = dict(r)
     seeds = sorted({s for p in parts for s in p["seeds"]})

@@ -78,6 +78,8 @@ class DistillConfig:
     tesd_temperature: float = opt(0.07, "TESD logits = cos(f3d, text) / temperature; 0: the raw dot product "
                                         "f3d . text of the authors' public code")
     tesd_weight: float = opt(1.0, "weight of the TESD cross-entropies")
+    tesd_guide: bool = opt(False, "superpoint pseudo-labels take the fused 2D label where its text score is higher "
+                                  "(OpenScene's 2D-3D ensemble rule; not in the paper)")
     tesd_balance: bool = opt(False, "weight the TESD cross-entropies per pseudo-class, each present class equally "
                                     "(not in the paper: a diagnostic of self-training that favours frequent classes)")
     seed: int = opt(0, "seeds initialisation, order, augmentation and sampling")
@@ -275,6 +277,8 @@ class Distiller:
 
         self.allowed = {k: torch.from_numpy(v).to(self.device)
                         for k, v in scene_class_masks(train_scenes, self.class_names).items() if v is not None}
+        if self.allowed and config.tesd_guide:
+            raise ValueError("tesd_guide (fused-guided TESD pseudo-labels) is not combined with scene-level labels")
         self.adapter_history: list = []
         if self.allowed and config.scene_adapter and config.adapter_epochs > 0:
             from sas_core.train.adapter import AdapterConfig, specialize_scenes
@@ -509,8 +513,10 @@ class Distiller:
             sel_t = self._sample(torch.arange(batch.n_voxels, device=out.device), gen)
             seg_t = batch.superpoints[sel_t]
             allowed = self._batch_allowed(batch)  # scene-level labels (3DSS-VLG): absent classes masked
+            guide = dict(fused=batch.target[sel_t], supervised=batch.supervised[sel_t]) if self.cfg.tesd_guide else {}
             p_lab, sp_lab = self.tesd.pseudo_labels(ens[sel_t], seg_t, self.text,
-                                                    allowed=None if allowed is None else allowed[sel_t])  # eq. 12
+                                                    allowed=None if allowed is None else allowed[sel_t],
+                                                    **guide)  # eq. 12
             lpt, lspt = tesd_loss(out[sel_t], seg_t, p_lab, sp_lab, self.text, self.cfg.tesd_temperature or None,
                                   reduction="sum", balance=bool(self.cfg.tesd_balance))  # eq. 13
             terms["tesd_point"], terms["tesd_superpoint"] = lpt, lspt

@@ -121,8 +121,26 @@ class TemporalEnsemble:
 
     @staticmethod
     @torch.no_grad()
+    def guide_with_fused(sp_labels: torch.Tensor, means: torch.Tensor, fused: torch.Tensor, supervised: torch.Tensor,
+                         ids: torch.Tensor, n: int, text: torch.Tensor) -> torch.Tensor:
+        """OpenScene's 2D-3D ensemble rule applied to the superpoint pseudo-labels (NOT in the paper): per
+        superpoint, the label of the mean fused 2D feature over its supervised voxels where that has the
+        higher cosine text score than the ensemble mean ``means`` (L, C); superpoints without a fused
+        voxel keep ``sp_labels``. Keeps the classes the 2D teachers see and the network has lost."""
+        sup = supervised.to(torch.bool)
+        if not bool(sup.any()):
+            return sp_labels
+        fused_means, counts = segment_mean(fused[sup].float(), ids[sup], n)
+        l2, s2 = text_labels(fused_means, text, normalize=True)
+        _, s3 = text_labels(means, text, normalize=True)
+        take = (counts > 0) & (s2 > s3)
+        return torch.where(take, l2, sp_labels)
+
+    @staticmethod
+    @torch.no_grad()
     def pseudo_labels(ensemble: torch.Tensor, seg: torch.Tensor, text: torch.Tensor,
-                      point_from_superpoint: bool = True, allowed: Optional[torch.Tensor] = None
+                      point_from_superpoint: bool = True, allowed: Optional[torch.Tensor] = None,
+                      fused: Optional[torch.Tensor] = None, supervised: Optional[torch.Tensor] = None
                       ) -> Tuple[torch.Tensor, torch.Tensor]:
         """Eq. 12: (point labels (M,), superpoint labels (L,)) from the ensemble and the text.
 
@@ -134,13 +152,19 @@ class TemporalEnsemble:
         ``allowed``: optional (M, K) bool, the classes of each row's scene-level label list
         (3DSS-VLG, :mod:`sas_core.train.scene_labels`): absent classes get -999 before the argmax,
         so no pseudo-label names a class absent from its scene (a superpoint lies in one scene).
+        ``fused`` (M, C) and ``supervised`` (M,) bool: the rows' fused 2D targets; when given, superpoint
+        labels follow :meth:`guide_with_fused` (not in the paper; without ``allowed`` only).
         """
         ids, n = contiguous_ids(seg)
         means, _ = segment_mean(ensemble.float(), ids, n)
         if allowed is None:
             sp = text_labels(means, text, normalize=True)[0]
+            if fused is not None:
+                sp = TemporalEnsemble.guide_with_fused(sp, means, fused, supervised, ids, n, text)
             point = sp[ids] if point_from_superpoint else text_labels(ensemble, text, normalize=True)[0]
             return point, sp
+        if fused is not None:
+            raise ValueError("fused-guided pseudo-labels are not combined with scene-level labels")
         from sas_core.train.scene_labels import masked_text_labels
 
         allowed = allowed.to(torch.bool)
