@@ -326,6 +326,7 @@ def distill_rows(world: World, work_dir: Path, t0: float, tesd_variants: Optiona
 
     models = {}
     t = time.time()
+
     def keep(name, result):
         world.histories[name] = result.history
         return result.model
