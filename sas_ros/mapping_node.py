@@ -264,13 +264,27 @@ class MappingNode(Node):
         return 0 if self.mapper is None else self.mapper.n_sweeps
 
     # ------------------------------------------------------------------ helpers
+    def _ros_log_ok(self, level: str, text: str) -> bool:
+        """True when ROS can log; once the context is shut down (SIGINT shuts it at once, while the
+        workers are still finishing; rcl could not publish to /rosout and would say so) ``text`` goes
+        to stderr and this returns False. The ROS call stays at each call site: rclpy keys its
+        throttling and severity on the caller's line."""
+        if self.context.ok():
+            return True
+        import sys
+
+        print(f"[{level.upper()}] [{self.get_logger().name}]: {text}", file=sys.stderr, flush=True)
+        return False
+
     def _drop(self, reason: str, text: str) -> None:
         """Count and log (throttled per reason) a dropped input."""
         self.drops[reason] = self.drops.get(reason, 0) + 1
         now = time.monotonic()
         if now - self._last_warn.get(reason, -1e9) >= self.cfg.log_throttle:
             self._last_warn[reason] = now
-            self.get_logger().warning(f"[{reason}] {text} (dropped {self.drops[reason]} so far)")
+            msg = f"[{reason}] {text} (dropped {self.drops[reason]} so far)"
+            if self._ros_log_ok("warning", msg):
+                self.get_logger().warning(msg)
 
     def _push(self, item) -> None:
         with self.queue_cv:
@@ -558,10 +572,11 @@ class MappingNode(Node):
             if self._stopping():
                 return
             raise
-        self.get_logger().info(
-            f"map {s['points']} points from {s['frames']} frames and {s['sweeps']} sweeps; "
-            f"{s['integrate_hz']} Hz over the last 10 s ({s['integrate_ms_median'] or 0:.1f} ms/frame), frame->cloud "
-            f"{s['frame_to_cloud_ms_median'] or 0:.0f} ms, drops {s['drops']}", throttle_duration_sec=30.0)
+        msg = (f"map {s['points']} points from {s['frames']} frames and {s['sweeps']} sweeps; "
+               f"{s['integrate_hz']} Hz over the last 10 s ({s['integrate_ms_median'] or 0:.1f} ms/frame), "
+               f"frame->cloud {s['frame_to_cloud_ms_median'] or 0:.0f} ms, drops {s['drops']}")
+        if self._ros_log_ok("info", msg):
+            self.get_logger().info(msg, throttle_duration_sec=30.0)
 
     # ------------------------------------------------------------------ services
     def _guarded(self, name: str, fn):
@@ -751,8 +766,9 @@ class MappingNode(Node):
                 return False
         text = f"{len(self.mapper)} voxels to {path} in {time.perf_counter() - t0:.2f} s"
         if final:
-            self.get_logger().info(f"final save: {text}")
-        else:
+            if self._ros_log_ok("info", f"final save: {text}"):
+                self.get_logger().info(f"final save: {text}")
+        elif self._ros_log_ok("info", f"autosaved {text}"):
             self.get_logger().info(f"autosaved {text}", throttle_duration_sec=60.0)
         return True
 

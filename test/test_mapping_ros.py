@@ -207,3 +207,31 @@ def test_node_help_lists_every_parameter(capsys):
     assert out.startswith("usage: sas_mapping_node")
     for name, f in parameter_fields().items():
         assert f"  {name} = " in out, name
+
+
+def test_a_drop_logged_after_sigint_goes_to_stderr_not_to_a_dead_rosout(capfd):
+    """SIGINT shuts the context down while the workers finish: a frame they drop then is still counted
+    and reported, on stderr (rcl cannot publish to /rosout without a context and says "context is invalid")."""
+    from rclpy.parameter import Parameter
+
+    from sas_ros.live_demo import remap_args
+    from sas_ros.mapping_node import MappingNode
+
+    context = rclpy.Context()
+    rclpy.init(context=context)
+    node = MappingNode("sas_log_after_shutdown", context=context, cli_args=remap_args(),
+                       parameter_overrides=[Parameter("mode", value="fusion")])
+    try:
+        node._drop("no_pose", "frame at 1.0: no pose")
+        rclpy.shutdown(context=context)  # what rclpy's SIGINT handler does
+        node._last_warn.clear()  # not throttled
+        node._drop("no_pose", "frame at 2.0: no pose")
+        assert node.drops["no_pose"] == 2
+        err = capfd.readouterr().err
+        assert "[WARNING] [sas_log_after_shutdown]: [no_pose] frame at 2.0: no pose (dropped 2 so far)" in err
+        assert "context is invalid" not in err
+    finally:
+        node.running = False
+        node.destroy_node()
+        if context.ok():
+            rclpy.shutdown(context=context)
