@@ -35,10 +35,10 @@ with the field's help as description; ``config/*.yaml`` list them.
 Threads: subscription callbacks only push onto a bounded keep-latest queue (oldest dropped,
 counted; with ``reliable_inputs`` a full queue makes the callback wait instead, so DDS holds the
 messages and the publisher slows down: no frame lost); an integration worker decodes, waits up to
-``pose_wait`` for the frame's pose, and hands frames to the Mapper; in fusion mode a teacher
-worker runs the teacher(s) at its own rate on the frames :meth:`Mapper.select_teacher_frame`
-picks (by time and viewpoint change; keep-latest ``teacher_queue``) and fuses them
-(:meth:`Mapper.fuse_frame`); a labelling worker, woken by a timer, runs
+``pose_wait`` (``reliable_pose_wait`` with ``reliable_inputs``) for the frame's pose, and hands
+frames to the Mapper; in fusion mode a teacher worker runs the teacher(s) at its own rate on the
+frames :meth:`Mapper.select_teacher_frame` picks (by time and viewpoint change; keep-latest
+``teacher_queue``) and fuses them (:meth:`Mapper.fuse_frame`); a labelling worker, woken by a timer, runs
 :meth:`Mapper.label_pass` and :meth:`Mapper.refit_query_basis`, then publishes the clouds. The
 Mapper's lock guards the map; long passes take it in slices. Shutdown (SIGINT / SIGTERM): the
 workers stop quietly and are joined before the node is destroyed.
@@ -370,12 +370,13 @@ class MappingNode(Node):
 
     def _pose_timeout(self, recv: Optional[float]) -> float:
         """Seconds a frame received at ``recv`` may still wait for its pose: ``pose_wait`` from its
-        arrival (live), or from now with ``reliable_inputs`` (lossless replay: the time a frame
-        spent in our own queue under backpressure does not count against it)."""
+        arrival (live), or ``reliable_pose_wait`` from now with ``reliable_inputs`` (lossless
+        replay: the time a frame spent in our own queue under backpressure does not count against
+        it, and a pose sample lost on the way comes only with the writer's next heartbeat)."""
         if recv is None or not self.running:
             return 0.0
         if self.cfg.reliable_inputs:
-            return float(self.cfg.pose_wait)
+            return float(self.cfg.reliable_pose_wait)
         return max(0.0, float(self.cfg.pose_wait) - (time.monotonic() - recv))
 
     def decode_rgbd(self, color_msg, depth_msg, semantic_msg=None, instance_msg=None, recv=None) -> Frame:

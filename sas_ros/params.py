@@ -62,6 +62,9 @@ class NodeConfig:
     tf_cache_time: float = opt(10.0, "seconds of /tf history kept (tf_backend sas; tf2's default 10)")
     pose_wait: float = opt(0.5, "seconds a frame waits for its pose / transform (frames often come before TF); "
                                 "then it is dropped and counted by reason")
+    reliable_pose_wait: float = opt(5.0, "with reliable_inputs: seconds a frame waits for its pose instead of "
+                                         "pose_wait (lossless replay: a reliable sample lost on the way is resent "
+                                         "at the writer's next heartbeat, every 3 s in Fast DDS)")
     color_transport: str = opt("raw", "colour input: raw (color/image_raw, sensor_msgs/Image) or compressed "
                                       "(<color/image_raw>/compressed, sensor_msgs/CompressedImage, jpeg / png)",
                                choices=("raw", "compressed"))

@@ -25,7 +25,8 @@ Topic poses are kept in a short time-ordered buffer; a lookup takes the pose nea
 within ``tolerance`` seconds (no extrapolation). A frame may arrive before its pose (images are
 often faster than TF): ``lookup(..., timeout=s)`` waits up to ``s`` seconds for it, woken by
 every pose / TF message; what is still missing then raises with its reason (``unknown_frame``,
-``no_pose``, ``extrapolation``, ``disconnected``, ``loop``).
+``no_pose``, ``extrapolation``, ``disconnected``, ``loop``). A stamp that falls in a gap of the
+pose stream (poses before and after it, none near it) raises at once.
 """
 
 from __future__ import annotations
@@ -88,8 +89,14 @@ class PoseBuffer:
             i = bisect.bisect_left(stamps, stamp)
             best = min((j for j in (i - 1, i) if 0 <= j < len(stamps)), key=lambda j: abs(stamps[j] - stamp))
             if abs(stamps[best] - stamp) > tolerance:
+                # poses of one stream arrive in order (a reliable reader holds later ones back until
+                # a lost one is resent), so with poses on both sides of the stamp none will come
+                # for it: a gap in the stream, not worth waiting for. Before the first pose (a bag
+                # loop restarting) or after the last one, it may still come.
+                gap = stamps[0] <= stamp and stamps[-1] > stamp + tolerance
                 raise PoseUnavailable(f"no pose within {tolerance:.3f} s of stamp {stamp:.3f} "
-                                      f"(nearest {stamps[best]:.3f})")
+                                      f"(nearest {stamps[best]:.3f}{', a gap in the poses' if gap else ''})",
+                                      retry=not gap)
             return self._poses[best]
 
 

@@ -171,3 +171,23 @@ def test_pose_buffer_tolerance():
         b.lookup(200.0, 0.05)
     with pytest.raises(PoseUnavailable, match="no pose"):
         PoseBuffer().lookup(1.0, 1.0)
+
+
+def test_pose_buffer_says_when_waiting_cannot_help():
+    """Poses of one stream come in order: a stamp with poses on both sides and none near it is a
+    gap (no retry); before the first pose (a bag loop restarting) or after the last one (the pose
+    not here yet) waiting may help."""
+    from sas_ros.poses import PoseBuffer, PoseUnavailable
+
+    b = PoseBuffer()
+    for t in (10.0, 10.1, 10.4, 10.5):
+        b.add(t, np.eye(4))
+    for stamp, retry in ((10.25, False), (10.6, True), (11.0, True), (9.0, True), (10.44, False)):
+        with pytest.raises(PoseUnavailable) as err:
+            b.lookup(stamp, 0.03)
+        assert err.value.retry is retry, stamp
+        assert ("a gap in the poses" in str(err.value)) is not retry
+    # just after the last pose, within the tolerance of a pose still to come: wait
+    with pytest.raises(PoseUnavailable) as err:
+        b.lookup(10.54, 0.03)
+    assert err.value.retry

@@ -88,7 +88,7 @@ class Robot:
         if static_first:  # latched: published before the node exists, it must still get it
             self.publish_static()
         base = dict(mode="none", pose_source="tf", tf_backend="sas", color_transport="compressed" if compressed else "raw",
-                    reliable_inputs=True, update_period=0.3, stats_period=0.3, log_throttle=0.0, pose_wait=2.0,
+                    reliable_inputs=True, update_period=0.3, stats_period=0.3, log_throttle=0.0, reliable_pose_wait=2.0,
                     voxel_size=0.03)
         base.update(params)
         self.node = MappingNode(name, context=self.context, cli_args=remap_args(),
@@ -171,7 +171,7 @@ def test_poses_only_from_tf_with_compressed_colour_map_lies_on_the_ground_truth(
         span = (frames[0].stamp - 1.0, frames[-1].stamp + 1.0)
         for i, f in enumerate(frames):
             before = robot.handled()
-            if i % 2:  # images first, their TF 0.3 s later: the frame waits for it (pose_wait)
+            if i % 2:  # images first, their TF 0.3 s later: the frame waits for it (reliable_pose_wait)
                 robot.publish_images(f)
                 time.sleep(0.3)
                 robot.publish_tf(f.stamp, f.pose, span if i == 1 else None)
@@ -205,7 +205,7 @@ def test_poses_only_from_tf_with_compressed_colour_map_lies_on_the_ground_truth(
                                                               np.eye(4))]))
         robot.pub_tf.publish(robot._TFMessage(transforms=[_ts(c, "loop_b", "loop_a", frames[0].stamp, np.eye(4)),
                                                           _ts(c, "loop_a", "loop_b", frames[0].stamp, np.eye(4))]))
-        node.cfg.pose_wait = 0.3
+        node.cfg.reliable_pose_wait = 0.3
         for frame_id, reason in (("lost_optical", "disconnected"), ("loop_a", "loop")):
             assert wait_until(lambda: node.poses.tf_buffer._known(frame_id), 5.0)
             before = node.drops.get(reason, 0)

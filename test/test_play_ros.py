@@ -77,6 +77,42 @@ def test_play_into_a_live_node(synth_bag):
             only.close()
 
 
+def test_reliable_replay_waits_for_a_late_pose_and_drops_a_gap_at_once(synth_bag):
+    """With reliable_inputs a frame waits reliable_pose_wait for its pose, not pose_wait: a reliable
+    sample lost on the way comes back only with the writer's next heartbeat (CI once dropped a
+    frame whose pose came after pose_wait). Here every pose comes a second after its images, past
+    pose_wait, and one pose is left out: its frame, with poses on both sides, is dropped at once
+    (reliable_pose_wait is a minute), the others are all mapped."""
+    import time
+
+    from sas_core.data.bag_streams import index_bag
+    from sas_ros.live_demo import running_node
+    from sas_ros.player import BagPlayer
+
+    index = index_bag(synth_bag)
+    n = index.topics["/camera/color/image_raw"].count
+    images = ["/camera/color/image_raw", "/camera/depth/image_raw", "/camera/color/camera_info"]
+    params = dict(mode="none", pose_source="pose", update_period=0.3, reliable_inputs=True, use_lidar=False,
+                  pose_wait=0.1, reliable_pose_wait=60.0)
+    with running_node("sas_late_pose_test", params, "sas_late_pose_helper") as (node, helper):
+        players = [BagPlayer(helper, synth_bag, rate=4.0, topics=images),
+                   BagPlayer(helper, synth_bag, rate=50.0, topics=["/camera/pose"], duration=0.1),  # 0, 1/15 s
+                   BagPlayer(helper, synth_bag, rate=50.0, topics=["/camera/pose"], start=0.15)]  # from 3/15 s
+        try:
+            for player in players:
+                assert player.wait_for_subscribers(10.0, list(player.publishers))
+            players[0].play()
+            time.sleep(1.0)  # the poses are late: past pose_wait, the first frame still waits
+            assert node.n_frames == 0 and not any(node.drops.values()), node.drops
+            assert players[1].play().published == {"/camera/pose": 2}
+            assert players[2].play().published == {"/camera/pose": n - 3}  # the pose at 2/15 s left out
+        finally:
+            for player in players:
+                player.close()
+        assert wait_until(lambda: node.n_frames + sum(node.drops.values()) == n, 20.0), (node.n_frames, node.drops)
+        assert node.n_frames == n - 1 and node.drops == {"no_pose": 1}
+
+
 def test_play_refuses_what_it_cannot_do(synth_bag, tmp_path, capsys):
     rc = cli.main(["play", str(tmp_path / "none.mcap")])
     assert rc == 1 and "does not exist" in capsys.readouterr().err
