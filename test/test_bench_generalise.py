@@ -100,7 +100,14 @@ def test_merge_joins_seeds_and_recomputes_the_goal():
     # means 31 < 40 < 41 and 41 >= capability 40: reached on the means, though seed 0 alone would not be
     assert m["goal"]["sp_tesd_minus_capability"] == pytest.approx(1.0) and m["goal"]["reached"]
     assert m["own_map_minus_held_out"][4]["sp_tesd"] == pytest.approx(45.0 - 41.0)
-    assert "N = 4" in generalise.format_markdown(m)
+    # the paired per-seed differences behind the means (seed 0 first): SP+TESD - SP is -4 and +6
+    tesd = m["goal"]["paired"]["sp_tesd-sp"]
+    assert tesd["seeds"] == [0, 1] and tesd["per_seed"] == pytest.approx([-4.0, 6.0]) and tesd["wins"] == 1
+    assert tesd["mean"] == pytest.approx(1.0) and tesd["sem"] == pytest.approx(5.0)  # stdev 7.07 / sqrt 2
+    assert m["goal"]["paired"]["sp-pixel_point"]["per_seed"] == pytest.approx([10.0, 8.0])
+    assert set(m["goal"]["paired"]) == {"sp_tesd-capability", "sp-capability", "sp-pixel_point", "sp_tesd-sp"}
+    text = generalise.format_markdown(m)
+    assert "N = 4" in text and "- sp_tesd - sp: +1.0 ± 5.0 (1 of 2)" in text
     with pytest.raises(ValueError, match="seeds repeat"):
         generalise.merge_results([a, {**a, "rows": [{**r, "miou_per_seed": [r["miou"] + 1]} for r in a["rows"]]}])
     # the rows of one seed split over two processes: the 2D row is in both (same value), the 3D rows in one

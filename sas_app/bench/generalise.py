@@ -292,9 +292,34 @@ def _rows_by(rows) -> dict:
     return {(r["setting"], r["key"], r["n_rooms"]): r["miou"] for r in rows}
 
 
-def _goal_and_gap(by: dict, rooms) -> tuple:
+#: (row, row it is compared with) for the paired per-seed differences of the goal
+GOAL_PAIRS = (("sp_tesd", "capability"), ("sp", "capability"), ("sp", "pixel_point"), ("sp_tesd", "sp"))
+
+
+def _paired(rows, n_max: int) -> dict:
+    """Per-seed differences of the goal's rows on held-out rooms at N = ``n_max``, over the seeds both
+    rows ran: ``{"a-b": {seeds, per_seed, mean, sem, wins}}`` (``sem``: the standard error of the mean
+    difference; ``wins``: seeds where a > b). The worlds of different seeds differ in difficulty
+    (capability fusion 42-59 mIoU), which the pairing takes out of the comparison."""
+    per_seed = {r["key"]: dict(zip(r["seeds"], r["miou_per_seed"])) for r in rows
+                if r["setting"] == "held_out" and r["n_rooms"] == n_max}
+    out = {}
+    for a, b in GOAL_PAIRS:
+        seeds = sorted(set(per_seed.get(a, {})) & set(per_seed.get(b, {})))
+        if not seeds:
+            continue
+        d = [per_seed[a][s] - per_seed[b][s] for s in seeds]
+        out[f"{a}-{b}"] = {"seeds": seeds, "per_seed": d, "mean": statistics.fmean(d),
+                           "sem": statistics.stdev(d) / len(d) ** 0.5 if len(d) > 1 else None,
+                           "wins": sum(x > 0 for x in d)}
+    return out
+
+
+def _goal_and_gap(rows, rooms) -> tuple:
     """The issue's goal at the largest N (SP+TESD >= capability fusion on held-out rooms and pixel-point
-    < SP < SP+TESD) from mean mIoUs ``by`` (setting, key, N) -> value; and own map minus held out per N."""
+    < SP < SP+TESD) from the mean mIoUs of ``rows``, with the paired per-seed differences behind it;
+    and own map minus held out per N."""
+    by = _rows_by(rows)
     n_max = max(rooms)
     pp = by.get(("held_out", "pixel_point", n_max))
     goal = {"n_rooms": n_max,
@@ -303,6 +328,7 @@ def _goal_and_gap(by: dict, rooms) -> tuple:
             "ordering_pixel_point_lt_sp_lt_sp_tesd": None if pp is None else
             pp < by[("held_out", "sp", n_max)] < by[("held_out", "sp_tesd", n_max)]}
     goal["reached"] = goal["sp_tesd_minus_capability"] >= 0 and bool(goal["ordering_pixel_point_lt_sp_lt_sp_tesd"])
+    goal["paired"] = _paired(rows, n_max)
     gap = {n: {k: by[("own_map", k, n)] - by[("held_out", k, n)] for k in ("capability", "pixel_point", "sp", "sp_tesd")
                if ("own_map", k, n) in by} for n in rooms}
     return goal, gap
@@ -360,7 +386,7 @@ def merge_results(parts: list) -> dict:
                      "miou_std": statistics.pstdev(vals),
                      **{f"{k}_per_seed": [g["extras"][k].get(s) for s in seeds] for k in ROW_EXTRAS}})
     by = _rows_by(rows)
-    goal, gap = _goal_and_gap(by, first["rooms"]) if ("held_out", "sp", max(first["rooms"])) in by else (None, None)
+    goal, gap = _goal_and_gap(rows, first["rooms"]) if ("held_out", "sp", max(first["rooms"])) in by else (None, None)
     runs: dict = {}
     for p in parts:
         for r in p["runs"]:
@@ -468,7 +494,7 @@ def main(argv: list) -> dict:
                               **{f"{k}_per_seed": [f(x) for x in res] for k, f in ROW_EXTRAS.items()}})
     n_max = max(args.rooms)
     by = _rows_by(table)
-    goal, gap = _goal_and_gap(by, args.rooms) if ("held_out", "sp", n_max) in by else (None, None)
+    goal, gap = _goal_and_gap(table, args.rooms) if ("held_out", "sp", n_max) in by else (None, None)
     # per-class IoU on the held-out rooms at the largest N (first seed) against the objects' size
     last = next(r for r in runs if r["n"] == n_max)
     sizes = _class_sizes(held_rooms or [], names)
@@ -530,4 +556,12 @@ def format_markdown(result: dict) -> str:
         times.append(f"{statistics.fmean(r['distill_s'] for r in runs):.0f} s ({runs[0]['epochs']} epochs, "
                      f"{runs[0]['steps_per_row']} steps/row)")
     lines.append("| | distillation time (3 rows) | " + " | ".join(times) + " |")
+    paired = (result.get("goal") or {}).get("paired", {})
+    if paired:
+        lines.append("")
+        lines.append(f"Paired per seed, held out, N = {result['goal']['n_rooms']} (mean ± standard error; seeds "
+                     "where the first row is higher):")
+        for name, d in paired.items():
+            sem = "" if d["sem"] is None else f" ± {d['sem']:.1f}"
+            lines.append(f"- {name.replace('-', ' - ')}: {d['mean']:+.1f}{sem} ({d['wins']} of {len(d['seeds'])})")
     return "\n".join(lines) + "\n"
